@@ -1,0 +1,23 @@
+//! What both sides of a cpr handoff, and the daemon that arbitrates it, agree on.
+//!
+//! - [`wire`]: datagram framing over UNIX `SOCK_SEQPACKET` sockets, with fds passed as `SCM_RIGHTS`.
+//! - [`control`]: the typed messages on a VMM's control socket (`describe`, `status`, `pause`,
+//!   `resume`, `stop`, `migrate`, `quit`).
+//! - [`cpr`]: the messages on the `cpr` channel between the old and the new VMM during a handoff.
+//! - [`state`]: the versioned, sectioned, checksummed VM-state format carried on the `main` channel.
+//!
+//! Nothing here touches KVM: the VMM fills the state sections, this crate frames and checks them.
+
+pub mod control;
+pub mod cpr;
+pub mod state;
+pub mod wire;
+
+/// CLOCK_MONOTONIC in nanoseconds; the clock every handoff timestamp uses, on both sides.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    let secs = u64::try_from(ts.tv_sec()).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec()).unwrap_or(0);
+    secs * 1_000_000_000 + nanos
+}

@@ -1,0 +1,162 @@
+//! Message framing on UNIX `SOCK_SEQPACKET` sockets: one datagram is one message, encoded as
+//! JSON, with up to [`MAX_FDS`] file descriptors attached as `SCM_RIGHTS`.
+//!
+//! Seqpacket keeps message boundaries and reports a peer that went away as end-of-file, which
+//! is exactly what a handoff needs to tell "the other side died" from "no message yet".
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use nix::cmsg_space;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Largest message accepted on a control or cpr socket.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Most fds one message may carry.
+pub const MAX_FDS: usize = 16;
+
+/// Why a message could not be sent or received.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The peer closed its end (or died) before a message arrived.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// Nothing arrived within the allowed time.
+    #[error("no message within {0:?}")]
+    Timeout(Duration),
+    /// A system call on the socket failed.
+    #[error("socket error: {0}")]
+    Io(#[from] nix::Error),
+    /// The message did not decode as the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message was larger than [`MAX_MESSAGE_BYTES`] or carried more than [`MAX_FDS`] fds.
+    #[error("message too large or carrying too many fds")]
+    TooLarge,
+}
+
+/// A received message together with the fds that came with it, in sending order.
+#[derive(Debug)]
+pub struct Received<T> {
+    /// The decoded message.
+    pub msg: T,
+    /// The fds attached to it.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Sends `msg` as one datagram on `sock`, with `fds` attached.
+pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE_BYTES || fds.len() > MAX_FDS {
+        return Err(WireError::TooLarge);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsgs = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
+    let iov = [IoSlice::new(&bytes)];
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::EPIPE | nix::Error::ECONNRESET) => return Err(WireError::Closed),
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+}
+
+/// Waits until `sock` is readable (or hung up), for at most `timeout` (`None`: forever).
+pub fn wait_readable(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<(), WireError> {
+    let Some(limit) = timeout else { return Ok(()) };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(sock, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => return Err(WireError::Timeout(limit)),
+            Ok(0) => continue,
+            Ok(_) => return Ok(()),
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+}
+
+/// Receives one message from `sock`, waiting at most `timeout` (`None`: block).
+pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<Received<T>, WireError> {
+    wait_readable(sock, timeout)?;
+    let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
+    let mut cmsg_buf = cmsg_space!([RawFd; MAX_FDS]);
+    let (len, fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_buf), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(r) => {
+                let mut fds = Vec::new();
+                for cmsg in r.cmsgs().map_err(WireError::Io)? {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        for fd in raw {
+                            // SAFETY: the kernel just installed `fd` in our table for this message;
+                            // nothing else owns it.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                let truncated = r.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                break (r.bytes, fds, truncated);
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    };
+    if truncated {
+        return Err(WireError::TooLarge);
+    }
+    if len == 0 {
+        return Err(WireError::Closed);
+    }
+    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| WireError::Malformed(e.to_string()))?;
+    Ok(Received { msg, fds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair")
+    }
+
+    #[test]
+    fn message_and_fds_round_trip() {
+        let (a, b) = pair();
+        let (x, _y) = pair();
+        send(a.as_fd(), &vec![1u32, 2, 3], &[x.as_fd()]).expect("send");
+        let got: Received<Vec<u32>> = recv(b.as_fd(), Some(Duration::from_secs(1))).expect("recv");
+        assert_eq!(got.msg, vec![1, 2, 3]);
+        assert_eq!(got.fds.len(), 1);
+    }
+
+    #[test]
+    fn closed_peer_and_timeout_are_told_apart() {
+        let (a, b) = pair();
+        let err = recv::<u32>(b.as_fd(), Some(Duration::from_millis(20))).expect_err("nothing sent");
+        assert!(matches!(err, WireError::Timeout(_)));
+        drop(a);
+        let err = recv::<u32>(b.as_fd(), Some(Duration::from_millis(20))).expect_err("peer gone");
+        assert!(matches!(err, WireError::Closed));
+    }
+
+    #[test]
+    fn malformed_message_is_an_error_not_a_panic() {
+        let (a, b) = pair();
+        send(a.as_fd(), &"text", &[]).expect("send");
+        let err = recv::<u64>(b.as_fd(), None).expect_err("wrong type");
+        assert!(matches!(err, WireError::Malformed(_)));
+    }
+}
