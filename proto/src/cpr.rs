@@ -59,8 +59,8 @@ pub struct Resources {
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     /// Generation of the guest in the old process.
     pub generation: u64,
-    /// Whether the guest is the test guest (the new side then reports its status block).
-    pub test_guest: bool,
+    /// What kind of guest runs (decides, e.g., whether the test guest's failure port is watched).
+    pub guest: crate::state::GuestKind,
 }
 
 /// Messages from the new side to the old side.

@@ -1,7 +1,10 @@
 # cpr test guest: a self-checking 64-bit workload that runs at CPL3 with IOPL=3.
 #
 # Started by cpr-vmm in long mode, identity-mapped, interrupts off, with
-#   rdi = bytes of guest RAM, rsi = flags (bit 1: touch mode, sweep all RAM one page per iteration).
+#   rdi = one past the top guest-physical RAM address, rsi = flags (bit 1: touch mode, sweep all
+#   RAM one page per iteration, skipping the [3 GiB, 4 GiB) MMIO hole), rdx = vCPU index.
+# vCPU 0 runs the full workload below; every other vCPU runs the counter check alone, with its
+# own status slot at status + 256 * index.
 #
 # Every iteration it increments one counter in three places (RAM, r12, xmm0) and checks that they
 # agree; it keeps the longest TSC gap between two iterations; every HB_MASK+1 iterations it
@@ -18,6 +21,8 @@
 .equ PATTERN_QWORDS,  0x20000          # 1 MiB
 .equ PATTERN_MUL,     0x9e3779b97f4a7c15
 .equ TOUCH_START,     0x800000
+.equ HOLE_START,      0xc0000000
+.equ HOLE_END,        0x100000000
 
 # status block offsets (u64 each)
 .equ ST_MAGIC,     0
@@ -41,6 +46,8 @@
 .global _start
 _start:
     lea rbx, [rip + status]
+    test rdx, rdx
+    jnz ap_start
     mov [rbx + ST_RAM], rdi
     mov [rbx + ST_FLAGS], rsi
     mov r15, rsi
@@ -102,7 +109,11 @@ main_loop:
     jz 3f
     mov [rbp], r12                     # touch mode: write one page per iteration
     add rbp, 4096
-    cmp rbp, [rbx + ST_RAM]
+    movabs rax, HOLE_START
+    cmp rbp, rax
+    jne 10f
+    movabs rbp, HOLE_END
+10: cmp rbp, [rbx + ST_RAM]
     jb 3f
     call sweep_done
 3:
@@ -114,6 +125,39 @@ main_loop:
     or rax, rdx
     mov r13, rax
     jmp main_loop
+
+# Any vCPU but the first: the three-copy counter check and the gap record, in its own slot.
+ap_start:
+    shl rdx, 8
+    add rbx, rdx
+    xor r12d, r12d
+    mov [rbx + ST_COUNTER], r12
+    pxor xmm0, xmm0
+    mov eax, 1
+    movq xmm1, rax
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r13, rax
+ap_loop:
+    inc r12
+    inc qword ptr [rbx + ST_COUNTER]
+    paddq xmm0, xmm1
+    movq rax, xmm0
+    cmp rax, r12
+    jne fail_reg
+    cmp [rbx + ST_COUNTER], r12
+    jne fail_ram
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov rcx, rax
+    sub rcx, r13
+    mov r13, rax
+    cmp rcx, [rbx + ST_GAP_ALL]
+    jbe ap_loop
+    mov [rbx + ST_GAP_ALL], rcx
+    jmp ap_loop
 
 # One full sweep of RAM in touch mode: print "SW <n> <ticks>".
 sweep_done:

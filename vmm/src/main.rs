@@ -1,1 +1,327 @@
-fn main(){}
+//! The `cpr-vmm` binary: boot a guest, receive one (`--incoming`), or hand one over (`handoff`).
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, mpsc};
+
+use clap::{Args, Parser, Subcommand};
+
+use cpr_proto::control::RunState;
+use cpr_vmm::boot::{GuestSpec, load_guest};
+use cpr_vmm::control::{Vmm, bind_control, serve};
+use cpr_vmm::error::{ExitCode, Result, VmmError};
+use cpr_vmm::handoff::{HandoffRequest, hand_off};
+use cpr_vmm::memory::{GuestRam, create_memfd, parse_size};
+use cpr_vmm::vm::{ExitReason, VmCore, VmParts, check_vcpus, open_kvm, spawn_vcpu_threads};
+
+/// cprd's minimal KVM VMM.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cpr-vmm",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Hand the guest of a running cpr-vmm to a new cpr-vmm process (the arbiter, without cprd).
+    Handoff(HandoffArgs),
+}
+
+#[derive(Debug, Args)]
+struct HandoffArgs {
+    /// Control socket of the running VMM.
+    #[arg(long)]
+    control: PathBuf,
+    /// Control socket for the new VMM.
+    #[arg(long)]
+    new_control: PathBuf,
+    /// The new VMM binary (default: this binary).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Timeout of each wait on the new VMM, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Control socket path (UNIX SOCK_SEQPACKET).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Guest RAM to create, e.g. 1G or 256M.
+    #[arg(long, conflicts_with = "memory_fd")]
+    memory: Option<String>,
+    /// Guest RAM as an inherited memfd (its size is the guest's RAM).
+    #[arg(long)]
+    memory_fd: Option<i32>,
+    /// Number of vCPUs (1 to 8).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Linux kernel (bzImage or vmlinux ELF).
+    #[arg(long, conflicts_with = "guest_elf")]
+    kernel: Option<PathBuf>,
+    /// Initramfs for the Linux kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(
+        long,
+        requires = "kernel",
+        default_value = "console=ttyS0 reboot=k panic=1"
+    )]
+    cmdline: String,
+    /// A static long-mode ELF to run at CPL3 (default: the built-in test guest).
+    #[arg(long)]
+    guest_elf: Option<PathBuf>,
+    /// Flags for a CPL3 guest (passed in rsi).
+    #[arg(long, default_value_t = 0)]
+    guest_flags: u64,
+    /// Test guest: sweep all of RAM, one page per iteration.
+    #[arg(long)]
+    touch: bool,
+    /// File the serial console is appended to (default: standard output).
+    #[arg(long)]
+    serial_out: Option<PathBuf>,
+    /// Receive a running guest from an old VMM over --cpr-fd and --main-fd.
+    #[arg(long, requires_all = ["cpr_fd", "main_fd"])]
+    incoming: bool,
+    /// Inherited fd of the cpr channel (SOCK_SEQPACKET).
+    #[arg(long)]
+    cpr_fd: Option<i32>,
+    /// Inherited fd of the main channel (SOCK_STREAM).
+    #[arg(long)]
+    main_fd: Option<i32>,
+    /// Also write the received state stream to this file.
+    #[arg(long, hide = true)]
+    dump_state: Option<PathBuf>,
+    /// Print a saved state stream human-readably and exit.
+    #[arg(long, value_name = "FILE")]
+    describe_state: Option<PathBuf>,
+    /// Print the state format versions this binary writes and reads, and exit.
+    #[arg(long)]
+    state_formats: bool,
+}
+
+fn inherited_fd(fd: i32, what: &str) -> Result<OwnedFd> {
+    let bad = |why: String| match what {
+        "memory" => VmmError::Memory(format!("--memory-fd {fd}: {why}")),
+        _ => VmmError::IncomingAborted(format!("--{what}-fd {fd}: {why}")),
+    };
+    if fd < 3 {
+        return Err(bad("must not be a standard stream".into()));
+    }
+    // SAFETY: F_GETFD only queries the fd table; an unopened number fails with EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad(format!(
+            "not an open fd ({})",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` is open (checked above) and inherited for us alone; we take it over.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    Ok(owned)
+}
+
+fn serial_out(path: Option<&PathBuf>) -> Result<File> {
+    match path {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| {
+                VmmError::Config(format!("cannot open serial output {}: {e}", p.display()))
+            }),
+        None => std::io::stdout()
+            .lock()
+            .try_clone_fd()
+            .map_err(|e| VmmError::Internal(format!("cannot dup stdout: {e}"))),
+    }
+}
+
+trait TryCloneFd {
+    fn try_clone_fd(&self) -> std::io::Result<File>;
+}
+
+impl TryCloneFd for std::io::StdoutLock<'_> {
+    fn try_clone_fd(&self) -> std::io::Result<File> {
+        use std::os::fd::AsFd;
+        Ok(File::from(self.as_fd().try_clone_to_owned()?))
+    }
+}
+
+fn guest_spec(a: &RunArgs) -> GuestSpec {
+    let flags = a.guest_flags
+        | if a.touch {
+            cpr_testguest::FLAG_TOUCH
+        } else {
+            0
+        };
+    match (&a.kernel, &a.guest_elf) {
+        (Some(kernel), _) => GuestSpec::Linux(cpr_vmm::linux_boot::LinuxGuest {
+            kernel: kernel.clone(),
+            initrd: a.initrd.clone(),
+            cmdline: a.cmdline.clone(),
+        }),
+        (None, Some(path)) => GuestSpec::Elf {
+            path: path.clone(),
+            flags,
+        },
+        (None, None) => GuestSpec::TestGuest { flags },
+    }
+}
+
+/// Boots a fresh guest. Returns the VMM and the receiver of the exit reason.
+fn boot(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
+    let vcpus = check_vcpus(a.vcpus)?;
+    let spec = guest_spec(a);
+    spec.check()?;
+    let ram = match (a.memory_fd, &a.memory) {
+        (Some(fd), _) => GuestRam::from_fd(inherited_fd(fd, "memory")?, None)?,
+        (None, size) => {
+            let bytes = parse_size(size.as_deref().unwrap_or("256M")).map_err(VmmError::Config)?;
+            GuestRam::from_fd(create_memfd(bytes)?, None)?
+        }
+    };
+    if spec.kind() != cpr_proto::state::GuestKind::Linux
+        && ram.bytes() < cpr_testguest::MIN_RAM_BYTES
+    {
+        return Err(VmmError::Memory(
+            "the test guest needs at least 16 MiB of RAM".into(),
+        ));
+    }
+    let listener = a.control.as_ref().map(|p| bind_control(p)).transpose()?;
+    let kvm_handle = open_kvm()?;
+    let (tx, rx) = mpsc::channel();
+    let parts = VmParts {
+        ram,
+        vcpus,
+        cpuid: None,
+        serial_out: serial_out(a.serial_out.as_ref())?,
+        guest_kind: spec.kind(),
+        generation: 0,
+    };
+    let core = VmCore::create(kvm_handle, parts, tx)?;
+    load_guest(&core, &spec)?;
+    let vmm = Vmm::new(Arc::clone(&core), RunState::Running);
+    spawn_vcpu_threads(&core)?;
+    if let (Some(l), Some(p)) = (listener, &a.control) {
+        serve(Arc::clone(&vmm), l, p.clone())?;
+    }
+    core.coord.resume();
+    Ok((vmm, rx))
+}
+
+fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
+    let cpr = inherited_fd(a.cpr_fd.unwrap_or(-1), "cpr")?;
+    let main = inherited_fd(a.main_fd.unwrap_or(-1), "main")?;
+    let listener = a.control.as_ref().map(|p| bind_control(p)).transpose()?;
+    let (tx, rx) = mpsc::channel();
+    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, tx, a.dump_state.clone())?;
+    if let (Some(l), Some(p)) = (listener, &a.control) {
+        serve(Arc::clone(&vmm), l, p.clone())?;
+    }
+    Ok((vmm, rx))
+}
+
+fn describe_state(path: &PathBuf) -> Result<()> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| VmmError::StateRejected(format!("cannot read {}: {e}", path.display())))?;
+    let d = cpr_vmm::migration::decode(&bytes)
+        .map_err(|e| VmmError::StateRejected(format!("{}: {e}", path.display())))?;
+    print!("{}", cpr_vmm::migration::describe(&d, bytes.len()));
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(Command::Handoff(h)) = cli.command {
+        let exe =
+            std::env::current_exe().map_err(|e| VmmError::Internal(format!("current_exe: {e}")))?;
+        let req = HandoffRequest {
+            old_control: h.control,
+            new_control: h.new_control,
+            binary: h.binary.unwrap_or(exe),
+            timeout_ms: h.timeout_ms,
+            env: Vec::new(),
+            stderr: None,
+        };
+        let out = hand_off(&req)?;
+        let r = out.report;
+        println!(
+            "handoff ok: generation {} new pid {} downtime {} us (state {} bytes)",
+            r.generation,
+            r.new_pid,
+            r.downtime_ns() / 1000,
+            r.state_bytes
+        );
+        return Ok(ExitCode::Ok);
+    }
+    let a = &cli.run;
+    if a.state_formats {
+        println!(
+            "writes: {}.{}",
+            cpr_proto::state::FORMAT_MAJOR,
+            cpr_proto::state::FORMAT_MINOR
+        );
+        let reads: Vec<String> = cpr_proto::state::READS_FORMATS
+            .iter()
+            .map(u16::to_string)
+            .collect();
+        println!("reads: {}", reads.join(" "));
+        return Ok(ExitCode::Ok);
+    }
+    if let Some(path) = &a.describe_state {
+        describe_state(path)?;
+        return Ok(ExitCode::Ok);
+    }
+    let (vmm, rx) = if a.incoming { incoming(a)? } else { boot(a)? };
+    let reason = rx.recv().unwrap_or(ExitReason::Stopped);
+    vmm.core.coord.request_exit();
+    if let Some(p) = &a.control {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(match reason {
+        ExitReason::Stopped | ExitReason::HandedOff | ExitReason::GuestReset => ExitCode::Ok,
+        ExitReason::GuestSelfCheck(code) => {
+            eprintln!(
+                "cpr-vmm: error: guest self-check failed: {}",
+                cpr_testguest::FailCode::from_port_value(code)
+            );
+            ExitCode::GuestSelfCheck
+        }
+        ExitReason::GuestCrashed(why) => {
+            eprintln!("cpr-vmm: error: guest crashed: {why}");
+            ExitCode::GuestCrashed
+        }
+        ExitReason::Fatal(e) => {
+            eprintln!("cpr-vmm: error: {e}");
+            e.exit_code()
+        }
+    })
+}
+
+#[allow(clippy::exit)]
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cpr-vmm: error: {e}");
+            e.exit_code()
+        }
+    };
+    std::process::exit(i32::from(code as u8));
+}

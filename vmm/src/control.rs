@@ -1,0 +1,262 @@
+//! The VMM's lifecycle and its control socket (UNIX `SOCK_SEQPACKET`, one request per datagram).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cpr_proto::control::{
+    ControlError, Description, ErrorKind, HandoffReport, Request, Response, RunState, VmmStatus,
+};
+use cpr_proto::wire;
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+};
+
+use crate::devices::lock;
+use crate::error::{Result, VmmError};
+use crate::vm::{ExitReason, VmCore};
+
+/// The package version of this binary.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A running VMM: the VM plus its lifecycle state.
+#[derive(Debug)]
+pub struct Vmm {
+    /// The VM.
+    pub core: Arc<VmCore>,
+    /// Lifecycle state; every request takes this lock, so requests are serialised.
+    pub state: Mutex<RunState>,
+    /// Timings of the handoff that brought the guest here.
+    pub incoming: Mutex<Option<HandoffReport>>,
+}
+
+/// A content hash of the running binary, cached (tells two builds of one version apart).
+pub fn build_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let bytes = std::fs::read("/proc/self/exe").unwrap_or_default();
+        let crc = crc::Crc::<u64>::new(&crc::CRC_64_XZ).checksum(&bytes);
+        format!("{crc:016x}")
+    })
+    .clone()
+}
+
+/// What this binary is and which state formats it speaks.
+pub fn describe() -> Description {
+    Description {
+        version: VERSION.to_string(),
+        build_id: build_id(),
+        writes_format: cpr_proto::state::FORMAT_MAJOR,
+        reads_formats: crate::fault::reads_formats(),
+        pid: std::process::id(),
+    }
+}
+
+/// An error answer.
+pub fn error(kind: ErrorKind, message: impl Into<String>, guest_paused: bool) -> Response {
+    Response::Error(ControlError {
+        kind,
+        message: message.into(),
+        guest_paused,
+    })
+}
+
+impl Vmm {
+    /// Wraps a VM in the given state.
+    pub fn new(core: Arc<VmCore>, state: RunState) -> Arc<Self> {
+        Arc::new(Self {
+            core,
+            state: Mutex::new(state),
+            incoming: Mutex::new(None),
+        })
+    }
+
+    /// Current status.
+    pub fn status(&self) -> VmmStatus {
+        let state = *lock(&self.state);
+        VmmStatus {
+            state,
+            vcpus: self.core.vcpu_count(),
+            memory_bytes: self.core.ram.bytes(),
+            generation: self.core.generation(),
+            test_guest: self.core.test_guest_status(),
+            incoming: *lock(&self.incoming),
+        }
+    }
+
+    /// Handles one request; `fds` are the fds that came with it.
+    pub fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> Response {
+        match request {
+            Request::Describe => Response::Describe(describe()),
+            Request::Status => Response::Status(self.status()),
+            Request::Pause => {
+                let mut st = lock(&self.state);
+                match *st {
+                    RunState::Running | RunState::Paused => {
+                        self.core.coord.pause();
+                        *st = RunState::Paused;
+                        Response::Ok
+                    }
+                    other => error(
+                        ErrorKind::InvalidState,
+                        format!("cannot pause a VM that is {other:?}"),
+                        false,
+                    ),
+                }
+            }
+            Request::Resume => {
+                let mut st = lock(&self.state);
+                match *st {
+                    RunState::Running | RunState::Paused | RunState::MigrationFailed => {
+                        self.core.coord.resume();
+                        *st = RunState::Running;
+                        Response::Ok
+                    }
+                    RunState::PostMigrate => error(
+                        ErrorKind::InvalidState,
+                        "the guest was handed to another VMM; this one will never run it again",
+                        false,
+                    ),
+                    other => error(
+                        ErrorKind::InvalidState,
+                        format!("cannot resume a VM that is {other:?}"),
+                        false,
+                    ),
+                }
+            }
+            Request::Stop => {
+                let st = lock(&self.state);
+                if *st == RunState::Migrating {
+                    return error(
+                        ErrorKind::InvalidState,
+                        "a handoff is in flight; stop refused",
+                        false,
+                    );
+                }
+                self.core.coord.request_exit();
+                self.core.exit(ExitReason::Stopped);
+                Response::Ok
+            }
+            Request::Quit => {
+                let st = lock(&self.state);
+                if *st != RunState::PostMigrate {
+                    return error(
+                        ErrorKind::InvalidState,
+                        "quit is only for a VMM whose guest was handed off",
+                        false,
+                    );
+                }
+                self.core.exit(ExitReason::HandedOff);
+                Response::Ok
+            }
+            Request::Migrate(params) => crate::migration::migrate_out(self, &params, fds),
+        }
+    }
+}
+
+/// Binds the control socket at `path` (replacing a stale socket file left by a dead process).
+pub fn bind_control(path: &Path) -> Result<OwnedFd> {
+    let err = |e: std::io::Error| VmmError::ControlSocket {
+        path: path.to_path_buf(),
+        err: e,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() || seqpacket_connect(path).is_ok()
+        {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is listening there",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| err(e.into()))?;
+    let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| err(e.into()))?;
+    listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN)).map_err(|e| err(e.into()))?;
+    Ok(fd)
+}
+
+/// Connects to a VMM's control socket.
+pub fn seqpacket_connect(path: &Path) -> std::io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    Ok(fd)
+}
+
+/// Serves the control socket on a background thread; one thread per connection.
+pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd, path: PathBuf) -> Result<()> {
+    let listener = UnixListener::from(listener);
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let _keep = path;
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let vmm = Arc::clone(&vmm);
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        let fd = OwnedFd::from(conn);
+                        loop {
+                            let received = match wire::recv::<Request>(fd.as_fd(), None) {
+                                Ok(r) => r,
+                                Err(wire::WireError::Malformed(m)) => {
+                                    let _ = wire::send(
+                                        fd.as_fd(),
+                                        &error(ErrorKind::BadRequest, m, false),
+                                        &[],
+                                    );
+                                    continue;
+                                }
+                                Err(_) => break,
+                            };
+                            let response = vmm.handle(received.msg, received.fds);
+                            if wire::send(fd.as_fd(), &response, &[]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+            }
+        })
+        .map_err(|e| VmmError::Internal(format!("cannot start control thread: {e}")))?;
+    Ok(())
+}
+
+/// A blocking client of a VMM's control socket.
+#[derive(Debug)]
+pub struct ControlClient {
+    fd: OwnedFd,
+}
+
+impl ControlClient {
+    /// Connects to the socket at `path`.
+    pub fn connect(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            fd: seqpacket_connect(path)?,
+        })
+    }
+
+    /// Sends a request (with fds) and waits for the answer.
+    pub fn call(
+        &self,
+        request: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::result::Result<Response, wire::WireError> {
+        wire::send(self.fd.as_fd(), request, fds)?;
+        Ok(wire::recv::<Response>(self.fd.as_fd(), None)?.msg)
+    }
+}

@@ -1,0 +1,658 @@
+//! cpr-transfer between two cpr-vmm processes: the guest moves, its RAM stays where it is.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant A as arbiter (cprd / cpr-vmm handoff)
+//!     participant O as old VMM
+//!     participant N as new VMM (--incoming)
+//!     A->>N: spawn with the cpr and main channel fds
+//!     A->>O: migrate(cpr, main)
+//!     N->>O: cpr: Hello{reads_formats}     (pre-flight; refuse here, guest untouched)
+//!     O->>N: cpr: Resources + fds (RAM memfd, serial), CPUID
+//!     N->>N: map + pre-fault RAM, create VM, vCPUs, park threads
+//!     N->>O: cpr: Ready
+//!     Note over O: vCPU 0 thread: pause all, save (downtime starts)
+//!     O->>N: main: state stream
+//!     Note over N: vCPU 0 thread: restore VM + vCPUs
+//!     N->>O: cpr: Running (commit point)
+//!     Note over N: KVM_RUN (downtime ends)
+//!     O->>A: Migrated(report)
+//!     A->>O: quit
+//! ```
+//! Rollback: until O has read `Running`, N has not run a guest instruction. A failure before O
+//! paused leaves the guest running in O. A failure after it leaves O paused in `MigrationFailed`;
+//! the arbiter makes sure N is dead, then sends `resume`. After `Running`, O never runs again.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cpr_proto::control::{ErrorKind, HandoffReport, MigrateParams, Response, RunState};
+use cpr_proto::cpr::{CPR_PROTOCOL_VERSION, Hello, Resources, ToNew, ToOld};
+use cpr_proto::state::{
+    self, FORMAT_MAJOR, FORMAT_MINOR, I8042State, MachineState, SectionId, SerialState,
+    StateWriter, Timing, VcpuState, VmState,
+};
+use cpr_proto::{monotonic_ns, wire};
+
+use crate::control::{Vmm, error};
+use crate::devices::lock;
+use crate::error::{Result, VmmError};
+use crate::fault;
+use crate::memory::GuestRam;
+use crate::persist;
+use crate::vm::{ExitReason, VmCore, VmParts, spawn_vcpu_threads};
+
+/// Version of every section this build writes.
+const SECTION_VERSION: u16 = 1;
+
+/// The guest's state, saved while its vCPUs are stopped.
+#[derive(Debug)]
+pub struct SavedState {
+    machine: MachineState,
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+    serial: SerialState,
+    i8042: I8042State,
+    timing: Timing,
+}
+
+/// Reads the whole guest state. All vCPUs must be parked.
+pub fn save(core: &VmCore, timing: Timing) -> Result<SavedState> {
+    let vm = persist::save_vm(&core.vm)?;
+    let mut vcpus = Vec::with_capacity(core.vcpus.len());
+    for (index, vcpu) in core.vcpus.iter().enumerate() {
+        let fd = lock(vcpu);
+        vcpus.push(persist::save_vcpu(
+            &fd,
+            u8::try_from(index).unwrap_or(0),
+            &core.caps,
+        )?);
+    }
+    let (serial, i8042) = core.devices.save();
+    let machine = MachineState {
+        memory_bytes: core.ram.bytes(),
+        vcpus: core.vcpu_count(),
+        generation: core.generation() + 1,
+        guest: core.guest_kind.clone(),
+    };
+    Ok(SavedState {
+        machine,
+        vm,
+        vcpus,
+        serial,
+        i8042,
+        timing,
+    })
+}
+
+/// Encodes saved state as a stream of format `major`, optionally with one extra raw section.
+pub fn encode(s: &SavedState, major: u16, extra: Option<(u16, bool)>) -> Vec<u8> {
+    let mut w = StateWriter::new(major, FORMAT_MINOR);
+    w.add(SectionId::Machine, SECTION_VERSION, true, &s.machine);
+    w.add(SectionId::Vm, SECTION_VERSION, true, &s.vm);
+    for v in &s.vcpus {
+        w.add(SectionId::Vcpu, SECTION_VERSION, true, v);
+    }
+    w.add(SectionId::Serial, SECTION_VERSION, true, &s.serial);
+    w.add(SectionId::I8042, SECTION_VERSION, true, &s.i8042);
+    w.add(SectionId::Timing, SECTION_VERSION, false, &s.timing);
+    if let Some((id, mandatory)) = extra {
+        w.add_raw(id, 1, mandatory, b"section from the future");
+    }
+    w.finish()
+}
+
+/// A decoded state stream, every section typed.
+#[derive(Debug)]
+pub struct DecodedState {
+    /// Machine facts.
+    pub machine: MachineState,
+    /// Per-VM KVM state.
+    pub vm: VmState,
+    /// Per-vCPU state, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// The UART.
+    pub serial: SerialState,
+    /// The i8042.
+    pub i8042: I8042State,
+    /// Timing, if the stream had it.
+    pub timing: Option<Timing>,
+    /// Format version of the stream.
+    pub format: (u16, u16),
+    /// Optional sections that were skipped.
+    pub skipped: Vec<(u16, u16)>,
+}
+
+/// Checks and decodes a state stream into typed sections.
+pub fn decode(bytes: &[u8]) -> std::result::Result<DecodedState, state::StateError> {
+    let parsed = state::decode(bytes)?;
+    let machine: MachineState = parsed.first(SectionId::Machine)?.decode()?;
+    let mut vcpus: Vec<VcpuState> = parsed
+        .all(SectionId::Vcpu)
+        .map(|s| s.decode())
+        .collect::<std::result::Result<_, _>>()?;
+    vcpus.sort_by_key(|v| v.index);
+    if vcpus.len() != usize::from(machine.vcpus)
+        || vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.index) != i)
+    {
+        return Err(state::StateError::BadSection {
+            index: 0,
+            reason: format!(
+                "{} vCPU sections for a {}-vCPU machine",
+                vcpus.len(),
+                machine.vcpus
+            ),
+        });
+    }
+    Ok(DecodedState {
+        vm: parsed.first(SectionId::Vm)?.decode()?,
+        serial: parsed.first(SectionId::Serial)?.decode()?,
+        i8042: parsed.first(SectionId::I8042)?.decode()?,
+        timing: parsed
+            .first(SectionId::Timing)
+            .ok()
+            .map(|s| s.decode())
+            .transpose()?,
+        machine,
+        vcpus,
+        format: (parsed.major, parsed.minor),
+        skipped: parsed.skipped,
+    })
+}
+
+fn dup(file: &File) -> std::io::Result<OwnedFd> {
+    file.as_fd().try_clone_to_owned()
+}
+
+struct SwitchoverOutcome {
+    report: HandoffReport,
+    result: std::result::Result<(), String>,
+}
+
+/// The old side: hands the guest to the new VMM on the other end of the channels in `fds`.
+pub fn migrate_out(vmm: &Vmm, params: &MigrateParams, fds: Vec<OwnedFd>) -> Response {
+    let was = {
+        let mut st = lock(&vmm.state);
+        match *st {
+            RunState::Running | RunState::Paused => {}
+            other => {
+                return error(
+                    ErrorKind::InvalidState,
+                    format!("cannot migrate a VM that is {other:?}"),
+                    false,
+                );
+            }
+        }
+        let was = *st;
+        *st = RunState::Migrating;
+        was
+    };
+    let mut fds = fds.into_iter();
+    let (Some(cpr), Some(main)) = (fds.next(), fds.next()) else {
+        *lock(&vmm.state) = was;
+        return error(
+            ErrorKind::BadRequest,
+            "migrate needs two fds: the cpr channel and the main channel",
+            false,
+        );
+    };
+    let (response, state) = run_outgoing(vmm, params, cpr, main, was);
+    *lock(&vmm.state) = state;
+    response
+}
+
+fn run_outgoing(
+    vmm: &Vmm,
+    params: &MigrateParams,
+    cpr: OwnedFd,
+    main: OwnedFd,
+    was: RunState,
+) -> (Response, RunState) {
+    let core = &vmm.core;
+    let timeout = Some(Duration::from_millis(params.timeout_ms.max(1)));
+    // 1. Pre-flight: the new side must read the format we write. The guest is untouched.
+    let hello = match wire::recv::<ToOld>(cpr.as_fd(), timeout) {
+        Ok(r) => match r.msg {
+            ToOld::Hello(h) => h,
+            other => {
+                return (
+                    error(
+                        ErrorKind::PeerFailed,
+                        format!("new VMM sent {other:?} before hello"),
+                        false,
+                    ),
+                    was,
+                );
+            }
+        },
+        Err(e) => {
+            return (
+                peer_error("waiting for the new VMM's hello", &e, false),
+                was,
+            );
+        }
+    };
+    if hello.protocol != CPR_PROTOCOL_VERSION || !hello.reads_formats.contains(&FORMAT_MAJOR) {
+        let reason = format!(
+            "incompatible: this VMM writes state format {FORMAT_MAJOR} (cpr protocol {CPR_PROTOCOL_VERSION}); \
+             the new VMM {} (pid {}) reads formats {:?} (cpr protocol {})",
+            hello.version, hello.pid, hello.reads_formats, hello.protocol
+        );
+        let _ = wire::send(
+            cpr.as_fd(),
+            &ToNew::Abort {
+                reason: reason.clone(),
+            },
+            &[],
+        );
+        return (
+            error(
+                ErrorKind::Incompatible,
+                format!("{reason}; the guest was not paused"),
+                false,
+            ),
+            was,
+        );
+    }
+    // 2. Resources that do not change while the guest runs.
+    let ram = match dup(core.ram.file()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            return (
+                error(
+                    ErrorKind::Internal,
+                    format!("cannot dup guest RAM fd: {e}"),
+                    false,
+                ),
+                was,
+            );
+        }
+    };
+    let serial = match core.devices.serial_out_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            return (
+                error(
+                    ErrorKind::Internal,
+                    format!("cannot dup serial fd: {e}"),
+                    false,
+                ),
+                was,
+            );
+        }
+    };
+    let resources = ToNew::Resources(Resources {
+        fd_names: vec!["ram".into(), "serial-out".into()],
+        memory_bytes: core.ram.bytes(),
+        vcpus: core.vcpu_count(),
+        cpuid: core.base_cpuid.clone(),
+        generation: core.generation(),
+        guest: core.guest_kind.clone(),
+    });
+    if let Err(e) = wire::send(cpr.as_fd(), &resources, &[ram.as_fd(), serial.as_fd()]) {
+        return (
+            peer_error("sending resources to the new VMM", &e, false),
+            was,
+        );
+    }
+    drop((ram, serial));
+    match wire::recv::<ToOld>(cpr.as_fd(), timeout) {
+        Ok(r) if matches!(r.msg, ToOld::Ready) => {}
+        Ok(r) => {
+            return (
+                error(
+                    ErrorKind::PeerFailed,
+                    format!("new VMM sent {:?} instead of ready", r.msg),
+                    false,
+                ),
+                was,
+            );
+        }
+        Err(e) => {
+            return (
+                peer_error("waiting for the new VMM to get ready", &e, false),
+                was,
+            );
+        }
+    }
+    // 3. Switchover, run by vCPU 0's thread when the guest is running (no thread hop).
+    let (tx, rx) = mpsc::channel::<SwitchoverOutcome>();
+    let main = Mutex::new(Some(UnixStream::from(main)));
+    let job = move |pause_requested_ns: u64, core: &VmCore| {
+        let paused_ns = monotonic_ns();
+        let mut report = HandoffReport {
+            pause_requested_ns,
+            paused_ns,
+            ..Default::default()
+        };
+        let result = (|| {
+            let saved = save(
+                core,
+                Timing {
+                    pause_requested_ns,
+                    paused_ns,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let stream = encode(&saved, FORMAT_MAJOR, None);
+            let stream = fault::corrupt_stream(stream, |major, extra| encode(&saved, major, extra));
+            report.state_bytes = stream.len() as u64;
+            let mut sock = lock(&main).take().ok_or("main channel already used")?;
+            sock.write_all(&stream)
+                .map_err(|e| format!("cannot send the state: {e}"))?;
+            let _ = sock.shutdown(std::net::Shutdown::Write);
+            report.state_sent_ns = monotonic_ns();
+            Ok(())
+        })();
+        let _ = tx.send(SwitchoverOutcome { report, result });
+    };
+    core.reset_test_guest_gap();
+    let pause_requested_ns = monotonic_ns();
+    if was == RunState::Running {
+        *lock(&core.switchover) = Some(Box::new(move |c: &VmCore| job(pause_requested_ns, c)));
+        core.coord.request_pause();
+    } else {
+        job(pause_requested_ns, core);
+    }
+    let outcome = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(o) => o,
+        Err(_) => {
+            return (
+                error(
+                    ErrorKind::Internal,
+                    "the vCPU thread did not complete the switchover",
+                    true,
+                ),
+                RunState::MigrationFailed,
+            );
+        }
+    };
+    if let Err(e) = outcome.result {
+        return (
+            error(
+                ErrorKind::PeerFailed,
+                format!("{e}; the guest is paused, resume it once the new VMM is dead"),
+                true,
+            ),
+            RunState::MigrationFailed,
+        );
+    }
+    // 4. Commit point: the new side says Running before its first guest instruction.
+    match wire::recv::<ToOld>(cpr.as_fd(), timeout) {
+        Ok(r) => match r.msg {
+            ToOld::Running(theirs) => {
+                let mut report = outcome.report;
+                report.state_received_ns = theirs.state_received_ns;
+                report.resumed_ns = theirs.resumed_ns;
+                report.new_pid = theirs.new_pid;
+                report.generation = theirs.generation;
+                (Response::Migrated(report), RunState::PostMigrate)
+            }
+            ToOld::Rejected { reason } => (
+                error(
+                    ErrorKind::PeerFailed,
+                    format!(
+                        "the new VMM rejected the state: {reason}; the guest is paused, resume it once the new VMM is dead"
+                    ),
+                    true,
+                ),
+                RunState::MigrationFailed,
+            ),
+            other => (
+                error(
+                    ErrorKind::PeerFailed,
+                    format!("new VMM sent {other:?} instead of running"),
+                    true,
+                ),
+                RunState::MigrationFailed,
+            ),
+        },
+        Err(e) => (
+            peer_error("waiting for the new VMM to run the guest", &e, true),
+            RunState::MigrationFailed,
+        ),
+    }
+}
+
+fn peer_error(what: &str, e: &wire::WireError, paused: bool) -> Response {
+    let tail = if paused {
+        "; the guest is paused, resume it once the new VMM is dead"
+    } else {
+        "; the guest kept running here"
+    };
+    match e {
+        wire::WireError::Timeout(d) => error(
+            ErrorKind::Timeout,
+            format!("timed out after {d:?} {what}{tail}"),
+            paused,
+        ),
+        wire::WireError::Closed => error(
+            ErrorKind::PeerFailed,
+            format!("the new VMM went away while {what}{tail}"),
+            paused,
+        ),
+        other => error(
+            ErrorKind::PeerFailed,
+            format!("{what}: {other}{tail}"),
+            paused,
+        ),
+    }
+}
+
+/// The new side, before the switchover: says hello, takes the resources, builds the VM with
+/// pre-faulted RAM and parked vCPUs whose vCPU 0 waits for the state, then says ready.
+pub fn prepare_incoming(
+    cpr: OwnedFd,
+    main: OwnedFd,
+    exit_tx: mpsc::Sender<ExitReason>,
+    dump_state: Option<std::path::PathBuf>,
+) -> Result<Arc<Vmm>> {
+    let hello = ToOld::Hello(Hello {
+        protocol: CPR_PROTOCOL_VERSION,
+        reads_formats: fault::reads_formats(),
+        version: crate::control::VERSION.into(),
+        pid: std::process::id(),
+    });
+    wire::send(cpr.as_fd(), &hello, &[])
+        .map_err(|e| VmmError::IncomingAborted(format!("cannot say hello: {e}")))?;
+    let received = wire::recv::<ToNew>(cpr.as_fd(), Some(Duration::from_secs(120)))
+        .map_err(|e| VmmError::IncomingAborted(format!("no resources from the old VMM: {e}")))?;
+    let res = match received.msg {
+        ToNew::Resources(r) => r,
+        ToNew::Abort { reason } => {
+            return Err(VmmError::IncomingAborted(format!(
+                "the old VMM aborted: {reason}"
+            )));
+        }
+    };
+    let mut named: std::collections::HashMap<String, OwnedFd> =
+        res.fd_names.iter().cloned().zip(received.fds).collect();
+    let ram_fd = named
+        .remove("ram")
+        .ok_or_else(|| VmmError::IncomingAborted("resources came without the RAM fd".into()))?;
+    let serial = named
+        .remove("serial-out")
+        .ok_or_else(|| VmmError::IncomingAborted("resources came without the serial fd".into()))?;
+    let ram = GuestRam::from_fd(ram_fd, Some(res.memory_bytes))?;
+    ram.prefault()?;
+    let kvm_handle = crate::vm::open_kvm()?;
+    let guest_kind = res.guest;
+    let parts = VmParts {
+        ram,
+        vcpus: crate::vm::check_vcpus(u32::from(res.vcpus))?,
+        cpuid: Some(res.cpuid),
+        serial_out: File::from(serial),
+        guest_kind,
+        generation: res.generation,
+    };
+    let core = VmCore::create(kvm_handle, parts, exit_tx)?;
+    let vmm = crate::control::Vmm::new(Arc::clone(&core), RunState::Incoming);
+    let cpr = Arc::new(cpr);
+    let job_vmm = Arc::clone(&vmm);
+    let job_cpr = Arc::clone(&cpr);
+    *lock(&core.incoming) = Some(Box::new(move |c: &VmCore| {
+        if let Err(e) = restore_incoming(c, &job_vmm, &job_cpr, main, dump_state.as_deref()) {
+            let _ = wire::send(
+                job_cpr.as_fd(),
+                &ToOld::Rejected {
+                    reason: e.to_string(),
+                },
+                &[],
+            );
+            c.exit(ExitReason::Fatal(e));
+        }
+    }));
+    spawn_vcpu_threads(&core)?;
+    fault::stall_point("before-ready");
+    wire::send(cpr.as_fd(), &ToOld::Ready, &[])
+        .map_err(|e| VmmError::IncomingAborted(format!("cannot say ready: {e}")))?;
+    fault::stall_point("after-ready");
+    Ok(vmm)
+}
+
+/// The new side's critical path, on vCPU 0's thread: read, check, restore, commit, run.
+fn restore_incoming(
+    core: &VmCore,
+    vmm: &Vmm,
+    cpr: &OwnedFd,
+    main: OwnedFd,
+    dump_state: Option<&std::path::Path>,
+) -> Result<()> {
+    let mut stream = UnixStream::from(main);
+    let bytes = state::read_stream(&mut stream).map_err(|e| match e {
+        state::StateError::Truncated { got: 0, .. } => {
+            VmmError::IncomingAborted("the old VMM closed the main channel".into())
+        }
+        other => VmmError::StateRejected(other.to_string()),
+    })?;
+    let state_received_ns = monotonic_ns();
+    if let Some(path) = dump_state {
+        let _ = std::fs::write(path, &bytes);
+    }
+    let decoded = decode(&bytes).map_err(|e| VmmError::StateRejected(e.to_string()))?;
+    if decoded.machine.vcpus != core.vcpu_count()
+        || decoded.machine.memory_bytes != core.ram.bytes()
+    {
+        return Err(VmmError::StateRejected(format!(
+            "state is for {} vCPUs and {} bytes of RAM; this VM has {} and {}",
+            decoded.machine.vcpus,
+            decoded.machine.memory_bytes,
+            core.vcpu_count(),
+            core.ram.bytes()
+        )));
+    }
+    fault::stall_point("after-state");
+    persist::restore_vm(&core.vm, &decoded.vm)?;
+    core.devices
+        .load(&decoded.serial, &decoded.i8042)
+        .map_err(VmmError::Restore)?;
+    fault::stall_point("during-restore");
+    for (vcpu, s) in core.vcpus.iter().zip(&decoded.vcpus) {
+        let skipped = persist::restore_vcpu(&lock(vcpu), s, &core.caps)?;
+        if !skipped.is_empty() {
+            eprintln!(
+                "cpr-vmm: vCPU {}: the host refused MSRs {skipped:x?}; continuing without them",
+                s.index
+            );
+        }
+    }
+    core.generation.store(
+        decoded.machine.generation,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let timing = decoded.timing.unwrap_or_default();
+    let report = HandoffReport {
+        pause_requested_ns: timing.pause_requested_ns,
+        paused_ns: timing.paused_ns,
+        state_received_ns,
+        resumed_ns: monotonic_ns(),
+        new_pid: std::process::id(),
+        generation: decoded.machine.generation,
+        ..Default::default()
+    };
+    // Commit point: from here on the old side never runs the guest again.
+    wire::send(cpr.as_fd(), &ToOld::Running(report), &[]).map_err(|e| {
+        VmmError::IncomingAborted(format!("the old VMM went away before the commit: {e}"))
+    })?;
+    *lock(&vmm.incoming) = Some(report);
+    *lock(&vmm.state) = RunState::Running;
+    core.coord.resume();
+    Ok(())
+}
+
+/// A human-readable description of a decoded state stream (`cpr-vmm --describe-state`).
+pub fn describe(d: &DecodedState, bytes: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let m = &d.machine;
+    let _ = writeln!(
+        s,
+        "cpr state format {}.{}, {bytes} bytes, CRC ok",
+        d.format.0, d.format.1
+    );
+    let _ = writeln!(
+        s,
+        "machine: {} vCPUs, {} MiB RAM, generation {}, guest {:?}",
+        m.vcpus,
+        m.memory_bytes >> 20,
+        m.generation,
+        m.guest
+    );
+    let _ = writeln!(
+        s,
+        "vm: kvmclock {} ns (flags {:#x}), PIT channel 0 count {}, IOAPIC id {}",
+        d.vm.clock.clock,
+        d.vm.clock.flags,
+        d.vm.pit.channels[0].count,
+        // SAFETY-free: reading a field of the ioapic union through its byte view.
+        d.vm.ioapic.chip_id
+    );
+    for v in &d.vcpus {
+        let _ = writeln!(
+            s,
+            "vcpu {}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cpl {} msrs {} xsave {} tsc_offset {:?} mp_state {}",
+            v.index,
+            v.regs.rip,
+            v.regs.rsp,
+            v.regs.rflags,
+            v.sregs.cr0,
+            v.sregs.cr3,
+            v.sregs.cr4,
+            v.sregs.efer,
+            v.sregs.cs.dpl,
+            v.msrs.len(),
+            if v.xsave.is_some() { "yes" } else { "no (fpu)" },
+            v.tsc_offset,
+            v.mp_state.mp_state
+        );
+    }
+    let _ = writeln!(
+        s,
+        "serial: lcr {:#x} ier {:#x} lsr {:#x} scratch {:#x}, {} bytes of pending input",
+        d.serial.line_control,
+        d.serial.interrupt_enable,
+        d.serial.line_status,
+        d.serial.scratch,
+        d.serial.in_buffer.len()
+    );
+    let _ = writeln!(s, "i8042: command byte {:#x}", d.i8042.command_byte);
+    if let Some(t) = d.timing {
+        let _ = writeln!(
+            s,
+            "timing: pause requested at {} ns, paused at {} ns",
+            t.pause_requested_ns, t.paused_ns
+        );
+    }
+    for (id, version) in &d.skipped {
+        let _ = writeln!(s, "skipped optional section id {id} version {version}");
+    }
+    s
+}

@@ -1,0 +1,279 @@
+//! vCPU threads and the coordinator that pauses and resumes them.
+//!
+//! Pausing (after the prototype's measured recipe): set the pause flag, then kick each vCPU
+//! thread with a real-time signal whose handler sets this thread's `kvm_run.immediate_exit`, so a
+//! thread about to enter `KVM_RUN` returns at once and one inside it exits. Before it parks, each
+//! thread re-enters `KVM_RUN` once with `immediate_exit = 1`: that completes a pending port or MMIO
+//! access (RIP only moves past an `OUT` on the next entry), so the saved registers never replay it.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, Once};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::{PioEffect, lock};
+use crate::vm::{ExitReason, VmCore};
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int) {
+    // `try_with` never panics; the pointer is this thread's own kvm_run mapping or null.
+    let _ = KVM_RUN_PTR.try_with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: `run` is the kvm_run mmap of the vCPU owned by this thread, set by
+            // `vcpu_thread` before its first KVM_RUN and valid while the VcpuFd lives (for the
+            // whole process). A volatile byte store is async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process (without `SA_RESTART`, so `KVM_RUN` returns `EINTR`).
+pub fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid starting point; we then set a handler that
+        // only performs an async-signal-safe store.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handle_kick as *const () as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Exit,
+}
+
+#[derive(Debug)]
+struct CoordState {
+    want: Want,
+    parked: Vec<bool>,
+    threads: Vec<libc::pthread_t>,
+}
+
+/// Pauses, resumes and stops the vCPU threads of one VM.
+#[derive(Debug)]
+pub struct Coordinator {
+    state: Mutex<CoordState>,
+    changed: Condvar,
+    pause_flag: AtomicBool,
+}
+
+impl Coordinator {
+    /// A coordinator for `vcpus` threads, initially paused.
+    pub fn new(vcpus: u8) -> Self {
+        Self {
+            state: Mutex::new(CoordState {
+                want: Want::Pause,
+                parked: vec![true; usize::from(vcpus)],
+                threads: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            pause_flag: AtomicBool::new(true),
+        }
+    }
+
+    /// Records a vCPU thread so that it can be kicked.
+    pub fn register_thread(&self, thread: libc::pthread_t) {
+        lock(&self.state).threads.push(thread);
+    }
+
+    fn kick_all(&self, st: &CoordState) {
+        for &t in &st.threads {
+            // SAFETY: `t` is a live thread of this process (vCPU threads are never joined).
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Asks every vCPU to stop, without waiting.
+    pub fn request_pause(&self) {
+        let mut st = lock(&self.state);
+        if st.want == Want::Run {
+            st.want = Want::Pause;
+        }
+        self.pause_flag.store(true, Ordering::SeqCst);
+        self.kick_all(&st);
+    }
+
+    /// Stops every vCPU and waits until all are parked. Idempotent.
+    pub fn pause(&self) {
+        self.request_pause();
+        self.wait_parked(None);
+    }
+
+    /// Waits until every vCPU (except `except`) is parked.
+    pub fn wait_parked(&self, except: Option<usize>) {
+        let mut st = lock(&self.state);
+        while !st
+            .parked
+            .iter()
+            .enumerate()
+            .all(|(i, p)| *p || Some(i) == except)
+            && st.want != Want::Exit
+        {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Lets every vCPU run. Idempotent; refused (false) once the VM is exiting.
+    pub fn resume(&self) -> bool {
+        let mut st = lock(&self.state);
+        if st.want == Want::Exit {
+            return false;
+        }
+        st.want = Want::Run;
+        self.pause_flag.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+        true
+    }
+
+    /// Stops every vCPU for good.
+    pub fn request_exit(&self) {
+        let mut st = lock(&self.state);
+        st.want = Want::Exit;
+        self.pause_flag.store(true, Ordering::SeqCst);
+        self.kick_all(&st);
+        self.changed.notify_all();
+    }
+
+    /// Whether the vCPUs are currently meant to run.
+    pub fn is_running(&self) -> bool {
+        lock(&self.state).want == Want::Run
+    }
+
+    /// Parks vCPU `index` until it may run; false when it must exit instead.
+    fn park(&self, index: usize) -> bool {
+        let mut st = lock(&self.state);
+        st.parked[index] = true;
+        self.changed.notify_all();
+        while st.want == Want::Pause {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if st.want == Want::Exit {
+            return false;
+        }
+        st.parked[index] = false;
+        true
+    }
+}
+
+/// Body of vCPU thread `index`.
+pub fn vcpu_thread(core: &VmCore, index: u8) {
+    let i = usize::from(index);
+    {
+        let mut fd = lock(&core.vcpus[i]);
+        let run: *mut kvm_run = fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(run));
+    }
+    if index == 0 {
+        let job = lock(&core.incoming).take();
+        if let Some(job) = job {
+            job(core);
+        }
+    }
+    while core.coord.park(i) {
+        let mut fd = lock(&core.vcpus[i]);
+        let keep_going = run_until_paused(core, &mut fd);
+        // Complete a pending I/O exit so that the registers read later are past it.
+        fd.set_kvm_immediate_exit(1);
+        let _ = fd.run();
+        fd.set_kvm_immediate_exit(0);
+        drop(fd);
+        if !keep_going {
+            core.coord.request_exit();
+            break;
+        }
+        if index == 0 {
+            let job = lock(&core.switchover).take();
+            if let Some(job) = job {
+                core.coord.wait_parked(Some(0));
+                job(core);
+            }
+        }
+    }
+}
+
+/// Runs the vCPU until a pause is requested (true) or the VM must end (false).
+fn run_until_paused(core: &VmCore, fd: &mut VcpuFd) -> bool {
+    loop {
+        fd.set_kvm_immediate_exit(0);
+        if core.coord.pause_flag.load(Ordering::SeqCst) {
+            return true;
+        }
+        let exit = match fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return core.exit(ExitReason::GuestCrashed(format!("KVM_RUN failed: {e}"))),
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => match core.devices.pio_write(port, data) {
+                PioEffect::None => {}
+                PioEffect::Reset => return core.exit(ExitReason::GuestReset),
+                PioEffect::GuestFailed(code) => return core.exit(ExitReason::GuestSelfCheck(code)),
+            },
+            VcpuExit::IoIn(port, data) => core.devices.pio_read(port, data),
+            VcpuExit::MmioRead(_, data) => data.fill(0xff),
+            VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+            VcpuExit::Hlt => std::thread::yield_now(),
+            VcpuExit::Shutdown => {
+                let at = where_is(fd);
+                return core.exit(ExitReason::GuestCrashed(format!(
+                    "triple fault (shutdown) {at}"
+                )));
+            }
+            VcpuExit::SystemEvent(kind, _) => {
+                return core.exit(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                    ExitReason::GuestReset
+                } else {
+                    ExitReason::Stopped
+                });
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return core.exit(ExitReason::GuestCrashed(format!(
+                    "VM entry failed (hardware reason {reason:#x} on cpu {cpu})"
+                )));
+            }
+            other => {
+                let what = format!("{other:?}");
+                let at = where_is(fd);
+                return core.exit(ExitReason::GuestCrashed(format!(
+                    "unexpected vCPU exit {what} {at}"
+                )));
+            }
+        }
+    }
+}
+
+/// Where the vCPU stopped, for crash reports.
+fn where_is(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "at rip {:#x} rsp {:#x} rflags {:#x} (cs {:#x} cpl {} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x})",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cs.dpl, s.cr0, s.cr3, s.cr4, s.efer
+        ),
+        _ => "at an unknown place".into(),
+    }
+}
