@@ -4,9 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (binutils `as`/`ld` are required): {e}"));
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?} (binutils `as`/`ld` are required): {e}"));
     assert!(status.success(), "{cmd:?} failed with {status}");
 }
 
@@ -20,14 +18,7 @@ fn assemble(src: &Path, out_dir: &Path, name: &str, defsyms: &[&str]) {
     }
     run(as_cmd.arg("-o").arg(&obj).arg(src));
     run(Command::new("ld")
-        .args([
-            "-static",
-            "-nostdlib",
-            "-z",
-            "noexecstack",
-            "-z",
-            "noseparate-code",
-        ])
+        .args(["-static", "-nostdlib", "-z", "noexecstack", "-z", "noseparate-code"])
         .args(["-z", "max-page-size=4096", "-e", "_start"])
         .args(["-Ttext=0x200000", "-Tdata=0x300000", "-Tbss=0x400000"])
         .arg("-o")
@@ -36,8 +27,7 @@ fn assemble(src: &Path, out_dir: &Path, name: &str, defsyms: &[&str]) {
 }
 
 fn main() {
-    let out_dir =
-        std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let out_dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
     let src = Path::new("guest/testguest.s");
     println!("cargo:rerun-if-changed=guest/testguest.s");
     assemble(src, &out_dir, "testguest", &[]);

@@ -182,8 +182,7 @@ mod tests {
 
     #[test]
     fn requests_have_stable_wire_names() {
-        let json = serde_json::to_string(&Request::Migrate(MigrateParams { timeout_ms: 5 }))
-            .expect("encode");
+        let json = serde_json::to_string(&Request::Migrate(MigrateParams { timeout_ms: 5 })).expect("encode");
         assert_eq!(json, r#"{"request":"migrate","timeout_ms":5}"#);
         let back: Request = serde_json::from_str(r#"{"request":"status"}"#).expect("decode");
         assert_eq!(back, Request::Status);
@@ -192,11 +191,7 @@ mod tests {
 
     #[test]
     fn downtime_is_resume_minus_pause_request() {
-        let r = HandoffReport {
-            pause_requested_ns: 1_000,
-            resumed_ns: 251_000,
-            ..Default::default()
-        };
+        let r = HandoffReport { pause_requested_ns: 1_000, resumed_ns: 251_000, ..Default::default() };
         assert_eq!(r.downtime_ns(), 250_000);
     }
 }

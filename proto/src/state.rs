@@ -101,9 +101,7 @@ pub enum StateError {
     #[error("not a cpr state stream (bad magic)")]
     BadMagic,
     /// The stream's major version is not one this build reads.
-    #[error(
-        "state format {major}.{minor} is not readable by this build (reads major versions {reads:?})"
-    )]
+    #[error("state format {major}.{minor} is not readable by this build (reads major versions {reads:?})")]
     UnsupportedFormat {
         /// Major version found.
         major: u16,
@@ -113,9 +111,7 @@ pub enum StateError {
         reads: Vec<u16>,
     },
     /// The declared length is outside the accepted range.
-    #[error(
-        "state stream declares {0} bytes, outside the accepted range (at most {MAX_STATE_BYTES})"
-    )]
+    #[error("state stream declares {0} bytes, outside the accepted range (at most {MAX_STATE_BYTES})")]
     BadLength(u64),
     /// The stream ended early.
     #[error("state stream truncated: expected {expected} bytes, got {got}")]
@@ -196,10 +192,7 @@ pub struct ParsedState {
 impl ParsedState {
     /// The first section with `id`.
     pub fn first(&self, id: SectionId) -> Result<&Section, StateError> {
-        self.sections
-            .iter()
-            .find(|s| s.id == id)
-            .ok_or(StateError::Missing(id))
+        self.sections.iter().find(|s| s.id == id).ok_or(StateError::Missing(id))
     }
 
     /// Every section with `id`, in order.
@@ -233,13 +226,7 @@ impl StateWriter {
     }
 
     /// Appends a section with a serde-encoded payload.
-    pub fn add<T: Serialize>(
-        &mut self,
-        id: SectionId,
-        version: u16,
-        mandatory: bool,
-        value: &T,
-    ) -> &mut Self {
+    pub fn add<T: Serialize>(&mut self, id: SectionId, version: u16, mandatory: bool, value: &T) -> &mut Self {
         // postcard into a Vec cannot fail for the plain-data types of this module.
         let payload = postcard::to_allocvec(value).unwrap_or_default();
         self.add_raw(id.code(), version, mandatory, &payload)
@@ -288,21 +275,14 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 /// Checks the fixed header: magic, version, declared length. Returns the declared length.
 fn check_header(head: &[u8]) -> Result<u64, StateError> {
     if head.len() < HEADER_BYTES {
-        return Err(StateError::Truncated {
-            expected: HEADER_BYTES as u64,
-            got: head.len() as u64,
-        });
+        return Err(StateError::Truncated { expected: HEADER_BYTES as u64, got: head.len() as u64 });
     }
     if head[..8] != MAGIC {
         return Err(StateError::BadMagic);
     }
     let (major, minor) = (le_u16(head, 8), le_u16(head, 10));
     if !READS_FORMATS.contains(&major) {
-        return Err(StateError::UnsupportedFormat {
-            major,
-            minor,
-            reads: READS_FORMATS.to_vec(),
-        });
+        return Err(StateError::UnsupportedFormat { major, minor, reads: READS_FORMATS.to_vec() });
     }
     let total = le_u64(head, 16);
     if total < (HEADER_BYTES + CRC_BYTES) as u64 || total > MAX_STATE_BYTES {
@@ -330,10 +310,7 @@ fn read_full(reader: &mut impl Read, mut dst: &mut [u8], expected: u64) -> Resul
         match reader.read(dst) {
             Ok(0) => {
                 let have = expected - (want - got) as u64;
-                return Err(StateError::Truncated {
-                    expected,
-                    got: have,
-                });
+                return Err(StateError::Truncated { expected, got: have });
             }
             Ok(n) => {
                 got += n;
@@ -350,10 +327,7 @@ fn read_full(reader: &mut impl Read, mut dst: &mut [u8], expected: u64) -> Resul
 pub fn decode(bytes: &[u8]) -> Result<ParsedState, StateError> {
     let total = check_header(bytes)?;
     if (bytes.len() as u64) < total {
-        return Err(StateError::Truncated {
-            expected: total,
-            got: bytes.len() as u64,
-        });
+        return Err(StateError::Truncated { expected: total, got: bytes.len() as u64 });
     }
     let end = usize::try_from(total).map_err(|_| StateError::BadLength(total))?;
     let bytes = &bytes[..end];
@@ -365,18 +339,11 @@ pub fn decode(bytes: &[u8]) -> Result<ParsedState, StateError> {
     }
     let count = le_u32(bytes, 12);
     let mut at = HEADER_BYTES;
-    let mut parsed = ParsedState {
-        major: le_u16(bytes, 8),
-        minor: le_u16(bytes, 10),
-        sections: Vec::new(),
-        skipped: Vec::new(),
-    };
+    let mut parsed =
+        ParsedState { major: le_u16(bytes, 8), minor: le_u16(bytes, 10), sections: Vec::new(), skipped: Vec::new() };
     for index in 0..count {
         if at + SECTION_HEADER_BYTES > body_end {
-            return Err(StateError::BadSection {
-                index,
-                reason: "header runs past the end".into(),
-            });
+            return Err(StateError::BadSection { index, reason: "header runs past the end".into() });
         }
         let code = le_u16(bytes, at);
         let version = le_u16(bytes, at + 2);
@@ -384,10 +351,7 @@ pub fn decode(bytes: &[u8]) -> Result<ParsedState, StateError> {
         let len = le_u32(bytes, at + 8) as usize;
         at += SECTION_HEADER_BYTES;
         if at + len > body_end {
-            return Err(StateError::BadSection {
-                index,
-                reason: format!("payload of {len} bytes runs past the end"),
-            });
+            return Err(StateError::BadSection { index, reason: format!("payload of {len} bytes runs past the end") });
         }
         let id = SectionId::from_code(code);
         if version == 0 || version > id.max_version() {
@@ -396,20 +360,12 @@ pub fn decode(bytes: &[u8]) -> Result<ParsedState, StateError> {
             }
             parsed.skipped.push((code, version));
         } else {
-            parsed.sections.push(Section {
-                id,
-                version,
-                mandatory,
-                payload: bytes[at..at + len].to_vec(),
-            });
+            parsed.sections.push(Section { id, version, mandatory, payload: bytes[at..at + len].to_vec() });
         }
         at += len;
     }
     if at != body_end {
-        return Err(StateError::BadSection {
-            index: count,
-            reason: "trailing bytes after the last section".into(),
-        });
+        return Err(StateError::BadSection { index: count, reason: "trailing bytes after the last section".into() });
     }
     Ok(parsed)
 }
@@ -556,40 +512,19 @@ mod tests {
             SectionId::Machine,
             1,
             true,
-            &MachineState {
-                memory_bytes: 1 << 30,
-                vcpus: 2,
-                generation: 7,
-                guest: GuestKind::TestGuest,
-            },
+            &MachineState { memory_bytes: 1 << 30, vcpus: 2, generation: 7, guest: GuestKind::TestGuest },
         );
-        w.add(
-            SectionId::Timing,
-            1,
-            false,
-            &Timing {
-                pause_requested_ns: 5,
-                paused_ns: 6,
-            },
-        );
+        w.add(SectionId::Timing, 1, false, &Timing { pause_requested_ns: 5, paused_ns: 6 });
         w.finish()
     }
 
     #[test]
     fn round_trip() {
         let parsed = decode(&sample()).expect("valid");
-        let m: MachineState = parsed
-            .first(SectionId::Machine)
-            .expect("present")
-            .decode()
-            .expect("decodes");
+        let m: MachineState = parsed.first(SectionId::Machine).expect("present").decode().expect("decodes");
         assert_eq!(m.generation, 7);
         assert_eq!(m.vcpus, 2);
-        let t: Timing = parsed
-            .first(SectionId::Timing)
-            .expect("present")
-            .decode()
-            .expect("decodes");
+        let t: Timing = parsed.first(SectionId::Timing).expect("present").decode().expect("decodes");
         assert_eq!(t.paused_ns, 6);
         assert!(parsed.skipped.is_empty());
     }
@@ -629,10 +564,7 @@ mod tests {
         let mut w = StateWriter::new(FORMAT_MAJOR + 1, 0);
         w.add_raw(1, 1, true, b"x");
         let err = decode(&w.finish()).expect_err("newer major");
-        assert!(
-            matches!(err, StateError::UnsupportedFormat { major: 2, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, StateError::UnsupportedFormat { major: 2, .. }), "{err:?}");
         assert!(err.to_string().contains("2.0"));
     }
 
@@ -650,19 +582,10 @@ mod tests {
     fn unknown_mandatory_section_is_refused() {
         let mut w = StateWriter::default();
         w.add_raw(999, 1, true, b"future");
-        assert_eq!(
-            decode(&w.finish()),
-            Err(StateError::UnknownMandatory {
-                id: 999,
-                version: 1
-            })
-        );
+        assert_eq!(decode(&w.finish()), Err(StateError::UnknownMandatory { id: 999, version: 1 }));
         let mut w = StateWriter::default();
         w.add_raw(SectionId::Vm.code(), 2, true, b"v2");
-        assert_eq!(
-            decode(&w.finish()),
-            Err(StateError::UnknownMandatory { id: 2, version: 2 })
-        );
+        assert_eq!(decode(&w.finish()), Err(StateError::UnknownMandatory { id: 2, version: 2 }));
     }
 
     #[test]

@@ -49,21 +49,13 @@ pub struct Received<T> {
 }
 
 /// Sends `msg` as one datagram on `sock`, with `fds` attached.
-pub fn send<T: Serialize>(
-    sock: BorrowedFd<'_>,
-    msg: &T,
-    fds: &[BorrowedFd<'_>],
-) -> Result<(), WireError> {
+pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
     let bytes = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
     if bytes.len() > MAX_MESSAGE_BYTES || fds.len() > MAX_FDS {
         return Err(WireError::TooLarge);
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let cmsgs = if raw.is_empty() {
-        vec![]
-    } else {
-        vec![ControlMessage::ScmRights(&raw)]
-    };
+    let cmsgs = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
     let iov = [IoSlice::new(&bytes)];
     loop {
         match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
@@ -94,21 +86,13 @@ pub fn wait_readable(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<
 }
 
 /// Receives one message from `sock`, waiting at most `timeout` (`None`: block).
-pub fn recv<T: DeserializeOwned>(
-    sock: BorrowedFd<'_>,
-    timeout: Option<Duration>,
-) -> Result<Received<T>, WireError> {
+pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<Received<T>, WireError> {
     wait_readable(sock, timeout)?;
     let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
     let mut cmsg_buf = cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds, truncated) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_buf),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_buf), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(r) => {
                 let mut fds = Vec::new();
                 for cmsg in r.cmsgs().map_err(WireError::Io)? {
@@ -120,9 +104,7 @@ pub fn recv<T: DeserializeOwned>(
                         }
                     }
                 }
-                let truncated = r
-                    .flags
-                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                let truncated = r.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
                 break (r.bytes, fds, truncated);
             }
             Err(nix::Error::EINTR) => continue,
@@ -136,8 +118,7 @@ pub fn recv<T: DeserializeOwned>(
     if len == 0 {
         return Err(WireError::Closed);
     }
-    let msg =
-        serde_json::from_slice(&buf[..len]).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| WireError::Malformed(e.to_string()))?;
     Ok(Received { msg, fds })
 }
 
@@ -148,13 +129,7 @@ mod tests {
     use std::os::fd::AsFd;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair")
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair")
     }
 
     #[test]
@@ -170,8 +145,7 @@ mod tests {
     #[test]
     fn closed_peer_and_timeout_are_told_apart() {
         let (a, b) = pair();
-        let err =
-            recv::<u32>(b.as_fd(), Some(Duration::from_millis(20))).expect_err("nothing sent");
+        let err = recv::<u32>(b.as_fd(), Some(Duration::from_millis(20))).expect_err("nothing sent");
         assert!(matches!(err, WireError::Timeout(_)));
         drop(a);
         let err = recv::<u32>(b.as_fd(), Some(Duration::from_millis(20))).expect_err("peer gone");

@@ -17,8 +17,7 @@ pub static TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tes
 
 /// A variant that breaks its own register/RAM invariant after its third heartbeat, on purpose,
 /// so that tests can check that a guest self-check failure is detected and reported.
-pub static BROKEN_GUEST_ELF: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/testguest-broken.elf"));
+pub static BROKEN_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest-broken.elf"));
 
 /// Guest-physical address of the guest's code.
 pub const TEXT_ADDR: u64 = 0x20_0000;
@@ -101,10 +100,7 @@ impl std::fmt::Display for FailCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Register => write!(f, "register and SSE copies of the counter disagree"),
-            Self::Ram => write!(
-                f,
-                "RAM copy of the counter disagrees with the register copy"
-            ),
+            Self::Ram => write!(f, "RAM copy of the counter disagrees with the register copy"),
             Self::Pattern => write!(f, "pattern region checksum changed"),
             Self::Unknown(v) => write!(f, "unknown failure code {v}"),
         }
@@ -129,12 +125,7 @@ impl Heartbeat {
     pub fn parse(line: &str) -> Option<Self> {
         let mut fields = line.strip_prefix("HB ")?.split(' ');
         let mut next = || u64::from_str_radix(fields.next()?, 16).ok();
-        let hb = Heartbeat {
-            seq: next()?,
-            counter: next()?,
-            max_gap_ticks: next()?,
-            pattern_sum: next()?,
-        };
+        let hb = Heartbeat { seq: next()?, counter: next()?, max_gap_ticks: next()?, pattern_sum: next()? };
         Some(hb)
     }
 

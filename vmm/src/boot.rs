@@ -43,14 +43,13 @@ impl GuestSpec {
     pub fn check(&self) -> Result<()> {
         match self {
             Self::TestGuest { .. } => Ok(()),
-            Self::Elf { path, .. } => std::fs::metadata(path).map(|_| ()).map_err(|e| {
-                VmmError::GuestImage(format!("cannot open guest ELF {}: {e}", path.display()))
-            }),
+            Self::Elf { path, .. } => std::fs::metadata(path)
+                .map(|_| ())
+                .map_err(|e| VmmError::GuestImage(format!("cannot open guest ELF {}: {e}", path.display()))),
             Self::Linux(l) => {
                 for p in std::iter::once(&l.kernel).chain(l.initrd.as_ref()) {
-                    std::fs::metadata(p).map_err(|e| {
-                        VmmError::GuestImage(format!("cannot open {}: {e}", p.display()))
-                    })?;
+                    std::fs::metadata(p)
+                        .map_err(|e| VmmError::GuestImage(format!("cannot open {}: {e}", p.display())))?;
                 }
                 Ok(())
             }
@@ -63,15 +62,10 @@ pub fn load_guest(core: &VmCore, spec: &GuestSpec) -> Result<()> {
     let mem = core.ram.mem();
     let top = ram_top(core.ram.bytes());
     let (image, flags, what) = match spec {
-        GuestSpec::TestGuest { flags } => (
-            cpr_testguest::TEST_GUEST_ELF.to_vec(),
-            *flags,
-            "test guest".to_string(),
-        ),
+        GuestSpec::TestGuest { flags } => (cpr_testguest::TEST_GUEST_ELF.to_vec(), *flags, "test guest".to_string()),
         GuestSpec::Elf { path, flags } => {
-            let bytes = std::fs::read(path).map_err(|e| {
-                VmmError::GuestImage(format!("cannot read guest ELF {}: {e}", path.display()))
-            })?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| VmmError::GuestImage(format!("cannot read guest ELF {}: {e}", path.display())))?;
             (bytes, *flags, path.display().to_string())
         }
         GuestSpec::Linux(linux) => return load_linux(core, linux),
@@ -84,13 +78,10 @@ pub fn load_guest(core: &VmCore, spec: &GuestSpec) -> Result<()> {
         let mut sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         cpl3::configure_sregs(&mut sregs);
         fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        fd.set_regs(&cpl3::entry_regs(entry, top, flags, index))
-            .map_err(kvm("KVM_SET_REGS"))?;
+        fd.set_regs(&cpl3::entry_regs(entry, top, flags, index)).map_err(kvm("KVM_SET_REGS"))?;
         fd.set_fpu(&cpl3::reset_fpu()).map_err(kvm("KVM_SET_FPU"))?;
         if index > 0 {
-            let runnable = kvm_bindings::kvm_mp_state {
-                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-            };
+            let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
             fd.set_mp_state(runnable).map_err(kvm("KVM_SET_MP_STATE"))?;
         }
     }
@@ -126,11 +117,9 @@ fn load_linux(core: &VmCore, linux: &crate::linux_boot::LinuxGuest) -> Result<()
         set_lint(&fd)?;
         if index == 0 {
             let mut sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-            crate::linux_boot::configure_long_mode(mem, &mut sregs)
-                .map_err(|e| VmmError::GuestImage(e.to_string()))?;
+            crate::linux_boot::configure_long_mode(mem, &mut sregs).map_err(|e| VmmError::GuestImage(e.to_string()))?;
             fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-            fd.set_regs(&crate::linux_boot::boot_regs(&entry))
-                .map_err(kvm("KVM_SET_REGS"))?;
+            fd.set_regs(&crate::linux_boot::boot_regs(&entry)).map_err(kvm("KVM_SET_REGS"))?;
             fd.set_fpu(&cpl3::reset_fpu()).map_err(kvm("KVM_SET_FPU"))?;
         }
     }

@@ -5,13 +5,9 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use cpr_proto::control::{
-    ControlError, Description, ErrorKind, HandoffReport, Request, Response, RunState, VmmStatus,
-};
+use cpr_proto::control::{ControlError, Description, ErrorKind, HandoffReport, Request, Response, RunState, VmmStatus};
 use cpr_proto::wire;
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
-};
+use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
 
 use crate::devices::lock;
 use crate::error::{Result, VmmError};
@@ -55,21 +51,13 @@ pub fn describe() -> Description {
 
 /// An error answer.
 pub fn error(kind: ErrorKind, message: impl Into<String>, guest_paused: bool) -> Response {
-    Response::Error(ControlError {
-        kind,
-        message: message.into(),
-        guest_paused,
-    })
+    Response::Error(ControlError { kind, message: message.into(), guest_paused })
 }
 
 impl Vmm {
     /// Wraps a VM in the given state.
     pub fn new(core: Arc<VmCore>, state: RunState) -> Arc<Self> {
-        Arc::new(Self {
-            core,
-            state: Mutex::new(state),
-            incoming: Mutex::new(None),
-        })
+        Arc::new(Self { core, state: Mutex::new(state), incoming: Mutex::new(None) })
     }
 
     /// Current status.
@@ -85,9 +73,33 @@ impl Vmm {
         }
     }
 
-    /// Handles one request; `fds` are the fds that came with it.
-    pub fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> Response {
+    /// Handles one request; `fds` are the fds that came with it. The second value is a reason
+    /// to end the process, acted on only after the answer has been sent.
+    pub fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> (Response, Option<ExitReason>) {
         match request {
+            Request::Stop => {
+                let st = lock(&self.state);
+                if *st == RunState::Migrating {
+                    return (error(ErrorKind::InvalidState, "a handoff is in flight; stop refused", false), None);
+                }
+                self.core.coord.request_exit();
+                (Response::Ok, Some(ExitReason::Stopped))
+            }
+            Request::Quit => {
+                let st = lock(&self.state);
+                if *st != RunState::PostMigrate {
+                    let msg = "quit is only for a VMM whose guest was handed off";
+                    return (error(ErrorKind::InvalidState, msg, false), None);
+                }
+                (Response::Ok, Some(ExitReason::HandedOff))
+            }
+            other => (self.handle_in_place(other, fds), None),
+        }
+    }
+
+    fn handle_in_place(&self, request: Request, fds: Vec<OwnedFd>) -> Response {
+        match request {
+            Request::Stop | Request::Quit => error(ErrorKind::Internal, "handled elsewhere", false),
             Request::Describe => Response::Describe(describe()),
             Request::Status => Response::Status(self.status()),
             Request::Pause => {
@@ -98,11 +110,7 @@ impl Vmm {
                         *st = RunState::Paused;
                         Response::Ok
                     }
-                    other => error(
-                        ErrorKind::InvalidState,
-                        format!("cannot pause a VM that is {other:?}"),
-                        false,
-                    ),
+                    other => error(ErrorKind::InvalidState, format!("cannot pause a VM that is {other:?}"), false),
                 }
             }
             Request::Resume => {
@@ -118,37 +126,8 @@ impl Vmm {
                         "the guest was handed to another VMM; this one will never run it again",
                         false,
                     ),
-                    other => error(
-                        ErrorKind::InvalidState,
-                        format!("cannot resume a VM that is {other:?}"),
-                        false,
-                    ),
+                    other => error(ErrorKind::InvalidState, format!("cannot resume a VM that is {other:?}"), false),
                 }
-            }
-            Request::Stop => {
-                let st = lock(&self.state);
-                if *st == RunState::Migrating {
-                    return error(
-                        ErrorKind::InvalidState,
-                        "a handoff is in flight; stop refused",
-                        false,
-                    );
-                }
-                self.core.coord.request_exit();
-                self.core.exit(ExitReason::Stopped);
-                Response::Ok
-            }
-            Request::Quit => {
-                let st = lock(&self.state);
-                if *st != RunState::PostMigrate {
-                    return error(
-                        ErrorKind::InvalidState,
-                        "quit is only for a VMM whose guest was handed off",
-                        false,
-                    );
-                }
-                self.core.exit(ExitReason::HandedOff);
-                Response::Ok
             }
             Request::Migrate(params) => crate::migration::migrate_out(self, &params, fds),
         }
@@ -157,27 +136,15 @@ impl Vmm {
 
 /// Binds the control socket at `path` (replacing a stale socket file left by a dead process).
 pub fn bind_control(path: &Path) -> Result<OwnedFd> {
-    let err = |e: std::io::Error| VmmError::ControlSocket {
-        path: path.to_path_buf(),
-        err: e,
-    };
+    let err = |e: std::io::Error| VmmError::ControlSocket { path: path.to_path_buf(), err: e };
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() || seqpacket_connect(path).is_ok()
-        {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process is listening there",
-            )));
+        if std::os::unix::net::UnixStream::connect(path).is_ok() || seqpacket_connect(path).is_ok() {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another process is listening there")));
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| err(e.into()))?;
+    let fd =
+        socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(|e| err(e.into()))?;
     let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| err(e.into()))?;
     listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN)).map_err(|e| err(e.into()))?;
@@ -186,12 +153,7 @@ pub fn bind_control(path: &Path) -> Result<OwnedFd> {
 
 /// Connects to a VMM's control socket.
 pub fn seqpacket_connect(path: &Path) -> std::io::Result<OwnedFd> {
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
     let addr = UnixAddr::new(path)?;
     nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
     Ok(fd)
@@ -207,29 +169,27 @@ pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd, path: PathBuf) -> Result<()> {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let vmm = Arc::clone(&vmm);
-                let _ = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || {
-                        let fd = OwnedFd::from(conn);
-                        loop {
-                            let received = match wire::recv::<Request>(fd.as_fd(), None) {
-                                Ok(r) => r,
-                                Err(wire::WireError::Malformed(m)) => {
-                                    let _ = wire::send(
-                                        fd.as_fd(),
-                                        &error(ErrorKind::BadRequest, m, false),
-                                        &[],
-                                    );
-                                    continue;
-                                }
-                                Err(_) => break,
-                            };
-                            let response = vmm.handle(received.msg, received.fds);
-                            if wire::send(fd.as_fd(), &response, &[]).is_err() {
-                                break;
+                let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                    let fd = OwnedFd::from(conn);
+                    loop {
+                        let received = match wire::recv::<Request>(fd.as_fd(), None) {
+                            Ok(r) => r,
+                            Err(wire::WireError::Malformed(m)) => {
+                                let _ = wire::send(fd.as_fd(), &error(ErrorKind::BadRequest, m, false), &[]);
+                                continue;
                             }
+                            Err(_) => break,
+                        };
+                        let (response, exit) = vmm.handle(received.msg, received.fds);
+                        let sent = wire::send(fd.as_fd(), &response, &[]);
+                        if let Some(reason) = exit {
+                            vmm.core.exit(reason);
                         }
-                    });
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                });
             }
         })
         .map_err(|e| VmmError::Internal(format!("cannot start control thread: {e}")))?;
@@ -245,9 +205,7 @@ pub struct ControlClient {
 impl ControlClient {
     /// Connects to the socket at `path`.
     pub fn connect(path: &Path) -> std::io::Result<Self> {
-        Ok(Self {
-            fd: seqpacket_connect(path)?,
-        })
+        Ok(Self { fd: seqpacket_connect(path)? })
     }
 
     /// Sends a request (with fds) and waits for the answer.

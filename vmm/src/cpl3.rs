@@ -79,15 +79,8 @@ pub fn write_tables(mem: &GuestMemoryMmap, ram_top: u64) -> Result<()> {
         .map_err(|e| VmmError::Memory(format!("cannot write the TSS: {e}")))?;
     mem.write_obj(0xffu8, GuestAddress(TSS_ADDR + TSS_LIMIT))
         .map_err(|e| VmmError::Memory(format!("cannot write the TSS: {e}")))?;
-    let tss_low =
-        TSS_LIMIT | ((TSS_ADDR & 0xff_ffff) << 16) | (0x8b << 40) | ((TSS_ADDR >> 24) & 0xff) << 56;
-    let gdt = [
-        0u64,
-        0x00af_fb00_0000_ffff,
-        0x00cf_f300_0000_ffff,
-        tss_low,
-        TSS_ADDR >> 32,
-    ];
+    let tss_low = TSS_LIMIT | ((TSS_ADDR & 0xff_ffff) << 16) | (0x8b << 40) | ((TSS_ADDR >> 24) & 0xff) << 56;
+    let gdt = [0u64, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff, tss_low, TSS_ADDR >> 32];
     for (i, entry) in gdt.iter().enumerate() {
         w(*entry, GDT_ADDR + 8 * i as u64)?;
     }
@@ -98,10 +91,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, ram_top: u64) -> Result<()> {
         w(pd | PTE_PRESENT | PTE_WRITE | PTE_USER, PDPT_ADDR + 8 * g)?;
         for e in 0..512u64 {
             let page = (g << 30) | (e << 21);
-            w(
-                page | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE,
-                pd + 8 * e,
-            )?;
+            w(page | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE, pd + 8 * e)?;
         }
     }
     Ok(())
@@ -161,11 +151,7 @@ pub fn entry_regs(entry: u64, ram_top: u64, flags: u64, index: u8) -> kvm_regs {
 
 /// The FPU at reset: x87 control word 0x37f, MXCSR 0x1f80.
 pub fn reset_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 #[cfg(test)]
@@ -190,13 +176,7 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("mem");
         let entry = load_elf(&mem, cpr_testguest::TEST_GUEST_ELF, "test guest").expect("load");
         assert_eq!(entry, cpr_testguest::TEXT_ADDR);
-        let garbage =
-            load_elf(&mem, b"not an elf at all, really not", "garbage").expect_err("garbage");
-        assert!(
-            garbage
-                .to_string()
-                .contains("cannot load guest ELF garbage"),
-            "{garbage}"
-        );
+        let garbage = load_elf(&mem, b"not an elf at all, really not", "garbage").expect_err("garbage");
+        assert!(garbage.to_string().contains("cannot load guest ELF garbage"), "{garbage}");
     }
 }

@@ -102,22 +102,10 @@ impl Devices {
             in_buffer: serial.in_buffer.clone(),
         };
         let mut current = lock(&self.serial);
-        let irq = IrqLine(
-            current
-                .interrupt_evt()
-                .0
-                .try_clone()
-                .map_err(|e| format!("cannot dup serial irqfd: {e}"))?,
-        );
-        let out = SerialOut(
-            current
-                .writer()
-                .0
-                .try_clone()
-                .map_err(|e| format!("cannot dup serial output: {e}"))?,
-        );
-        *current = Serial::from_state(&state, irq, NoEvents, out)
-            .map_err(|e| format!("serial state is invalid: {e:?}"))?;
+        let irq = IrqLine(current.interrupt_evt().0.try_clone().map_err(|e| format!("cannot dup serial irqfd: {e}"))?);
+        let out = SerialOut(current.writer().0.try_clone().map_err(|e| format!("cannot dup serial output: {e}"))?);
+        *current =
+            Serial::from_state(&state, irq, NoEvents, out).map_err(|e| format!("serial state is invalid: {e:?}"))?;
         *lock(&self.i8042_command) = i8042.command_byte;
         Ok(())
     }
@@ -137,12 +125,7 @@ impl Devices {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
         };
-        (
-            serial,
-            I8042State {
-                command_byte: *lock(&self.i8042_command),
-            },
-        )
+        (serial, I8042State { command_byte: *lock(&self.i8042_command) })
     }
 
     /// A guest write to an I/O port.
@@ -161,11 +144,7 @@ impl Devices {
                 *lock(&self.i8042_command) = value;
                 let mut dev = I8042Device::new(&self.reset);
                 let _ = dev.write(4, value);
-                if self.reset.0.load(std::sync::atomic::Ordering::SeqCst) {
-                    PioEffect::Reset
-                } else {
-                    PioEffect::None
-                }
+                if self.reset.0.load(std::sync::atomic::Ordering::SeqCst) { PioEffect::Reset } else { PioEffect::None }
             }
             p if Some(p) == self.fail_port => PioEffect::GuestFailed(value),
             _ => PioEffect::None,

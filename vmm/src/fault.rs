@@ -28,19 +28,14 @@ pub fn stall_point(point: &str) {
 
 /// State format majors this binary says it reads (overridden by `reads-format:<n>`).
 pub fn reads_formats() -> Vec<u16> {
-    if let Some(n) =
-        value().and_then(|v| v.strip_prefix("reads-format:").and_then(|n| n.parse().ok()))
-    {
+    if let Some(n) = value().and_then(|v| v.strip_prefix("reads-format:").and_then(|n| n.parse().ok())) {
         return vec![n];
     }
     cpr_proto::state::READS_FORMATS.to_vec()
 }
 
 /// Damages an outgoing state stream if a `corrupt:<how>` fault is selected.
-pub fn corrupt_stream(
-    stream: Vec<u8>,
-    rebuild: impl Fn(u16, Option<(u16, bool)>) -> Vec<u8>,
-) -> Vec<u8> {
+pub fn corrupt_stream(stream: Vec<u8>, rebuild: impl Fn(u16, Option<(u16, bool)>) -> Vec<u8>) -> Vec<u8> {
     let Some(how) = value().and_then(|v| v.strip_prefix("corrupt:").map(str::to_string)) else {
         return stream;
     };

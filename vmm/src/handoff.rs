@@ -86,8 +86,7 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd) -> Result<Chil
             Ok(())
         });
     }
-    cmd.spawn()
-        .map_err(|e| VmmError::Handoff(format!("cannot start {}: {e}", req.binary.display())))
+    cmd.spawn().map_err(|e| VmmError::Handoff(format!("cannot start {}: {e}", req.binary.display())))
 }
 
 fn pair(kind: SockType) -> Result<(OwnedFd, OwnedFd)> {
@@ -103,19 +102,13 @@ fn ensure_dead(child: &mut Child) -> std::io::Result<()> {
 
 /// Performs one handoff. On failure the old VMM runs the guest again (or never stopped).
 pub fn hand_off(req: &HandoffRequest) -> Result<HandoffOutcome> {
-    let old = ControlClient::connect(&req.old_control).map_err(|e| {
-        VmmError::Handoff(format!(
-            "cannot connect to {}: {e}",
-            req.old_control.display()
-        ))
-    })?;
+    let old = ControlClient::connect(&req.old_control)
+        .map_err(|e| VmmError::Handoff(format!("cannot connect to {}: {e}", req.old_control.display())))?;
     let (cpr_old, cpr_new) = pair(SockType::SeqPacket)?;
     let (main_old, main_new) = pair(SockType::Stream)?;
     let mut child = spawn_new(req, &cpr_new, &main_new)?;
     drop((cpr_new, main_new));
-    let migrate = Request::Migrate(MigrateParams {
-        timeout_ms: req.timeout_ms,
-    });
+    let migrate = Request::Migrate(MigrateParams { timeout_ms: req.timeout_ms });
     let answer = old.call(&migrate, &[cpr_old.as_fd(), main_old.as_fd()]);
     drop((cpr_old, main_old));
     match answer {
@@ -124,44 +117,32 @@ pub fn hand_off(req: &HandoffRequest) -> Result<HandoffOutcome> {
             Ok(HandoffOutcome { report, child })
         }
         Ok(Response::Error(e)) => {
-            ensure_dead(&mut child)
-                .map_err(|k| VmmError::Rollback(format!("{e}; cannot reap the new VMM: {k}")))?;
+            ensure_dead(&mut child).map_err(|k| VmmError::Rollback(format!("{e}; cannot reap the new VMM: {k}")))?;
             if e.guest_paused {
                 match old.call(&Request::Resume, &[]) {
                     Ok(Response::Ok) => {}
                     other => {
-                        return Err(VmmError::Rollback(format!(
-                            "{e}; resuming the old VMM failed: {other:?}"
-                        )));
+                        return Err(VmmError::Rollback(format!("{e}; resuming the old VMM failed: {other:?}")));
                     }
                 }
-                return Err(VmmError::Handoff(format!(
-                    "{e} (rolled back: the old VMM resumed the guest)"
-                )));
+                return Err(VmmError::Handoff(format!("{e} (rolled back: the old VMM resumed the guest)")));
             }
             Err(VmmError::Handoff(e.message))
         }
         Ok(other) => {
             let _ = ensure_dead(&mut child);
-            Err(VmmError::Handoff(format!(
-                "unexpected answer to migrate: {other:?}"
-            )))
+            Err(VmmError::Handoff(format!("unexpected answer to migrate: {other:?}")))
         }
         Err(e) => {
             let _ = ensure_dead(&mut child);
-            Err(VmmError::Rollback(format!(
-                "lost the old VMM's control connection: {e}"
-            )))
+            Err(VmmError::Rollback(format!("lost the old VMM's control connection: {e}")))
         }
     }
 }
 
 /// The control socket path for generation `generation` next to `base` (`vm.sock` → `vm.3.sock`).
 pub fn next_control_path(base: &Path, generation: u64) -> PathBuf {
-    let stem = base
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = base.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let stem = stem.split('.').next().unwrap_or("vmm").to_string();
     base.with_file_name(format!("{stem}.{generation}.sock"))
 }

@@ -17,12 +17,7 @@ use cpr_vmm::vm::{ExitReason, VmCore, VmParts, check_vcpus, open_kvm, spawn_vcpu
 
 /// cprd's minimal KVM VMM.
 #[derive(Debug, Parser)]
-#[command(
-    name = "cpr-vmm",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "cpr-vmm", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -73,11 +68,7 @@ struct RunArgs {
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(
-        long,
-        requires = "kernel",
-        default_value = "console=ttyS0 reboot=k panic=1"
-    )]
+    #[arg(long, requires = "kernel", default_value = "console=ttyS0 reboot=k panic=1")]
     cmdline: String,
     /// A static long-mode ELF to run at CPL3 (default: the built-in test guest).
     #[arg(long)]
@@ -121,18 +112,12 @@ fn inherited_fd(fd: i32, what: &str) -> Result<OwnedFd> {
     }
     // SAFETY: F_GETFD only queries the fd table; an unopened number fails with EBADF.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(bad(format!(
-            "not an open fd ({})",
-            std::io::Error::last_os_error()
-        )));
+        return Err(bad(format!("not an open fd ({})", std::io::Error::last_os_error())));
     }
     // SAFETY: `fd` is open (checked above) and inherited for us alone; we take it over.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    nix::fcntl::fcntl(
-        &owned,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| bad(e.to_string()))?;
+    nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| bad(e.to_string()))?;
     Ok(owned)
 }
 
@@ -142,13 +127,10 @@ fn serial_out(path: Option<&PathBuf>) -> Result<File> {
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| {
-                VmmError::Config(format!("cannot open serial output {}: {e}", p.display()))
-            }),
-        None => std::io::stdout()
-            .lock()
-            .try_clone_fd()
-            .map_err(|e| VmmError::Internal(format!("cannot dup stdout: {e}"))),
+            .map_err(|e| VmmError::Config(format!("cannot open serial output {}: {e}", p.display()))),
+        None => {
+            std::io::stdout().lock().try_clone_fd().map_err(|e| VmmError::Internal(format!("cannot dup stdout: {e}")))
+        }
     }
 }
 
@@ -164,22 +146,14 @@ impl TryCloneFd for std::io::StdoutLock<'_> {
 }
 
 fn guest_spec(a: &RunArgs) -> GuestSpec {
-    let flags = a.guest_flags
-        | if a.touch {
-            cpr_testguest::FLAG_TOUCH
-        } else {
-            0
-        };
+    let flags = a.guest_flags | if a.touch { cpr_testguest::FLAG_TOUCH } else { 0 };
     match (&a.kernel, &a.guest_elf) {
         (Some(kernel), _) => GuestSpec::Linux(cpr_vmm::linux_boot::LinuxGuest {
             kernel: kernel.clone(),
             initrd: a.initrd.clone(),
             cmdline: a.cmdline.clone(),
         }),
-        (None, Some(path)) => GuestSpec::Elf {
-            path: path.clone(),
-            flags,
-        },
+        (None, Some(path)) => GuestSpec::Elf { path: path.clone(), flags },
         (None, None) => GuestSpec::TestGuest { flags },
     }
 }
@@ -196,12 +170,8 @@ fn boot(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
             GuestRam::from_fd(create_memfd(bytes)?, None)?
         }
     };
-    if spec.kind() != cpr_proto::state::GuestKind::Linux
-        && ram.bytes() < cpr_testguest::MIN_RAM_BYTES
-    {
-        return Err(VmmError::Memory(
-            "the test guest needs at least 16 MiB of RAM".into(),
-        ));
+    if spec.kind() != cpr_proto::state::GuestKind::Linux && ram.bytes() < cpr_testguest::MIN_RAM_BYTES {
+        return Err(VmmError::Memory("the test guest needs at least 16 MiB of RAM".into()));
     }
     let listener = a.control.as_ref().map(|p| bind_control(p)).transpose()?;
     let kvm_handle = open_kvm()?;
@@ -238,18 +208,17 @@ fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
 }
 
 fn describe_state(path: &PathBuf) -> Result<()> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| VmmError::StateRejected(format!("cannot read {}: {e}", path.display())))?;
-    let d = cpr_vmm::migration::decode(&bytes)
-        .map_err(|e| VmmError::StateRejected(format!("{}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| VmmError::StateRejected(format!("cannot read {}: {e}", path.display())))?;
+    let d =
+        cpr_vmm::migration::decode(&bytes).map_err(|e| VmmError::StateRejected(format!("{}: {e}", path.display())))?;
     print!("{}", cpr_vmm::migration::describe(&d, bytes.len()));
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(Command::Handoff(h)) = cli.command {
-        let exe =
-            std::env::current_exe().map_err(|e| VmmError::Internal(format!("current_exe: {e}")))?;
+        let exe = std::env::current_exe().map_err(|e| VmmError::Internal(format!("current_exe: {e}")))?;
         let req = HandoffRequest {
             old_control: h.control,
             new_control: h.new_control,
@@ -271,15 +240,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let a = &cli.run;
     if a.state_formats {
-        println!(
-            "writes: {}.{}",
-            cpr_proto::state::FORMAT_MAJOR,
-            cpr_proto::state::FORMAT_MINOR
-        );
-        let reads: Vec<String> = cpr_proto::state::READS_FORMATS
-            .iter()
-            .map(u16::to_string)
-            .collect();
+        println!("writes: {}.{}", cpr_proto::state::FORMAT_MAJOR, cpr_proto::state::FORMAT_MINOR);
+        let reads: Vec<String> = cpr_proto::state::READS_FORMATS.iter().map(u16::to_string).collect();
         println!("reads: {}", reads.join(" "));
         return Ok(ExitCode::Ok);
     }
@@ -296,10 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(match reason {
         ExitReason::Stopped | ExitReason::HandedOff | ExitReason::GuestReset => ExitCode::Ok,
         ExitReason::GuestSelfCheck(code) => {
-            eprintln!(
-                "cpr-vmm: error: guest self-check failed: {}",
-                cpr_testguest::FailCode::from_port_value(code)
-            );
+            eprintln!("cpr-vmm: error: guest self-check failed: {}", cpr_testguest::FailCode::from_port_value(code));
             ExitCode::GuestSelfCheck
         }
         ExitReason::GuestCrashed(why) => {

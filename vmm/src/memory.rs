@@ -34,17 +34,9 @@ pub struct RamRange {
 /// The guest-RAM ranges for `bytes` of RAM.
 pub fn ram_ranges(bytes: u64) -> Vec<RamRange> {
     let low = bytes.min(MMIO_HOLE_START);
-    let mut ranges = vec![RamRange {
-        guest_addr: 0,
-        file_offset: 0,
-        len: low,
-    }];
+    let mut ranges = vec![RamRange { guest_addr: 0, file_offset: 0, len: low }];
     if bytes > low {
-        ranges.push(RamRange {
-            guest_addr: HIGH_RAM_START,
-            file_offset: low,
-            len: bytes - low,
-        });
+        ranges.push(RamRange { guest_addr: HIGH_RAM_START, file_offset: low, len: bytes - low });
     }
     ranges
 }
@@ -65,6 +57,10 @@ pub struct GuestRam {
 /// Parses a size like `1G`, `256M`, `512K` or a plain number of bytes.
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
+    let not_a_size = || format!("{text:?} is not a size (e.g. 1G, 256M)");
+    if !t.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(not_a_size());
+    }
     let (digits, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m = match c.to_ascii_uppercase() {
@@ -73,20 +69,15 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
                 'G' => 1 << 30,
                 'T' => 1 << 40,
                 _ => {
-                    return Err(format!(
-                        "unknown size suffix in {text:?} (use K, M, G or T)"
-                    ));
+                    return Err(format!("unknown size suffix in {text:?} (use K, M, G or T)"));
                 }
             };
             (&t[..i], m)
         }
         _ => (t, 1),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (e.g. 1G, 256M)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (e.g. 1G, 256M)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn check_size(bytes: u64) -> Result<()> {
@@ -100,11 +91,8 @@ fn check_size(bytes: u64) -> Result<()> {
 
 /// Seals a memfd against shrinking and growing, and against further seal changes.
 pub fn seal(fd: impl AsFd) -> Result<()> {
-    let current = fcntl(fd.as_fd(), FcntlArg::F_GET_SEALS).map_err(|e| {
-        VmmError::Memory(format!(
-            "guest-RAM fd cannot be sealed (is it a memfd?): {e}"
-        ))
-    })?;
+    let current = fcntl(fd.as_fd(), FcntlArg::F_GET_SEALS)
+        .map_err(|e| VmmError::Memory(format!("guest-RAM fd cannot be sealed (is it a memfd?): {e}")))?;
     let want = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
     let have = SealFlag::from_bits_truncate(current);
     if have.contains(want) {
@@ -114,9 +102,7 @@ pub fn seal(fd: impl AsFd) -> Result<()> {
         if have.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW) {
             return Ok(());
         }
-        return Err(VmmError::Memory(
-            "guest-RAM memfd is sealed without SHRINK and GROW seals".into(),
-        ));
+        return Err(VmmError::Memory("guest-RAM memfd is sealed without SHRINK and GROW seals".into()));
     }
     fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(want))
         .map_err(|e| VmmError::Memory(format!("cannot seal guest-RAM memfd: {e}")))?;
@@ -132,8 +118,7 @@ pub fn create_memfd(bytes: u64) -> Result<OwnedFd> {
     )
     .map_err(|e| VmmError::Memory(format!("memfd_create failed: {e}")))?;
     let len = i64::try_from(bytes).map_err(|_| VmmError::Config("memory size too large".into()))?;
-    nix::unistd::ftruncate(&fd, len)
-        .map_err(|e| VmmError::Memory(format!("cannot size guest RAM: {e}")))?;
+    nix::unistd::ftruncate(&fd, len).map_err(|e| VmmError::Memory(format!("cannot size guest RAM: {e}")))?;
     seal(&fd)?;
     Ok(fd)
 }
@@ -142,12 +127,9 @@ impl GuestRam {
     /// Maps guest RAM from `fd`. With `bytes`, the fd must hold at least that much; without, its size is used.
     pub fn from_fd(fd: OwnedFd, bytes: Option<u64>) -> Result<Self> {
         let file = File::from(fd);
-        let meta = file.metadata().map_err(|e| {
-            VmmError::Memory(format!(
-                "cannot stat guest-RAM fd {}: {e}",
-                file.as_raw_fd()
-            ))
-        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| VmmError::Memory(format!("cannot stat guest-RAM fd {}: {e}", file.as_raw_fd())))?;
         let size = meta.len();
         let bytes = bytes.unwrap_or(size);
         if size < bytes {
@@ -159,17 +141,12 @@ impl GuestRam {
         seal(&file)?;
         let mut regions = Vec::new();
         for r in ram_ranges(bytes) {
-            let dup = file
-                .try_clone()
-                .map_err(|e| VmmError::Memory(format!("cannot dup guest-RAM fd: {e}")))?;
-            let len = usize::try_from(r.len)
-                .map_err(|_| VmmError::Config("memory size too large".into()))?;
+            let dup = file.try_clone().map_err(|e| VmmError::Memory(format!("cannot dup guest-RAM fd: {e}")))?;
+            let len = usize::try_from(r.len).map_err(|_| VmmError::Config("memory size too large".into()))?;
             let region = MmapRegion::from_file(FileOffset::new(dup, r.file_offset), len)
                 .map_err(|e| VmmError::Memory(format!("cannot map guest RAM: {e}")))?;
-            let region =
-                GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                    VmmError::Memory("guest RAM region overflows the address space".into())
-                })?;
+            let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+                .ok_or_else(|| VmmError::Memory("guest RAM region overflows the address space".into()))?;
             regions.push(region);
         }
         let mem = GuestMemoryMmap::from_regions(regions)
@@ -200,9 +177,7 @@ impl GuestRam {
         let mut populated = 0u64;
         for (range, region) in ram_ranges(self.bytes).iter().zip(self.mem.iter()) {
             let host = region.as_ptr();
-            for (start, end) in
-                data_extents(&self.file, range.file_offset, range.file_offset + range.len)?
-            {
+            for (start, end) in data_extents(&self.file, range.file_offset, range.file_offset + range.len)? {
                 let off = usize::try_from(start - range.file_offset).unwrap_or(usize::MAX);
                 let len = usize::try_from(end - start).unwrap_or(0);
                 // SAFETY: [off, off + len) lies inside this region's mapping (the extent was
@@ -248,9 +223,7 @@ fn seek(file: &File, pos: u64, whence: libc::c_int) -> Result<Option<u64>> {
         if err.raw_os_error() == Some(libc::ENXIO) {
             return Ok(None);
         }
-        return Err(VmmError::Memory(format!(
-            "lseek on guest RAM failed: {err}"
-        )));
+        return Err(VmmError::Memory(format!("lseek on guest RAM failed: {err}")));
     }
     Ok(u64::try_from(rc).ok())
 }
@@ -270,23 +243,9 @@ mod tests {
 
     #[test]
     fn ranges_leave_the_mmio_hole_free() {
-        assert_eq!(
-            ram_ranges(1 << 30),
-            vec![RamRange {
-                guest_addr: 0,
-                file_offset: 0,
-                len: 1 << 30
-            }]
-        );
+        assert_eq!(ram_ranges(1 << 30), vec![RamRange { guest_addr: 0, file_offset: 0, len: 1 << 30 }]);
         let r = ram_ranges(6 << 30);
-        assert_eq!(
-            r[1],
-            RamRange {
-                guest_addr: 4 << 30,
-                file_offset: 3 << 30,
-                len: 3 << 30
-            }
-        );
+        assert_eq!(r[1], RamRange { guest_addr: 4 << 30, file_offset: 3 << 30, len: 3 << 30 });
         assert_eq!(ram_top(6 << 30), 7 << 30);
     }
 
@@ -294,24 +253,11 @@ mod tests {
     fn prefault_touches_only_pages_that_hold_data() {
         use vm_memory::{Bytes, GuestAddress};
         let ram = GuestRam::from_fd(create_memfd(64 << 20).expect("memfd"), None).expect("map");
-        ram.mem()
-            .write_obj(1u64, GuestAddress(8 << 20))
-            .expect("write");
+        ram.mem().write_obj(1u64, GuestAddress(8 << 20)).expect("write");
         let populated = ram.prefault().expect("prefault");
-        assert!(
-            populated >= 4096 && populated < (4 << 20),
-            "populated {populated} bytes"
-        );
-        let blocks = ram
-            .file()
-            .metadata()
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
-            .expect("stat");
-        assert!(
-            blocks * 512 < (4 << 20),
-            "memfd grew to {} bytes",
-            blocks * 512
-        );
+        assert!(populated >= 4096 && populated < (4 << 20), "populated {populated} bytes");
+        let blocks = ram.file().metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m)).expect("stat");
+        assert!(blocks * 512 < (4 << 20), "memfd grew to {} bytes", blocks * 512);
     }
 
     #[test]

@@ -34,8 +34,8 @@ use std::time::Duration;
 use cpr_proto::control::{ErrorKind, HandoffReport, MigrateParams, Response, RunState};
 use cpr_proto::cpr::{CPR_PROTOCOL_VERSION, Hello, Resources, ToNew, ToOld};
 use cpr_proto::state::{
-    self, FORMAT_MAJOR, FORMAT_MINOR, I8042State, MachineState, SectionId, SerialState,
-    StateWriter, Timing, VcpuState, VmState,
+    self, FORMAT_MAJOR, FORMAT_MINOR, I8042State, MachineState, SectionId, SerialState, StateWriter, Timing, VcpuState,
+    VmState,
 };
 use cpr_proto::{monotonic_ns, wire};
 
@@ -67,11 +67,7 @@ pub fn save(core: &VmCore, timing: Timing) -> Result<SavedState> {
     let mut vcpus = Vec::with_capacity(core.vcpus.len());
     for (index, vcpu) in core.vcpus.iter().enumerate() {
         let fd = lock(vcpu);
-        vcpus.push(persist::save_vcpu(
-            &fd,
-            u8::try_from(index).unwrap_or(0),
-            &core.caps,
-        )?);
+        vcpus.push(persist::save_vcpu(&fd, u8::try_from(index).unwrap_or(0), &core.caps)?);
     }
     let (serial, i8042) = core.devices.save();
     let machine = MachineState {
@@ -80,14 +76,7 @@ pub fn save(core: &VmCore, timing: Timing) -> Result<SavedState> {
         generation: core.generation() + 1,
         guest: core.guest_kind.clone(),
     };
-    Ok(SavedState {
-        machine,
-        vm,
-        vcpus,
-        serial,
-        i8042,
-        timing,
-    })
+    Ok(SavedState { machine, vm, vcpus, serial, i8042, timing })
 }
 
 /// Encodes saved state as a stream of format `major`, optionally with one extra raw section.
@@ -132,35 +121,20 @@ pub struct DecodedState {
 pub fn decode(bytes: &[u8]) -> std::result::Result<DecodedState, state::StateError> {
     let parsed = state::decode(bytes)?;
     let machine: MachineState = parsed.first(SectionId::Machine)?.decode()?;
-    let mut vcpus: Vec<VcpuState> = parsed
-        .all(SectionId::Vcpu)
-        .map(|s| s.decode())
-        .collect::<std::result::Result<_, _>>()?;
+    let mut vcpus: Vec<VcpuState> =
+        parsed.all(SectionId::Vcpu).map(|s| s.decode()).collect::<std::result::Result<_, _>>()?;
     vcpus.sort_by_key(|v| v.index);
-    if vcpus.len() != usize::from(machine.vcpus)
-        || vcpus
-            .iter()
-            .enumerate()
-            .any(|(i, v)| usize::from(v.index) != i)
-    {
+    if vcpus.len() != usize::from(machine.vcpus) || vcpus.iter().enumerate().any(|(i, v)| usize::from(v.index) != i) {
         return Err(state::StateError::BadSection {
             index: 0,
-            reason: format!(
-                "{} vCPU sections for a {}-vCPU machine",
-                vcpus.len(),
-                machine.vcpus
-            ),
+            reason: format!("{} vCPU sections for a {}-vCPU machine", vcpus.len(), machine.vcpus),
         });
     }
     Ok(DecodedState {
         vm: parsed.first(SectionId::Vm)?.decode()?,
         serial: parsed.first(SectionId::Serial)?.decode()?,
         i8042: parsed.first(SectionId::I8042)?.decode()?,
-        timing: parsed
-            .first(SectionId::Timing)
-            .ok()
-            .map(|s| s.decode())
-            .transpose()?,
+        timing: parsed.first(SectionId::Timing).ok().map(|s| s.decode()).transpose()?,
         machine,
         vcpus,
         format: (parsed.major, parsed.minor),
@@ -184,11 +158,7 @@ pub fn migrate_out(vmm: &Vmm, params: &MigrateParams, fds: Vec<OwnedFd>) -> Resp
         match *st {
             RunState::Running | RunState::Paused => {}
             other => {
-                return error(
-                    ErrorKind::InvalidState,
-                    format!("cannot migrate a VM that is {other:?}"),
-                    false,
-                );
+                return error(ErrorKind::InvalidState, format!("cannot migrate a VM that is {other:?}"), false);
             }
         }
         let was = *st;
@@ -198,24 +168,14 @@ pub fn migrate_out(vmm: &Vmm, params: &MigrateParams, fds: Vec<OwnedFd>) -> Resp
     let mut fds = fds.into_iter();
     let (Some(cpr), Some(main)) = (fds.next(), fds.next()) else {
         *lock(&vmm.state) = was;
-        return error(
-            ErrorKind::BadRequest,
-            "migrate needs two fds: the cpr channel and the main channel",
-            false,
-        );
+        return error(ErrorKind::BadRequest, "migrate needs two fds: the cpr channel and the main channel", false);
     };
     let (response, state) = run_outgoing(vmm, params, cpr, main, was);
     *lock(&vmm.state) = state;
     response
 }
 
-fn run_outgoing(
-    vmm: &Vmm,
-    params: &MigrateParams,
-    cpr: OwnedFd,
-    main: OwnedFd,
-    was: RunState,
-) -> (Response, RunState) {
+fn run_outgoing(vmm: &Vmm, params: &MigrateParams, cpr: OwnedFd, main: OwnedFd, was: RunState) -> (Response, RunState) {
     let core = &vmm.core;
     let timeout = Some(Duration::from_millis(params.timeout_ms.max(1)));
     // 1. Pre-flight: the new side must read the format we write. The guest is untouched.
@@ -223,21 +183,11 @@ fn run_outgoing(
         Ok(r) => match r.msg {
             ToOld::Hello(h) => h,
             other => {
-                return (
-                    error(
-                        ErrorKind::PeerFailed,
-                        format!("new VMM sent {other:?} before hello"),
-                        false,
-                    ),
-                    was,
-                );
+                return (error(ErrorKind::PeerFailed, format!("new VMM sent {other:?} before hello"), false), was);
             }
         },
         Err(e) => {
-            return (
-                peer_error("waiting for the new VMM's hello", &e, false),
-                was,
-            );
+            return (peer_error("waiting for the new VMM's hello", &e, false), was);
         }
     };
     if hello.protocol != CPR_PROTOCOL_VERSION || !hello.reads_formats.contains(&FORMAT_MAJOR) {
@@ -246,47 +196,20 @@ fn run_outgoing(
              the new VMM {} (pid {}) reads formats {:?} (cpr protocol {})",
             hello.version, hello.pid, hello.reads_formats, hello.protocol
         );
-        let _ = wire::send(
-            cpr.as_fd(),
-            &ToNew::Abort {
-                reason: reason.clone(),
-            },
-            &[],
-        );
-        return (
-            error(
-                ErrorKind::Incompatible,
-                format!("{reason}; the guest was not paused"),
-                false,
-            ),
-            was,
-        );
+        let _ = wire::send(cpr.as_fd(), &ToNew::Abort { reason: reason.clone() }, &[]);
+        return (error(ErrorKind::Incompatible, format!("{reason}; the guest was not paused"), false), was);
     }
     // 2. Resources that do not change while the guest runs.
     let ram = match dup(core.ram.file()) {
         Ok(fd) => fd,
         Err(e) => {
-            return (
-                error(
-                    ErrorKind::Internal,
-                    format!("cannot dup guest RAM fd: {e}"),
-                    false,
-                ),
-                was,
-            );
+            return (error(ErrorKind::Internal, format!("cannot dup guest RAM fd: {e}"), false), was);
         }
     };
     let serial = match core.devices.serial_out_fd() {
         Ok(fd) => fd,
         Err(e) => {
-            return (
-                error(
-                    ErrorKind::Internal,
-                    format!("cannot dup serial fd: {e}"),
-                    false,
-                ),
-                was,
-            );
+            return (error(ErrorKind::Internal, format!("cannot dup serial fd: {e}"), false), was);
         }
     };
     let resources = ToNew::Resources(Resources {
@@ -298,29 +221,16 @@ fn run_outgoing(
         guest: core.guest_kind.clone(),
     });
     if let Err(e) = wire::send(cpr.as_fd(), &resources, &[ram.as_fd(), serial.as_fd()]) {
-        return (
-            peer_error("sending resources to the new VMM", &e, false),
-            was,
-        );
+        return (peer_error("sending resources to the new VMM", &e, false), was);
     }
     drop((ram, serial));
     match wire::recv::<ToOld>(cpr.as_fd(), timeout) {
         Ok(r) if matches!(r.msg, ToOld::Ready) => {}
         Ok(r) => {
-            return (
-                error(
-                    ErrorKind::PeerFailed,
-                    format!("new VMM sent {:?} instead of ready", r.msg),
-                    false,
-                ),
-                was,
-            );
+            return (error(ErrorKind::PeerFailed, format!("new VMM sent {:?} instead of ready", r.msg), false), was);
         }
         Err(e) => {
-            return (
-                peer_error("waiting for the new VMM to get ready", &e, false),
-                was,
-            );
+            return (peer_error("waiting for the new VMM to get ready", &e, false), was);
         }
     }
     // 3. Switchover, run by vCPU 0's thread when the guest is running (no thread hop).
@@ -328,26 +238,14 @@ fn run_outgoing(
     let main = Mutex::new(Some(UnixStream::from(main)));
     let job = move |pause_requested_ns: u64, core: &VmCore| {
         let paused_ns = monotonic_ns();
-        let mut report = HandoffReport {
-            pause_requested_ns,
-            paused_ns,
-            ..Default::default()
-        };
+        let mut report = HandoffReport { pause_requested_ns, paused_ns, ..Default::default() };
         let result = (|| {
-            let saved = save(
-                core,
-                Timing {
-                    pause_requested_ns,
-                    paused_ns,
-                },
-            )
-            .map_err(|e| e.to_string())?;
+            let saved = save(core, Timing { pause_requested_ns, paused_ns }).map_err(|e| e.to_string())?;
             let stream = encode(&saved, FORMAT_MAJOR, None);
             let stream = fault::corrupt_stream(stream, |major, extra| encode(&saved, major, extra));
             report.state_bytes = stream.len() as u64;
             let mut sock = lock(&main).take().ok_or("main channel already used")?;
-            sock.write_all(&stream)
-                .map_err(|e| format!("cannot send the state: {e}"))?;
+            sock.write_all(&stream).map_err(|e| format!("cannot send the state: {e}"))?;
             let _ = sock.shutdown(std::net::Shutdown::Write);
             report.state_sent_ns = monotonic_ns();
             Ok(())
@@ -366,22 +264,14 @@ fn run_outgoing(
         Ok(o) => o,
         Err(_) => {
             return (
-                error(
-                    ErrorKind::Internal,
-                    "the vCPU thread did not complete the switchover",
-                    true,
-                ),
+                error(ErrorKind::Internal, "the vCPU thread did not complete the switchover", true),
                 RunState::MigrationFailed,
             );
         }
     };
     if let Err(e) = outcome.result {
         return (
-            error(
-                ErrorKind::PeerFailed,
-                format!("{e}; the guest is paused, resume it once the new VMM is dead"),
-                true,
-            ),
+            error(ErrorKind::PeerFailed, format!("{e}; the guest is paused, resume it once the new VMM is dead"), true),
             RunState::MigrationFailed,
         );
     }
@@ -407,18 +297,11 @@ fn run_outgoing(
                 RunState::MigrationFailed,
             ),
             other => (
-                error(
-                    ErrorKind::PeerFailed,
-                    format!("new VMM sent {other:?} instead of running"),
-                    true,
-                ),
+                error(ErrorKind::PeerFailed, format!("new VMM sent {other:?} instead of running"), true),
                 RunState::MigrationFailed,
             ),
         },
-        Err(e) => (
-            peer_error("waiting for the new VMM to run the guest", &e, true),
-            RunState::MigrationFailed,
-        ),
+        Err(e) => (peer_error("waiting for the new VMM to run the guest", &e, true), RunState::MigrationFailed),
     }
 }
 
@@ -429,21 +312,11 @@ fn peer_error(what: &str, e: &wire::WireError, paused: bool) -> Response {
         "; the guest kept running here"
     };
     match e {
-        wire::WireError::Timeout(d) => error(
-            ErrorKind::Timeout,
-            format!("timed out after {d:?} {what}{tail}"),
-            paused,
-        ),
-        wire::WireError::Closed => error(
-            ErrorKind::PeerFailed,
-            format!("the new VMM went away while {what}{tail}"),
-            paused,
-        ),
-        other => error(
-            ErrorKind::PeerFailed,
-            format!("{what}: {other}{tail}"),
-            paused,
-        ),
+        wire::WireError::Timeout(d) => error(ErrorKind::Timeout, format!("timed out after {d:?} {what}{tail}"), paused),
+        wire::WireError::Closed => {
+            error(ErrorKind::PeerFailed, format!("the new VMM went away while {what}{tail}"), paused)
+        }
+        other => error(ErrorKind::PeerFailed, format!("{what}: {other}{tail}"), paused),
     }
 }
 
@@ -461,23 +334,19 @@ pub fn prepare_incoming(
         version: crate::control::VERSION.into(),
         pid: std::process::id(),
     });
-    wire::send(cpr.as_fd(), &hello, &[])
-        .map_err(|e| VmmError::IncomingAborted(format!("cannot say hello: {e}")))?;
+    wire::send(cpr.as_fd(), &hello, &[]).map_err(|e| VmmError::IncomingAborted(format!("cannot say hello: {e}")))?;
     let received = wire::recv::<ToNew>(cpr.as_fd(), Some(Duration::from_secs(120)))
         .map_err(|e| VmmError::IncomingAborted(format!("no resources from the old VMM: {e}")))?;
     let res = match received.msg {
         ToNew::Resources(r) => r,
         ToNew::Abort { reason } => {
-            return Err(VmmError::IncomingAborted(format!(
-                "the old VMM aborted: {reason}"
-            )));
+            return Err(VmmError::IncomingAborted(format!("the old VMM aborted: {reason}")));
         }
     };
     let mut named: std::collections::HashMap<String, OwnedFd> =
         res.fd_names.iter().cloned().zip(received.fds).collect();
-    let ram_fd = named
-        .remove("ram")
-        .ok_or_else(|| VmmError::IncomingAborted("resources came without the RAM fd".into()))?;
+    let ram_fd =
+        named.remove("ram").ok_or_else(|| VmmError::IncomingAborted("resources came without the RAM fd".into()))?;
     let serial = named
         .remove("serial-out")
         .ok_or_else(|| VmmError::IncomingAborted("resources came without the serial fd".into()))?;
@@ -500,13 +369,7 @@ pub fn prepare_incoming(
     let job_cpr = Arc::clone(&cpr);
     *lock(&core.incoming) = Some(Box::new(move |c: &VmCore| {
         if let Err(e) = restore_incoming(c, &job_vmm, &job_cpr, main, dump_state.as_deref()) {
-            let _ = wire::send(
-                job_cpr.as_fd(),
-                &ToOld::Rejected {
-                    reason: e.to_string(),
-                },
-                &[],
-            );
+            let _ = wire::send(job_cpr.as_fd(), &ToOld::Rejected { reason: e.to_string() }, &[]);
             c.exit(ExitReason::Fatal(e));
         }
     }));
@@ -538,9 +401,7 @@ fn restore_incoming(
         let _ = std::fs::write(path, &bytes);
     }
     let decoded = decode(&bytes).map_err(|e| VmmError::StateRejected(e.to_string()))?;
-    if decoded.machine.vcpus != core.vcpu_count()
-        || decoded.machine.memory_bytes != core.ram.bytes()
-    {
+    if decoded.machine.vcpus != core.vcpu_count() || decoded.machine.memory_bytes != core.ram.bytes() {
         return Err(VmmError::StateRejected(format!(
             "state is for {} vCPUs and {} bytes of RAM; this VM has {} and {}",
             decoded.machine.vcpus,
@@ -551,23 +412,15 @@ fn restore_incoming(
     }
     fault::stall_point("after-state");
     persist::restore_vm(&core.vm, &decoded.vm)?;
-    core.devices
-        .load(&decoded.serial, &decoded.i8042)
-        .map_err(VmmError::Restore)?;
+    core.devices.load(&decoded.serial, &decoded.i8042).map_err(VmmError::Restore)?;
     fault::stall_point("during-restore");
     for (vcpu, s) in core.vcpus.iter().zip(&decoded.vcpus) {
         let skipped = persist::restore_vcpu(&lock(vcpu), s, &core.caps)?;
         if !skipped.is_empty() {
-            eprintln!(
-                "cpr-vmm: vCPU {}: the host refused MSRs {skipped:x?}; continuing without them",
-                s.index
-            );
+            eprintln!("cpr-vmm: vCPU {}: the host refused MSRs {skipped:x?}; continuing without them", s.index);
         }
     }
-    core.generation.store(
-        decoded.machine.generation,
-        std::sync::atomic::Ordering::SeqCst,
-    );
+    core.generation.store(decoded.machine.generation, std::sync::atomic::Ordering::SeqCst);
     let timing = decoded.timing.unwrap_or_default();
     let report = HandoffReport {
         pause_requested_ns: timing.pause_requested_ns,
@@ -579,9 +432,8 @@ fn restore_incoming(
         ..Default::default()
     };
     // Commit point: from here on the old side never runs the guest again.
-    wire::send(cpr.as_fd(), &ToOld::Running(report), &[]).map_err(|e| {
-        VmmError::IncomingAborted(format!("the old VMM went away before the commit: {e}"))
-    })?;
+    wire::send(cpr.as_fd(), &ToOld::Running(report), &[])
+        .map_err(|e| VmmError::IncomingAborted(format!("the old VMM went away before the commit: {e}")))?;
     *lock(&vmm.incoming) = Some(report);
     *lock(&vmm.state) = RunState::Running;
     core.coord.resume();
@@ -593,11 +445,7 @@ pub fn describe(d: &DecodedState, bytes: usize) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let m = &d.machine;
-    let _ = writeln!(
-        s,
-        "cpr state format {}.{}, {bytes} bytes, CRC ok",
-        d.format.0, d.format.1
-    );
+    let _ = writeln!(s, "cpr state format {}.{}, {bytes} bytes, CRC ok", d.format.0, d.format.1);
     let _ = writeln!(
         s,
         "machine: {} vCPUs, {} MiB RAM, generation {}, guest {:?}",
@@ -645,11 +493,7 @@ pub fn describe(d: &DecodedState, bytes: usize) -> String {
     );
     let _ = writeln!(s, "i8042: command byte {:#x}", d.i8042.command_byte);
     if let Some(t) = d.timing {
-        let _ = writeln!(
-            s,
-            "timing: pause requested at {} ns, paused at {} ns",
-            t.pause_requested_ns, t.paused_ns
-        );
+        let _ = writeln!(s, "timing: pause requested at {} ns, paused at {} ns", t.pause_requested_ns, t.paused_ns);
     }
     for (id, version) in &d.skipped {
         let _ = writeln!(s, "skipped optional section id {id} version {version}");

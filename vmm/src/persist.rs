@@ -4,9 +4,8 @@
 //! simply resume it. `restore_*` is only ever called in a new process, before its first run.
 
 use kvm_bindings::{
-    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Msrs, kvm_device_attr, kvm_fpu, kvm_irqchip,
-    kvm_msr_entry,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_VCPU_TSC_CTRL,
+    KVM_VCPU_TSC_OFFSET, Msrs, kvm_device_attr, kvm_fpu, kvm_irqchip, kvm_msr_entry,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -17,24 +16,9 @@ use crate::error::{Result, VmmError, kvm};
 mod nr {
     #![allow(missing_docs)]
     use kvm_bindings::kvm_device_attr;
-    vmm_sys_util::ioctl_iow_nr!(
-        KVM_SET_DEVICE_ATTR,
-        kvm_bindings::KVMIO,
-        0xe1,
-        kvm_device_attr
-    );
-    vmm_sys_util::ioctl_iow_nr!(
-        KVM_GET_DEVICE_ATTR,
-        kvm_bindings::KVMIO,
-        0xe2,
-        kvm_device_attr
-    );
-    vmm_sys_util::ioctl_iow_nr!(
-        KVM_HAS_DEVICE_ATTR,
-        kvm_bindings::KVMIO,
-        0xe3,
-        kvm_device_attr
-    );
+    vmm_sys_util::ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe1, kvm_device_attr);
+    vmm_sys_util::ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe2, kvm_device_attr);
+    vmm_sys_util::ioctl_iow_nr!(KVM_HAS_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe3, kvm_device_attr);
 }
 use nr::{KVM_GET_DEVICE_ATTR, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR};
 
@@ -47,11 +31,7 @@ fn vcpu_attr_ioctl(
     // SAFETY: the three KVM_*_DEVICE_ATTR ioctls read `attr` and at most read or write one u64
     // at `attr.addr`, which the callers point at a live local.
     let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, request, attr) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(kvm_ioctls::Error::last())
-    }
+    if rc == 0 { Ok(()) } else { Err(kvm_ioctls::Error::last()) }
 }
 
 /// What the host's KVM offers, probed once per process.
@@ -81,28 +61,17 @@ pub fn probe(kvm_handle: &Kvm, vcpu: &VcpuFd) -> Result<HostCaps> {
     let xsave = kvm_handle.check_extension(kvm_ioctls::Cap::Xsave) && vcpu.get_xsave().is_ok();
     let xcrs = kvm_handle.check_extension(kvm_ioctls::Cap::Xcrs) && vcpu.get_xcrs().is_ok();
     let mut probe_value = 0u64;
-    let tsc_offset =
-        vcpu_attr_ioctl(vcpu, KVM_HAS_DEVICE_ATTR(), &tsc_attr(&mut probe_value)).is_ok();
-    let list = kvm_handle
-        .get_msr_index_list()
-        .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
+    let tsc_offset = vcpu_attr_ioctl(vcpu, KVM_HAS_DEVICE_ATTR(), &tsc_attr(&mut probe_value)).is_ok();
+    let list = kvm_handle.get_msr_index_list().map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
     let mut msrs = Vec::new();
     for &index in list.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .map_err(|e| VmmError::Internal(format!("MSR buffer: {e:?}")))?;
+        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
+            .map_err(|e| VmmError::Internal(format!("MSR buffer: {e:?}")))?;
         if matches!(vcpu.get_msrs(&mut one), Ok(1)) {
             msrs.push(index);
         }
     }
-    Ok(HostCaps {
-        xsave,
-        xcrs,
-        tsc_offset,
-        msrs,
-    })
+    Ok(HostCaps { xsave, xcrs, tsc_offset, msrs })
 }
 
 fn get_tsc_offset(vcpu: &VcpuFd) -> Result<u64> {
@@ -138,9 +107,7 @@ fn state_to_fpu(s: &FpuState) -> Result<kvm_fpu> {
         ..Default::default()
     };
     if s.fpr.len() != f.fpr.len() || s.xmm.len() != f.xmm.len() {
-        return Err(VmmError::StateRejected(
-            "FPU state has the wrong number of registers".into(),
-        ));
+        return Err(VmmError::StateRejected("FPU state has the wrong number of registers".into()));
     }
     f.fpr.copy_from_slice(&s.fpr);
     f.xmm.copy_from_slice(&s.xmm);
@@ -152,15 +119,9 @@ fn get_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
     let mut out = Vec::with_capacity(indices.len());
     let mut start = 0;
     while start < indices.len() {
-        let entries: Vec<kvm_msr_entry> = indices[start..]
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| VmmError::Internal(format!("MSR buffer: {e:?}")))?;
+        let entries: Vec<kvm_msr_entry> =
+            indices[start..].iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VmmError::Internal(format!("MSR buffer: {e:?}")))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
         start += n + 1;
@@ -173,11 +134,9 @@ fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<Vec<u32>> {
     let mut skipped = Vec::new();
     let mut start = 0;
     while start < entries.len() {
-        let msrs = Msrs::from_entries(&entries[start..])
-            .map_err(|e| VmmError::Restore(format!("MSR buffer: {e:?}")))?;
-        let n = vcpu
-            .set_msrs(&msrs)
-            .map_err(|e| VmmError::Restore(format!("KVM_SET_MSRS: {e}")))?;
+        let msrs =
+            Msrs::from_entries(&entries[start..]).map_err(|e| VmmError::Restore(format!("MSR buffer: {e:?}")))?;
+        let n = vcpu.set_msrs(&msrs).map_err(|e| VmmError::Restore(format!("KVM_SET_MSRS: {e}")))?;
         if start + n < entries.len() {
             skipped.push(entries[start + n].index);
         }
@@ -191,10 +150,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, index: u8, caps: &HostCaps) -> Result<VcpuState>
     let (xsave, fpu) = if caps.xsave {
         (Some(vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?), None)
     } else {
-        (
-            None,
-            Some(fpu_to_state(&vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?)),
-        )
+        (None, Some(fpu_to_state(&vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?)))
     };
     Ok(VcpuState {
         index,
@@ -202,21 +158,13 @@ pub fn save_vcpu(vcpu: &VcpuFd, index: u8, caps: &HostCaps) -> Result<VcpuState>
         sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
         xsave,
         fpu,
-        xcrs: if caps.xcrs {
-            Some(vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?)
-        } else {
-            None
-        },
+        xcrs: if caps.xcrs { Some(vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?) } else { None },
         msrs: get_msrs(vcpu, &caps.msrs)?,
         lapic: vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
         mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
         events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
         debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
-        tsc_offset: if caps.tsc_offset {
-            Some(get_tsc_offset(vcpu)?)
-        } else {
-            None
-        },
+        tsc_offset: if caps.tsc_offset { Some(get_tsc_offset(vcpu)?) } else { None },
     })
 }
 
@@ -226,37 +174,27 @@ fn restore_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError
 
 /// Restores one vCPU, in QEMU's order with the TSC offset last. Returns MSRs the host refused.
 pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, caps: &HostCaps) -> Result<Vec<u32>> {
-    vcpu.set_sregs(&s.sregs)
-        .map_err(restore_err("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&s.regs)
-        .map_err(restore_err("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&s.sregs).map_err(restore_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&s.regs).map_err(restore_err("KVM_SET_REGS"))?;
     match (&s.xsave, &s.fpu) {
         (Some(xsave), _) if caps.xsave => {
             // SAFETY: `xsave` is a complete `kvm_xsave` of the legacy 4 KiB size, which is what
             // KVM_SET_XSAVE reads; it was produced by KVM_GET_XSAVE on a host of this kind.
             unsafe { vcpu.set_xsave(xsave) }.map_err(restore_err("KVM_SET_XSAVE"))?;
         }
-        (_, Some(fpu)) => vcpu
-            .set_fpu(&state_to_fpu(fpu)?)
-            .map_err(restore_err("KVM_SET_FPU"))?,
+        (_, Some(fpu)) => vcpu.set_fpu(&state_to_fpu(fpu)?).map_err(restore_err("KVM_SET_FPU"))?,
         _ => {
-            return Err(VmmError::StateRejected(
-                "vCPU state has no FPU state this host can load".into(),
-            ));
+            return Err(VmmError::StateRejected("vCPU state has no FPU state this host can load".into()));
         }
     }
     if let (Some(xcrs), true) = (&s.xcrs, caps.xcrs) {
         vcpu.set_xcrs(xcrs).map_err(restore_err("KVM_SET_XCRS"))?;
     }
     let skipped = set_msrs(vcpu, &s.msrs)?;
-    vcpu.set_mp_state(s.mp_state)
-        .map_err(restore_err("KVM_SET_MP_STATE"))?;
-    vcpu.set_lapic(&s.lapic)
-        .map_err(restore_err("KVM_SET_LAPIC"))?;
-    vcpu.set_vcpu_events(&s.events)
-        .map_err(restore_err("KVM_SET_VCPU_EVENTS"))?;
-    vcpu.set_debug_regs(&s.debugregs)
-        .map_err(restore_err("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_mp_state(s.mp_state).map_err(restore_err("KVM_SET_MP_STATE"))?;
+    vcpu.set_lapic(&s.lapic).map_err(restore_err("KVM_SET_LAPIC"))?;
+    vcpu.set_vcpu_events(&s.events).map_err(restore_err("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.set_debug_regs(&s.debugregs).map_err(restore_err("KVM_SET_DEBUGREGS"))?;
     if let (Some(mut offset), true) = (s.tsc_offset, caps.tsc_offset) {
         vcpu_attr_ioctl(vcpu, KVM_SET_DEVICE_ATTR(), &tsc_attr(&mut offset))
             .map_err(restore_err("KVM_SET_DEVICE_ATTR(TSC_OFFSET)"))?;
@@ -265,10 +203,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState, caps: &HostCaps) -> Result<Vec
 }
 
 fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
-    let mut chip = kvm_irqchip {
-        chip_id,
-        ..Default::default()
-    };
+    let mut chip = kvm_irqchip { chip_id, ..Default::default() };
     vm.get_irqchip(&mut chip).map_err(kvm("KVM_GET_IRQCHIP"))?;
     Ok(chip)
 }
@@ -294,8 +229,7 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<()> {
         vm.set_clock(&clock).map_err(restore_err("KVM_SET_CLOCK"))?;
     }
     for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-        vm.set_irqchip(chip)
-            .map_err(restore_err("KVM_SET_IRQCHIP"))?;
+        vm.set_irqchip(chip).map_err(restore_err("KVM_SET_IRQCHIP"))?;
     }
     vm.set_pit2(&s.pit).map_err(restore_err("KVM_SET_PIT2"))?;
     Ok(())

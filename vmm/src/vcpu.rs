@@ -121,17 +121,8 @@ impl Coordinator {
     /// Waits until every vCPU (except `except`) is parked.
     pub fn wait_parked(&self, except: Option<usize>) {
         let mut st = lock(&self.state);
-        while !st
-            .parked
-            .iter()
-            .enumerate()
-            .all(|(i, p)| *p || Some(i) == except)
-            && st.want != Want::Exit
-        {
-            st = self
-                .changed
-                .wait(st)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while !st.parked.iter().enumerate().all(|(i, p)| *p || Some(i) == except) && st.want != Want::Exit {
+            st = self.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
@@ -167,10 +158,7 @@ impl Coordinator {
         st.parked[index] = true;
         self.changed.notify_all();
         while st.want == Want::Pause {
-            st = self
-                .changed
-                .wait(st)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            st = self.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         if st.want == Want::Exit {
             return false;
@@ -240,9 +228,7 @@ fn run_until_paused(core: &VmCore, fd: &mut VcpuFd) -> bool {
             VcpuExit::Hlt => std::thread::yield_now(),
             VcpuExit::Shutdown => {
                 let at = where_is(fd);
-                return core.exit(ExitReason::GuestCrashed(format!(
-                    "triple fault (shutdown) {at}"
-                )));
+                return core.exit(ExitReason::GuestCrashed(format!("triple fault (shutdown) {at}")));
             }
             VcpuExit::SystemEvent(kind, _) => {
                 return core.exit(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
@@ -259,9 +245,7 @@ fn run_until_paused(core: &VmCore, fd: &mut VcpuFd) -> bool {
             other => {
                 let what = format!("{other:?}");
                 let at = where_is(fd);
-                return core.exit(ExitReason::GuestCrashed(format!(
-                    "unexpected vCPU exit {what} {at}"
-                )));
+                return core.exit(ExitReason::GuestCrashed(format!("unexpected vCPU exit {what} {at}")));
             }
         }
     }

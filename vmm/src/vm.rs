@@ -7,8 +7,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_cpuid_entry2, kvm_pit_config,
-    kvm_userspace_memory_region,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -91,9 +90,7 @@ impl std::fmt::Debug for VmCore {
 pub fn check_vcpus(vcpus: u32) -> Result<u8> {
     match u8::try_from(vcpus) {
         Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
-        _ => Err(VmmError::Config(format!(
-            "{vcpus} vCPUs requested; cpr-vmm supports 1 to {MAX_VCPUS}"
-        ))),
+        _ => Err(VmmError::Config(format!("{vcpus} vCPUs requested; cpr-vmm supports 1 to {MAX_VCPUS}"))),
     }
 }
 
@@ -115,8 +112,7 @@ fn cpuid_for(base: &[kvm_cpuid_entry2], index: u8) -> Result<kvm_bindings::CpuId
             _ => {}
         }
     }
-    kvm_bindings::CpuId::from_entries(&entries)
-        .map_err(|e| VmmError::Internal(format!("CPUID table: {e:?}")))
+    kvm_bindings::CpuId::from_entries(&entries).map_err(|e| VmmError::Internal(format!("CPUID table: {e:?}")))
 }
 
 /// What a new VM is made of.
@@ -138,20 +134,12 @@ pub struct VmParts {
 
 impl VmCore {
     /// Creates the VM: irqchip, PIT, memory slots, vCPUs with CPUID, devices. No vCPU runs yet.
-    pub fn create(
-        kvm_handle: Kvm,
-        parts: VmParts,
-        exit_tx: Sender<ExitReason>,
-    ) -> Result<Arc<Self>> {
+    pub fn create(kvm_handle: Kvm, parts: VmParts, exit_tx: Sender<ExitReason>) -> Result<Arc<Self>> {
         let vm = kvm_handle.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
-        vm.set_tss_address(TSS_ADDRESS)
-            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        vm.set_tss_address(TSS_ADDRESS).map_err(kvm("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm("KVM_CREATE_PIT2"))?;
+        vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm("KVM_CREATE_PIT2"))?;
         for (slot, range) in ram_ranges(parts.ram.bytes()).iter().enumerate() {
             let host = parts
                 .ram
@@ -167,13 +155,10 @@ impl VmCore {
             };
             // SAFETY: the region is backed by `parts.ram`'s mapping, which lives in the VmCore
             // for as long as the VM does.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        let irq = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmmError::Internal(format!("eventfd: {e}")))?;
-        vm.register_irqfd(&irq, COM1_IRQ)
-            .map_err(kvm("KVM_IRQFD"))?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Internal(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm("KVM_IRQFD"))?;
 
         let base_cpuid = match parts.cpuid {
             Some(c) => c,
@@ -185,11 +170,8 @@ impl VmCore {
         };
         let mut vcpus = Vec::with_capacity(usize::from(parts.vcpus));
         for index in 0..parts.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid_for(&base_cpuid, index)?)
-                .map_err(kvm("KVM_SET_CPUID2"))?;
+            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid_for(&base_cpuid, index)?).map_err(kvm("KVM_SET_CPUID2"))?;
             vcpus.push(fd);
         }
         let caps = probe(&kvm_handle, &vcpus[0])?;
@@ -238,10 +220,7 @@ impl VmCore {
             return None;
         }
         let mem = self.ram.mem();
-        let read = |off: u64| {
-            mem.read_obj::<u64>(GuestAddress(STATUS_ADDR + off))
-                .unwrap_or(0)
-        };
+        let read = |off: u64| mem.read_obj::<u64>(GuestAddress(STATUS_ADDR + off)).unwrap_or(0);
         if read(status::MAGIC) != status::MAGIC_VALUE {
             return None;
         }
@@ -258,8 +237,7 @@ impl VmCore {
     /// Resets the test guest's "longest gap since reset" record (for measuring a handoff's gap).
     pub fn reset_test_guest_gap(&self) {
         if self.guest_kind == GuestKind::TestGuest {
-            let addr =
-                GuestAddress(cpr_testguest::STATUS_ADDR + cpr_testguest::status::GAP_SINCE_RESET);
+            let addr = GuestAddress(cpr_testguest::STATUS_ADDR + cpr_testguest::status::GAP_SINCE_RESET);
             let _ = self.ram.mem().write_obj(0u64, addr);
         }
     }

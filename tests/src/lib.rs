@@ -1,0 +1,204 @@
+//! Harness for the system tests: finds the built binaries, starts and cleans up VMM processes
+//! (by PID, never by name), and reads what the guests print.
+//!
+//! Which `/dev/kvm` a test needs is said where it matters: every test here runs on the
+//! development machines' `kvm_pvm` (CPL3 test guest) as well as on hardware-assisted KVM,
+//! except those that boot Linux under cpr-vmm, which need hardware-assisted KVM and say so.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cpr_proto::control::{Request, Response, VmmStatus};
+use cpr_testguest::Heartbeat;
+use cpr_vmm::control::ControlClient;
+
+/// The directory holding the workspace's built binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+/// Path of a workspace binary; the test command builds them first (`cargo build --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+/// Whether this run is CI, where a missing environment is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether `/dev/kvm` is hardware-assisted (VMX/SVM) rather than `kvm_pvm`.
+pub fn hardware_kvm() -> bool {
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+    (module("kvm_intel") || module("kvm_amd")) && !module("kvm_pvm")
+}
+
+/// Asserts that `/dev/kvm` is usable (every test of this crate runs guests on it).
+pub fn require_kvm() {
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing: these tests run real guests and cannot be skipped");
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// The heartbeat lines in a serial output file.
+pub fn heartbeats(serial: &Path) -> Vec<Heartbeat> {
+    Heartbeat::all_in(&std::fs::read_to_string(serial).unwrap_or_default())
+}
+
+/// Checks that heartbeats are numbered 1, 2, 3, … with no gap or repeat, with one checksum and
+/// a counter that grows; returns a description of the first violation.
+pub fn check_heartbeats(hbs: &[Heartbeat]) -> Result<(), String> {
+    let first = hbs.first().ok_or("no heartbeat at all")?;
+    for (i, w) in hbs.windows(2).enumerate() {
+        if w[1].seq != w[0].seq + 1 {
+            return Err(format!("heartbeat {} follows {} (line {})", w[1].seq, w[0].seq, i + 2));
+        }
+        if w[1].counter <= w[0].counter {
+            return Err(format!("counter went from {:#x} to {:#x}", w[0].counter, w[1].counter));
+        }
+        if w[1].pattern_sum != first.pattern_sum {
+            return Err(format!("pattern checksum changed at heartbeat {}", w[1].seq));
+        }
+    }
+    if first.seq != 1 {
+        return Err(format!("first heartbeat is {} (the counter was reset or lines were lost)", first.seq));
+    }
+    Ok(())
+}
+
+/// A cpr-vmm process started by a test, killed and reaped on drop.
+#[derive(Debug)]
+pub struct VmmProcess {
+    /// The process (a child of the test).
+    pub child: Child,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// Its serial output file.
+    pub serial: PathBuf,
+    /// Its stderr file.
+    pub stderr: PathBuf,
+}
+
+impl VmmProcess {
+    /// Starts `cpr-vmm` with `args` plus `--control` and `--serial-out` in `dir`, and waits for
+    /// its control socket.
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let control = dir.join(format!("{name}.sock"));
+        let serial = dir.join(format!("{name}.serial"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let child = Command::new(bin("cpr-vmm"))
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .arg("--serial-out")
+            .arg(&serial)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start cpr-vmm");
+        let mut p = Self { child, control, serial, stderr };
+        let up =
+            wait_until(Duration::from_secs(20), || p.control.exists() || p.child.try_wait().ok().flatten().is_some());
+        assert!(up && p.control.exists(), "cpr-vmm did not come up: {}", p.stderr_text());
+        p
+    }
+
+    /// What the process wrote to stderr.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// One control request.
+    pub fn call(&self, request: &Request) -> Response {
+        let client = ControlClient::connect(&self.control).expect("connect to control socket");
+        client.call(request, &[]).expect("control call")
+    }
+
+    /// The VMM's status.
+    pub fn status(&self) -> VmmStatus {
+        match self.call(&Request::Status) {
+            Response::Status(s) => s,
+            other => panic!("status answered {other:?}"),
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < end, "cpr-vmm pid {} did not exit within {timeout:?}", self.child.id());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `cpr-vmm` to completion with `args`, optionally with `fd` placed at fd 3.
+pub fn run_vmm(args: &[&str], fd3: Option<&dyn AsRawFd>, timeout: Duration) -> (ExitStatus, String) {
+    let mut cmd = Command::new(bin("cpr-vmm"));
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    if let Some(fd) = fd3 {
+        let raw = fd.as_raw_fd();
+        // SAFETY: dup2 between fork and exec is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself keeps FD_CLOEXEC, so clear it explicitly in that case.
+                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().expect("start cpr-vmm");
+    let end = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cpr-vmm {args:?} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (status, err)
+}
+
+/// The exit code, or a description of the signal that ended the process.
+pub fn code(status: ExitStatus) -> i32 {
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
