@@ -1,4 +1,5 @@
 //! Every bad input gives one clear error line and its own exit code, never a panic.
+#![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
 //! cpr-vmm running the CPL3 test guest on the real `/dev/kvm` (kvm_pvm here, any KVM elsewhere).
+#![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
 use std::time::Duration;
 

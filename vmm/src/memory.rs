@@ -81,7 +81,7 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 }
 
 fn check_size(bytes: u64) -> Result<()> {
-    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) || bytes % 4096 != 0 {
+    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) || !bytes.is_multiple_of(4096) {
         return Err(VmmError::Config(format!(
             "guest memory of {bytes} bytes is not supported (16 MiB to 1 TiB, a multiple of 4 KiB)"
         )));
@@ -255,7 +255,7 @@ mod tests {
         let ram = GuestRam::from_fd(create_memfd(64 << 20).expect("memfd"), None).expect("map");
         ram.mem().write_obj(1u64, GuestAddress(8 << 20)).expect("write");
         let populated = ram.prefault().expect("prefault");
-        assert!(populated >= 4096 && populated < (4 << 20), "populated {populated} bytes");
+        assert!((4096..(4 << 20)).contains(&populated), "populated {populated} bytes");
         let blocks = ram.file().metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m)).expect("stat");
         assert!(blocks * 512 < (4 << 20), "memfd grew to {} bytes", blocks * 512);
     }
