@@ -124,14 +124,16 @@ impl Heartbeat {
     /// Parses one heartbeat line (without its newline); `None` for anything else.
     pub fn parse(line: &str) -> Option<Self> {
         let mut fields = line.strip_prefix("HB ")?.split(' ');
-        let mut next = || u64::from_str_radix(fields.next()?, 16).ok();
+        let mut next = || fields.next().filter(|f| f.len() == 16).and_then(|f| u64::from_str_radix(f, 16).ok());
         let hb = Heartbeat { seq: next()?, counter: next()?, max_gap_ticks: next()?, pattern_sum: next()? };
-        Some(hb)
+        fields.next().is_none().then_some(hb)
     }
 
-    /// All heartbeat lines in `text`, in order; other lines are ignored.
+    /// All complete heartbeat lines in `text`, in order; other lines, and a last line still
+    /// being written (no newline yet), are ignored.
     pub fn all_in(text: &str) -> Vec<Self> {
-        text.lines().filter_map(Self::parse).collect()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete.lines().filter_map(Self::parse).collect()
     }
 }
 
@@ -153,10 +155,12 @@ mod tests {
 
     #[test]
     fn heartbeat_parse_rejects_other_lines() {
+        let f = |v: u64| format!("{v:016x}");
+        let line = |a, b, c, d| format!("HB {} {} {} {}", f(a), f(b), f(c), f(d));
         assert!(Heartbeat::parse("SW 1 2").is_none());
-        assert!(Heartbeat::parse("HB 1 2 3").is_none());
-        assert!(Heartbeat::parse("HB 1 2 3 zz").is_none());
-        let text = "noise\nHB 1 2 3 4\nSW 1 5\nHB 2 4 3 4\n";
-        assert_eq!(Heartbeat::all_in(text).len(), 2);
+        assert!(Heartbeat::parse(&line(1, 2, 3, 4)[..40]).is_none(), "a cut line");
+        assert!(Heartbeat::parse("HB 1 2 3 4").is_none(), "short fields");
+        let text = format!("noise\n{}\nSW 1 5\n{}\n{}", line(1, 2, 3, 4), line(2, 4, 3, 4), &line(3, 5, 3, 4)[..50]);
+        assert_eq!(Heartbeat::all_in(&text).len(), 2, "the unfinished last line is ignored");
     }
 }

@@ -99,6 +99,11 @@ impl VmmProcess {
     /// Starts `cpr-vmm` with `args` plus `--control` and `--serial-out` in `dir`, and waits for
     /// its control socket.
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::start_with_env(dir, name, args, &[])
+    }
+
+    /// [`VmmProcess::start`] with extra environment variables (fault injection).
+    pub fn start_with_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let control = dir.join(format!("{name}.sock"));
         let serial = dir.join(format!("{name}.serial"));
         let stderr = dir.join(format!("{name}.stderr"));
@@ -108,6 +113,7 @@ impl VmmProcess {
             .arg(&control)
             .arg("--serial-out")
             .arg(&serial)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
@@ -201,4 +207,99 @@ pub fn run_vmm(args: &[&str], fd3: Option<&dyn AsRawFd>, timeout: Duration) -> (
 /// The exit code, or a description of the signal that ended the process.
 pub fn code(status: ExitStatus) -> i32 {
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// A guest handed from VMM process to VMM process; every generation is a child of the test.
+#[derive(Debug)]
+pub struct Chain {
+    /// The directory holding sockets, serial output and stderr files.
+    pub dir: PathBuf,
+    /// The VMM process currently running the guest.
+    pub current: Child,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// The serial output all generations append to.
+    pub serial: PathBuf,
+    /// PIDs of every generation, in order.
+    pub pids: Vec<u32>,
+    /// Reports of the completed handoffs.
+    pub reports: Vec<cpr_proto::control::HandoffReport>,
+}
+
+impl Chain {
+    /// Boots generation 0 in `dir` with `args` (and `env` for fault injection).
+    pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut first = VmmProcess::start_with_env(dir, "vm", args, env);
+        assert!(
+            wait_until(Duration::from_secs(20), || first.status().test_guest.is_some()),
+            "guest never initialised"
+        );
+        let child = std::mem::replace(&mut first.child, Command::new("true").spawn().expect("placeholder"));
+        let control = first.control.clone();
+        let serial = first.serial.clone();
+        let _ = first.child.wait();
+        std::mem::forget(first);
+        Self { dir: dir.to_path_buf(), pids: vec![child.id()], current: child, control, serial, reports: Vec::new() }
+    }
+
+    /// A request for the next handoff, to be adjusted by the caller.
+    pub fn request(&self) -> cpr_vmm::handoff::HandoffRequest {
+        let generation = self.pids.len();
+        let mut req = cpr_vmm::handoff::HandoffRequest::new(
+            self.control.clone(),
+            self.dir.join(format!("vm.{generation}.sock")),
+            bin("cpr-vmm"),
+        );
+        req.stderr = Some(self.dir.join(format!("vm.{generation}.stderr")));
+        req
+    }
+
+    /// Performs `req`; on success the new process becomes current and the old one is reaped.
+    pub fn hand_off(&mut self, req: &cpr_vmm::handoff::HandoffRequest) -> Result<(), String> {
+        let out = cpr_vmm::handoff::hand_off(req).map_err(|e| e.to_string())?;
+        let mut old = std::mem::replace(&mut self.current, out.child);
+        let exited = wait_until(Duration::from_secs(10), || old.try_wait().ok().flatten().is_some());
+        assert!(exited, "old VMM pid {} did not exit after quit", old.id());
+        self.pids.push(self.current.id());
+        self.control = req.new_control.clone();
+        self.reports.push(out.report);
+        Ok(())
+    }
+
+    /// Status of the current VMM.
+    pub fn status(&self) -> VmmStatus {
+        let client = ControlClient::connect(&self.control).expect("connect to control socket");
+        match client.call(&Request::Status, &[]).expect("status") {
+            Response::Status(s) => s,
+            other => panic!("status answered {other:?}"),
+        }
+    }
+
+    /// Waits until the guest's counter passes `counter` (it runs), and returns the new value.
+    pub fn wait_progress(&self, counter: u64) -> u64 {
+        let mut now = 0;
+        let moved = wait_until(Duration::from_secs(10), || {
+            now = self.status().test_guest.map_or(0, |t| t.counter);
+            now > counter
+        });
+        assert!(moved, "guest counter stuck at {now:#x} (was {counter:#x})");
+        now
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        if self.current.try_wait().ok().flatten().is_none() {
+            let _ = self.current.kill();
+            let _ = self.current.wait();
+        }
+    }
+}
+
+/// Whether process `pid` is stopped (state `T` in /proc).
+pub fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
 }

@@ -36,6 +36,26 @@ pub struct HandoffRequest {
     pub env: Vec<(String, String)>,
     /// Where the new VMM's stderr goes (inherited when `None`).
     pub stderr: Option<PathBuf>,
+    /// Extra arguments for the new VMM.
+    pub extra_args: Vec<String>,
+    /// Told the new VMM's pid as soon as it is started (tests use it to inject faults).
+    pub spawned: Option<std::sync::mpsc::Sender<u32>>,
+}
+
+impl HandoffRequest {
+    /// A request with defaults: 5 s timeouts, inherited stderr, no extras.
+    pub fn new(old_control: PathBuf, new_control: PathBuf, binary: PathBuf) -> Self {
+        Self {
+            old_control,
+            new_control,
+            binary,
+            timeout_ms: 5000,
+            env: Vec::new(),
+            stderr: None,
+            extra_args: Vec::new(),
+            spawned: None,
+        }
+    }
 }
 
 /// A completed handoff.
@@ -56,7 +76,8 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd) -> Result<Chil
         .arg("--main-fd")
         .arg(MAIN_FD.to_string())
         .arg("--control")
-        .arg(&req.new_control);
+        .arg(&req.new_control)
+        .args(&req.extra_args);
     for (k, v) in &req.env {
         cmd.env(k, v);
     }
@@ -108,6 +129,9 @@ pub fn hand_off(req: &HandoffRequest) -> Result<HandoffOutcome> {
     let (main_old, main_new) = pair(SockType::Stream)?;
     let mut child = spawn_new(req, &cpr_new, &main_new)?;
     drop((cpr_new, main_new));
+    if let Some(tx) = &req.spawned {
+        let _ = tx.send(child.id());
+    }
     let migrate = Request::Migrate(MigrateParams { timeout_ms: req.timeout_ms });
     let answer = old.call(&migrate, &[cpr_old.as_fd(), main_old.as_fd()]);
     drop((cpr_old, main_old));

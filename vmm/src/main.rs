@@ -219,14 +219,8 @@ fn describe_state(path: &PathBuf) -> Result<()> {
 fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(Command::Handoff(h)) = cli.command {
         let exe = std::env::current_exe().map_err(|e| VmmError::Internal(format!("current_exe: {e}")))?;
-        let req = HandoffRequest {
-            old_control: h.control,
-            new_control: h.new_control,
-            binary: h.binary.unwrap_or(exe),
-            timeout_ms: h.timeout_ms,
-            env: Vec::new(),
-            stderr: None,
-        };
+        let mut req = HandoffRequest::new(h.control, h.new_control, h.binary.unwrap_or(exe));
+        req.timeout_ms = h.timeout_ms;
         let out = hand_off(&req)?;
         let r = out.report;
         println!(

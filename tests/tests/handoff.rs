@@ -1,0 +1,181 @@
+//! cpr-transfer between cpr-vmm processes on the real `/dev/kvm`: chains, faults, rollback.
+//!
+//! Runs on kvm_pvm (here) and on hardware-assisted KVM alike; the guest is the CPL3 test guest.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use cpr_proto::control::RunState;
+use cpr_tests::{Chain, check_heartbeats, heartbeats, is_stopped, require_kvm, wait_until};
+
+/// Hands the guest on `n` times, checking continuity after each handoff.
+fn chain(vcpus: &str, n: usize) {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &["--memory", "1G", "--vcpus", vcpus], &[]);
+    let first = chain.status().test_guest.expect("test guest");
+    let mut counter = chain.wait_progress(first.counter);
+    for generation in 1..=n {
+        chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("handoff {generation}: {e}"));
+        let st = chain.status();
+        assert_eq!(st.state, RunState::Running);
+        assert_eq!(st.generation, generation as u64);
+        let tg = st.test_guest.expect("test guest");
+        assert!(tg.counter >= counter, "handoff {generation}: counter went back from {counter:#x} to {:#x}", tg.counter);
+        assert_eq!(tg.fail, 0, "handoff {generation}: guest self-check failed");
+        assert_eq!(tg.pattern_sum, first.pattern_sum, "handoff {generation}: pattern checksum changed");
+        counter = chain.wait_progress(tg.counter);
+    }
+    let seq = heartbeats(&chain.serial).last().map_or(0, |h| h.seq);
+    assert!(wait_until(Duration::from_secs(20), || heartbeats(&chain.serial).last().map_or(0, |h| h.seq) >= seq + 2));
+    let hbs = heartbeats(&chain.serial);
+    check_heartbeats(&hbs).expect("heartbeat sequence continuous across all handoffs");
+    let pids: HashSet<u32> = chain.pids.iter().copied().collect();
+    assert_eq!(pids.len(), n + 1, "every generation is a new process");
+    let downtimes: Vec<u64> = chain.reports.iter().map(|r| r.downtime_ns()).collect();
+    assert!(downtimes.iter().all(|d| *d > 0), "every handoff reports a downtime");
+}
+
+#[test]
+fn chain_of_200_handoffs_one_vcpu() {
+    chain("1", 200);
+}
+
+#[test]
+fn chain_of_200_handoffs_four_vcpus() {
+    chain("4", 200);
+}
+
+/// Starts a guest, lets a handoff with `new_env` fail, and checks that the old VMM runs on.
+fn fault_case(old_env: &[(&str, &str)], new_env: &[(&str, &str)], kill_at_stop: bool, timeout_ms: u64) -> String {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &["--memory", "256M", "--vcpus", "2"], old_env);
+    let before = chain.status().test_guest.expect("test guest");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut req = chain.request();
+    req.env = new_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    req.timeout_ms = timeout_ms;
+    req.spawned = Some(tx);
+    let killer = std::thread::spawn(move || {
+        let pid = rx.recv().expect("new VMM pid");
+        if kill_at_stop {
+            assert!(wait_until(Duration::from_secs(30), || is_stopped(pid)), "new VMM never reached the fault point");
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+                .expect("SIGKILL the new VMM");
+        }
+    });
+    let err = chain.hand_off(&req).expect_err("the handoff must fail");
+    killer.join().expect("killer thread");
+    let st = chain.status();
+    assert_eq!(st.state, RunState::Running, "old VMM runs the guest again: {err}");
+    assert_eq!(st.generation, 0);
+    let tg = st.test_guest.expect("test guest");
+    assert!(tg.counter >= before.counter);
+    assert_eq!(tg.fail, 0);
+    chain.wait_progress(tg.counter);
+    // Nothing was lost: a clean handoff afterwards works and the heartbeats stay continuous.
+    let mut clean = chain.request();
+    clean.new_control = dir.path().join("vm.retry.sock");
+    if old_env.is_empty() {
+        chain.hand_off(&clean).expect("a clean handoff after the failed one");
+        assert_eq!(chain.status().generation, 1);
+    }
+    let seq = heartbeats(&chain.serial).last().map_or(0, |h| h.seq);
+    assert!(wait_until(Duration::from_secs(20), || heartbeats(&chain.serial).last().map_or(0, |h| h.seq) > seq));
+    if let Err(e) = check_heartbeats(&heartbeats(&chain.serial)) {
+        panic!("heartbeats not continuous: {e}\n{}", std::fs::read_to_string(&chain.serial).unwrap_or_default());
+    }
+    err
+}
+
+fn stall(point: &str) -> [(&'static str, String); 1] {
+    [("CPR_VMM_FAULT", format!("stall:{point}"))]
+}
+
+fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[test]
+fn new_side_killed_before_ready() {
+    let e = stall("before-ready");
+    let err = fault_case(&[], &env(&e), true, 5000);
+    assert!(err.contains("went away while waiting for the new VMM to get ready"), "{err}");
+    assert!(err.contains("the guest kept running here"), "{err}");
+}
+
+#[test]
+fn new_side_killed_after_ready() {
+    let e = stall("after-ready");
+    let err = fault_case(&[], &env(&e), true, 5000);
+    assert!(err.contains("went away while waiting for the new VMM to run the guest"), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+}
+
+#[test]
+fn new_side_killed_after_receiving_state() {
+    let e = stall("after-state");
+    let err = fault_case(&[], &env(&e), true, 5000);
+    assert!(err.contains("went away while waiting for the new VMM to run the guest"), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+}
+
+#[test]
+fn new_side_killed_during_restore() {
+    let e = stall("during-restore");
+    let err = fault_case(&[], &env(&e), true, 5000);
+    assert!(err.contains("went away while waiting for the new VMM to run the guest"), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+}
+
+#[test]
+fn new_side_hangs_and_times_out() {
+    let e = stall("after-state");
+    let err = fault_case(&[], &env(&e), false, 1000);
+    assert!(err.contains("timed out after 1s waiting for the new VMM to run the guest"), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+}
+
+#[test]
+fn preflight_mismatch_refuses_without_pausing() {
+    let e = [("CPR_VMM_FAULT", "reads-format:0".to_string())];
+    let err = fault_case(&[], &env(&e), false, 5000);
+    assert!(err.contains("incompatible: this VMM writes state format 1"), "{err}");
+    assert!(err.contains("reads formats [0]"), "{err}");
+    assert!(err.contains("the guest was not paused"), "{err}");
+    assert!(!err.contains("rolled back"), "a refused pre-flight has nothing to roll back: {err}");
+}
+
+fn corrupt(how: &str, expect: &str) {
+    let e = [("CPR_VMM_FAULT", format!("corrupt:{how}"))];
+    let err = fault_case(&env(&e), &[], false, 5000);
+    assert!(err.contains("the new VMM rejected the state"), "{how}: {err}");
+    assert!(err.contains(expect), "{how}: expected {expect:?} in {err}");
+    assert!(err.contains("rolled back"), "{how}: {err}");
+}
+
+#[test]
+fn corrupt_stream_flipped_byte() {
+    corrupt("flip", "checksum mismatch");
+}
+
+#[test]
+fn corrupt_stream_truncated() {
+    corrupt("truncate", "truncated");
+}
+
+#[test]
+fn corrupt_stream_wrong_crc() {
+    corrupt("crc", "checksum mismatch");
+}
+
+#[test]
+fn corrupt_stream_unknown_mandatory_section() {
+    corrupt("unknown-section", "mandatory section id 30583 version 1 is not understood");
+}
+
+#[test]
+fn corrupt_stream_newer_major_format() {
+    corrupt("major", "state format 2.0 is not readable by this build");
+}
