@@ -230,10 +230,7 @@ impl Chain {
     /// Boots generation 0 in `dir` with `args` (and `env` for fault injection).
     pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut first = VmmProcess::start_with_env(dir, "vm", args, env);
-        assert!(
-            wait_until(Duration::from_secs(20), || first.status().test_guest.is_some()),
-            "guest never initialised"
-        );
+        assert!(wait_until(Duration::from_secs(20), || first.status().test_guest.is_some()), "guest never initialised");
         let child = std::mem::replace(&mut first.child, Command::new("true").spawn().expect("placeholder"));
         let control = first.control.clone();
         let serial = first.serial.clone();

@@ -21,7 +21,11 @@ fn chain(vcpus: &str, n: usize) {
         assert_eq!(st.state, RunState::Running);
         assert_eq!(st.generation, generation as u64);
         let tg = st.test_guest.expect("test guest");
-        assert!(tg.counter >= counter, "handoff {generation}: counter went back from {counter:#x} to {:#x}", tg.counter);
+        assert!(
+            tg.counter >= counter,
+            "handoff {generation}: counter went back from {counter:#x} to {:#x}",
+            tg.counter
+        );
         assert_eq!(tg.fail, 0, "handoff {generation}: guest self-check failed");
         assert_eq!(tg.pattern_sum, first.pattern_sum, "handoff {generation}: pattern checksum changed");
         counter = chain.wait_progress(tg.counter);

@@ -45,6 +45,9 @@ struct HandoffArgs {
     /// Timeout of each wait on the new VMM, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Also record the state stream of this handoff in FILE (for `--describe-state`).
+    #[arg(long, value_name = "FILE")]
+    dump_state: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -221,6 +224,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let exe = std::env::current_exe().map_err(|e| VmmError::Internal(format!("current_exe: {e}")))?;
         let mut req = HandoffRequest::new(h.control, h.new_control, h.binary.unwrap_or(exe));
         req.timeout_ms = h.timeout_ms;
+        if let Some(path) = h.dump_state {
+            req.extra_args = vec!["--dump-state".into(), path.to_string_lossy().into_owned()];
+        }
         let out = hand_off(&req)?;
         let r = out.report;
         println!(
