@@ -15,10 +15,12 @@ use cpr_proto::control::{Request, Response, VmmStatus};
 use cpr_testguest::Heartbeat;
 use cpr_vmm::control::ControlClient;
 
-/// The directory holding the workspace's built binaries (`target/<profile>`).
+/// The directory holding the workspace's built binaries (`target/<profile>`), found from the
+/// running executable (a test in `target/<profile>/deps/`, or a tool in `target/<profile>/`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") { dir.parent().unwrap_or(dir).to_path_buf() } else { dir.to_path_buf() }
 }
 
 /// Path of a workspace binary; the test command builds them first (`cargo build --workspace`).

@@ -97,6 +97,9 @@ struct RunArgs {
     /// Also write the received state stream to this file.
     #[arg(long, hide = true)]
     dump_state: Option<PathBuf>,
+    /// Incoming: do not pre-fault guest RAM before the switchover (for benchmarks only).
+    #[arg(long, hide = true)]
+    no_prefault: bool,
     /// Print a saved state stream human-readably and exit.
     #[arg(long, value_name = "FILE")]
     describe_state: Option<PathBuf>,
@@ -203,7 +206,7 @@ fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     let main = inherited_fd(a.main_fd.unwrap_or(-1), "main")?;
     let listener = a.control.as_ref().map(|p| bind_control(p)).transpose()?;
     let (tx, rx) = mpsc::channel();
-    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, tx, a.dump_state.clone())?;
+    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, tx, a.dump_state.clone(), !a.no_prefault)?;
     if let (Some(l), Some(p)) = (listener, &a.control) {
         serve(Arc::clone(&vmm), l, p.clone())?;
     }

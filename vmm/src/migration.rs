@@ -327,6 +327,7 @@ pub fn prepare_incoming(
     main: OwnedFd,
     exit_tx: mpsc::Sender<ExitReason>,
     dump_state: Option<std::path::PathBuf>,
+    prefault: bool,
 ) -> Result<Arc<Vmm>> {
     let hello = ToOld::Hello(Hello {
         protocol: CPR_PROTOCOL_VERSION,
@@ -351,7 +352,9 @@ pub fn prepare_incoming(
         .remove("serial-out")
         .ok_or_else(|| VmmError::IncomingAborted("resources came without the serial fd".into()))?;
     let ram = GuestRam::from_fd(ram_fd, Some(res.memory_bytes))?;
-    ram.prefault()?;
+    if prefault {
+        ram.prefault()?;
+    }
     let kvm_handle = crate::vm::open_kvm()?;
     let guest_kind = res.guest;
     let parts = VmParts {

@@ -1,0 +1,124 @@
+//! `cpr-bench`: handoff downtime, guest-seen gap and post-resume cost, on the real `/dev/kvm`.
+//!
+//! Reproduce: `cargo build --release --workspace && target/release/cpr-bench [--handoffs N]`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use cpr_bench::{Summary, summarize, tsc_ticks_per_us};
+use cpr_tests::{Chain, wait_until};
+
+/// Handoff benchmarks for cpr-vmm.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Handoffs per configuration.
+    #[arg(long, default_value_t = 100)]
+    handoffs: usize,
+    /// RAM sizes for the downtime table (1 vCPU each).
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G,16G")]
+    ram: Vec<String>,
+    /// vCPU counts for the downtime table (1 GiB each).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    vcpus: Vec<String>,
+    /// RAM sizes for the post-resume table.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G")]
+    touch_ram: Vec<String>,
+}
+
+fn fmt(s: &Summary) -> String {
+    format!("{:>5} | {:>7.0} | {:>7.0} | {:>7.0} | {:>7.0}", s.n, s.min, s.median, s.p99, s.max)
+}
+
+/// Runs `n` handoffs and returns (host downtimes µs, guest-seen gaps µs).
+fn downtime(ram: &str, vcpus: &str, n: usize, tpu: f64) -> (Summary, Summary) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &["--memory", ram, "--vcpus", vcpus], &[]);
+    let (mut host, mut guest) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("handoff {i}: {e}"));
+        let r = chain.reports.last().copied().unwrap_or_default();
+        host.push(r.downtime_ns() as f64 / 1000.0);
+        std::thread::sleep(Duration::from_millis(5));
+        let st = chain.status().test_guest.expect("test guest");
+        assert_eq!(st.fail, 0, "guest self-check failed");
+        guest.push(st.max_gap_ticks as f64 / tpu);
+    }
+    (summarize(&host), summarize(&guest))
+}
+
+/// Sweep durations (µs) printed by the guest in touch mode.
+fn sweeps(serial: &std::path::Path, tpu: f64) -> Vec<f64> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |e| &text[..e]);
+    complete
+        .lines()
+        .filter_map(|l| l.strip_prefix("SW "))
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter_map(|t| u64::from_str_radix(t, 16).ok())
+        .map(|t| t as f64 / tpu)
+        .collect()
+}
+
+/// Post-resume slowdown per re-touched page (µs), with or without pre-faulting on the new side.
+fn post_resume(ram: &str, prefault: bool, tpu: f64) -> (f64, f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &["--memory", ram, "--touch"], &[]);
+    assert!(wait_until(Duration::from_secs(120), || sweeps(&chain.serial, tpu).len() >= 4), "guest does not sweep");
+    let before = sweeps(&chain.serial, tpu);
+    let steady = summarize(&before[1..]).median;
+    let mut req = chain.request();
+    if !prefault {
+        req.extra_args = vec!["--no-prefault".into()];
+    }
+    chain.hand_off(&req).expect("handoff");
+    let k = sweeps(&chain.serial, tpu).len();
+    assert!(wait_until(Duration::from_secs(300), || sweeps(&chain.serial, tpu).len() >= k + 2), "no sweeps after");
+    let after = sweeps(&chain.serial, tpu);
+    let extra = after[k] + after[k + 1] - 2.0 * steady;
+    let pages = (cpr_vmm::memory::parse_size(ram).unwrap_or(0) - cpr_testguest::TOUCH_START) / 4096;
+    (steady / 1000.0, extra / 1000.0, extra / pages as f64)
+}
+
+fn main() {
+    let args = Args::parse();
+    cpr_tests::require_kvm();
+    let tpu = tsc_ticks_per_us();
+    let kvm = if cpr_tests::hardware_kvm() { "hardware-assisted KVM" } else { "kvm_pvm (shadow paging)" };
+    let cmd: Vec<String> = std::env::args().collect();
+    println!("# cpr-vmm handoff benchmark");
+    println!("command: {}", cmd.join(" "));
+    println!("host: {} CPUs, /dev/kvm = {kvm}, TSC {:.0} MHz", std::thread::available_parallelism().map_or(0, |n| n.get()), tpu);
+    println!();
+    println!("downtime = host CLOCK_MONOTONIC, pause request in the old process -> vCPUs released into KVM_RUN in the new one");
+    println!("guest gap = longest gap between two guest loop iterations around the handoff, measured by the guest (rdtsc)");
+    println!();
+    println!("| RAM | vCPUs | n | downtime min us | median | p99 | max | guest gap median us | p99 | max |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut rows: Vec<(String, String)> = args.ram.iter().map(|r| (r.clone(), "1".to_string())).collect();
+    rows.extend(args.vcpus.iter().filter(|v| *v != "1").map(|v| ("1G".to_string(), v.clone())));
+    let mut medians = Vec::new();
+    for (ram, vcpus) in rows {
+        let (host, guest) = downtime(&ram, &vcpus, args.handoffs, tpu);
+        if vcpus == "1" {
+            medians.push((ram.clone(), host.median));
+        }
+        println!(
+            "| {ram} | {vcpus} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            host.n, host.min, host.median, host.p99, host.max, guest.median, guest.p99, guest.max
+        );
+    }
+    if let (Some(first), Some(last)) = (medians.first(), medians.last()) {
+        println!();
+        println!("flatness: median downtime {} / {} = {:.2}", last.0, first.0, last.1 / first.1);
+    }
+    println!();
+    println!("| RAM | new side pre-faults | steady sweep ms | extra after resume ms | per re-touched page us |");
+    println!("|---|---|---|---|---|");
+    for ram in &args.touch_ram {
+        for prefault in [false, true] {
+            let (steady, extra, per_page) = post_resume(ram, prefault, tpu);
+            println!("| {ram} | {} | {steady:.1} | {extra:.1} | {per_page:.2} |", if prefault { "yes" } else { "no" });
+        }
+    }
+    let _ = fmt;
+}
