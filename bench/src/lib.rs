@@ -24,11 +24,8 @@ pub fn summarize(values: &[f64]) -> Summary {
     }
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
-    let rank = |q: f64| {
-        let idx = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-        v[idx]
-    };
-    Summary { n: v.len(), min: v[0], median: rank(0.5), p99: rank(0.99), max: v[v.len() - 1] }
+    let rank = |percent: usize| v[(percent * v.len()).div_ceil(100).clamp(1, v.len()) - 1];
+    Summary { n: v.len(), min: v[0], median: rank(50), p99: rank(99), max: v[v.len() - 1] }
 }
 
 /// The host TSC rate in ticks per microsecond (guest TSC ticks at the same rate on one host).

@@ -37,7 +37,7 @@ const HEADER_BYTES: usize = 24;
 const SECTION_HEADER_BYTES: usize = 12;
 const CRC_BYTES: usize = 8;
 const FLAG_MANDATORY: u32 = 1;
-const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+const CRC64: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Section identifiers. Numbers are part of the format: never reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

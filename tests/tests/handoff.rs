@@ -1,6 +1,7 @@
 //! cpr-transfer between cpr-vmm processes on the real `/dev/kvm`: chains, faults, rollback.
 //!
 //! Runs on kvm_pvm (here) and on hardware-assisted KVM alike; the guest is the CPL3 test guest.
+#![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -65,8 +66,11 @@ fn fault_case(old_env: &[(&str, &str)], new_env: &[(&str, &str)], kill_at_stop: 
         let pid = rx.recv().expect("new VMM pid");
         if kill_at_stop {
             assert!(wait_until(Duration::from_secs(30), || is_stopped(pid)), "new VMM never reached the fault point");
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
-                .expect("SIGKILL the new VMM");
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("SIGKILL the new VMM");
         }
     });
     let err = chain.hand_off(&req).expect_err("the handoff must fail");

@@ -17,6 +17,7 @@ pub mod handoff;
 pub mod linux_boot;
 pub mod memory;
 pub mod migration;
+pub mod mptable;
 pub mod persist;
 pub mod vcpu;
 pub mod vm;

@@ -418,7 +418,7 @@ fn restore_incoming(
     core.devices.load(&decoded.serial, &decoded.i8042).map_err(VmmError::Restore)?;
     fault::stall_point("during-restore");
     for (vcpu, s) in core.vcpus.iter().zip(&decoded.vcpus) {
-        let skipped = persist::restore_vcpu(&lock(vcpu), s, &core.caps)?;
+        let skipped = persist::restore_vcpu(&mut lock(vcpu), s, &core.caps)?;
         if !skipped.is_empty() {
             eprintln!("cpr-vmm: vCPU {}: the host refused MSRs {skipped:x?}; continuing without them", s.index);
         }

@@ -185,10 +185,15 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
     while core.coord.park(i) {
         let mut fd = lock(&core.vcpus[i]);
         let keep_going = run_until_paused(core, &mut fd);
-        // Complete a pending I/O exit so that the registers read later are past it.
+        // Complete a pending I/O exit so that the registers read later are past it; this last
+        // exit also stores regs, sregs and events in kvm_run where the host supports it.
+        if core.caps.sync_regs {
+            fd.get_kvm_run().kvm_valid_regs = crate::persist::SYNC_REGS_ALL;
+        }
         fd.set_kvm_immediate_exit(1);
         let _ = fd.run();
         fd.set_kvm_immediate_exit(0);
+        fd.get_kvm_run().kvm_valid_regs = 0;
         drop(fd);
         if !keep_going {
             core.coord.request_exit();
