@@ -26,6 +26,9 @@ pub enum Request {
     Migrate(MigrateParams),
     /// After a completed migration, exit. Refused in any other state.
     Quit,
+    /// Send back a duplicate of the guest-RAM memfd (answer `Ok` with the fd attached); a
+    /// restarted daemon uses it to take the guest's memory back into its own hands.
+    GetMemoryFd,
 }
 
 /// Parameters of a migration.

@@ -73,33 +73,45 @@ impl Vmm {
         }
     }
 
-    /// Handles one request; `fds` are the fds that came with it. The second value is a reason
-    /// to end the process, acted on only after the answer has been sent.
-    pub fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> (Response, Option<ExitReason>) {
+    /// Handles one request; `fds` are the fds that came with it. Returns the answer, the fds to
+    /// attach to it, and a reason to end the process, acted on only after the answer was sent.
+    pub fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> (Response, Vec<OwnedFd>, Option<ExitReason>) {
         match request {
+            Request::GetMemoryFd => match self.core.ram.file().as_fd().try_clone_to_owned() {
+                Ok(fd) => (Response::Ok, vec![fd], None),
+                Err(e) => {
+                    (error(ErrorKind::Internal, format!("cannot dup the guest-RAM fd: {e}"), false), vec![], None)
+                }
+            },
             Request::Stop => {
                 let st = lock(&self.state);
                 if *st == RunState::Migrating {
-                    return (error(ErrorKind::InvalidState, "a handoff is in flight; stop refused", false), None);
+                    return (
+                        error(ErrorKind::InvalidState, "a handoff is in flight; stop refused", false),
+                        vec![],
+                        None,
+                    );
                 }
                 self.core.coord.request_exit();
-                (Response::Ok, Some(ExitReason::Stopped))
+                (Response::Ok, vec![], Some(ExitReason::Stopped))
             }
             Request::Quit => {
                 let st = lock(&self.state);
                 if *st != RunState::PostMigrate {
                     let msg = "quit is only for a VMM whose guest was handed off";
-                    return (error(ErrorKind::InvalidState, msg, false), None);
+                    return (error(ErrorKind::InvalidState, msg, false), vec![], None);
                 }
-                (Response::Ok, Some(ExitReason::HandedOff))
+                (Response::Ok, vec![], Some(ExitReason::HandedOff))
             }
-            other => (self.handle_in_place(other, fds), None),
+            other => (self.handle_in_place(other, fds), vec![], None),
         }
     }
 
     fn handle_in_place(&self, request: Request, fds: Vec<OwnedFd>) -> Response {
         match request {
-            Request::Stop | Request::Quit => error(ErrorKind::Internal, "handled elsewhere", false),
+            Request::Stop | Request::Quit | Request::GetMemoryFd => {
+                error(ErrorKind::Internal, "handled elsewhere", false)
+            }
             Request::Describe => Response::Describe(describe()),
             Request::Status => Response::Status(self.status()),
             Request::Pause => {
@@ -180,8 +192,9 @@ pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd, path: PathBuf) -> Result<()> {
                             }
                             Err(_) => break,
                         };
-                        let (response, exit) = vmm.handle(received.msg, received.fds);
-                        let sent = wire::send(fd.as_fd(), &response, &[]);
+                        let (response, out_fds, exit) = vmm.handle(received.msg, received.fds);
+                        let borrowed: Vec<_> = out_fds.iter().map(AsFd::as_fd).collect();
+                        let sent = wire::send(fd.as_fd(), &response, &borrowed);
                         if let Some(reason) = exit {
                             vmm.core.exit(reason);
                         }

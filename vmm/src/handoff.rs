@@ -40,6 +40,9 @@ pub struct HandoffRequest {
     pub extra_args: Vec<String>,
     /// Told the new VMM's pid as soon as it is started (tests use it to inject faults).
     pub spawned: Option<std::sync::mpsc::Sender<u32>>,
+    /// Start the new VMM in a session of its own, so that signals to the caller's process
+    /// group (a daemon being stopped) never reach it.
+    pub new_session: bool,
 }
 
 impl HandoffRequest {
@@ -54,6 +57,7 @@ impl HandoffRequest {
             stderr: None,
             extra_args: Vec::new(),
             spawned: None,
+            new_session: false,
         }
     }
 }
@@ -90,9 +94,13 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd) -> Result<Chil
         cmd.stderr(f);
     }
     let (cpr_raw, main_raw) = (cpr.as_raw_fd(), main.as_raw_fd());
-    // SAFETY: the closure only calls async-signal-safe dup2/fcntl between fork and exec.
+    let new_session = req.new_session;
+    // SAFETY: the closure only calls async-signal-safe setsid/dup2/close between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if new_session {
+                libc::setsid();
+            }
             for (from, to) in [(cpr_raw, CPR_FD + 100), (main_raw, MAIN_FD + 100)] {
                 if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());

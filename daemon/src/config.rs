@@ -1,0 +1,295 @@
+//! Configuration: `cprd.toml` plus `config.d/*.toml` fragments, merged then validated into
+//! [`Settings`]; one TOML file per VM under `vms/` validated into [`VmDef`]. Every error names the
+//! file, and where TOML can tell, the line and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration problem, with the file it is in.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// What is wrong (TOML's own message includes line, column and key).
+    pub message: String,
+}
+
+fn err(file: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError { file: file.to_path_buf(), message: message.into() }
+}
+
+/// Daemon settings, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Glob patterns a VMM binary must match to be used.
+    pub allowed_vmm: Vec<glob::Pattern>,
+    /// The cpr-vmm binary used when a VM definition names none.
+    pub default_vmm: PathBuf,
+    /// Timeout of each step of a handoff, in milliseconds.
+    pub handoff_timeout_ms: u64,
+    /// Where VM definitions live.
+    pub vms_dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsInput {
+    vmm: Option<VmmInput>,
+    handoff: Option<HandoffInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmmInput {
+    allowed: Option<Vec<String>>,
+    default: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandoffInput {
+    timeout_ms: Option<u64>,
+}
+
+/// Deep-merges `over` into `base` (tables merge key by key; other values are replaced).
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn parse_table(file: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| err(file, format!("cannot read: {e}")))?;
+    text.parse::<toml::Table>().map_err(|e| err(file, e.to_string().trim_end().to_string()))
+}
+
+/// Loads `DIR/cprd.toml` and `DIR/config.d/*.toml` (in name order), merged, then validated.
+pub fn load_settings(dir: &Path) -> Result<Settings, ConfigError> {
+    let main = dir.join("cprd.toml");
+    let mut merged = toml::Table::new();
+    let mut files = Vec::new();
+    if main.exists() {
+        files.push(main.clone());
+    }
+    let frag_dir = dir.join("config.d");
+    if let Ok(rd) = std::fs::read_dir(&frag_dir) {
+        let mut frags: Vec<PathBuf> =
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+        frags.sort();
+        files.extend(frags);
+    }
+    for f in &files {
+        let table = parse_table(f)?;
+        // Each fragment must be valid on its own, so an error names the file it is in.
+        SettingsInput::deserialize(toml::Value::Table(table.clone()))
+            .map_err(|e| err(f, e.to_string().trim_end().to_string()))?;
+        merge(&mut merged, table);
+    }
+    let input = SettingsInput::deserialize(toml::Value::Table(merged)).map_err(|e| err(&main, e.to_string()))?;
+    let vmm = input.vmm.unwrap_or(VmmInput { allowed: None, default: None });
+    let default_vmm = PathBuf::from(vmm.default.unwrap_or_else(|| "/usr/libexec/cprd/cpr-vmm".into()));
+    let allowed = vmm.allowed.unwrap_or_else(|| vec!["/usr/libexec/cprd/*".into(), "/usr/bin/qemu-system-*".into()]);
+    let mut allowed_vmm = Vec::new();
+    for pattern in allowed {
+        allowed_vmm.push(
+            glob::Pattern::new(&pattern)
+                .map_err(|e| err(&main, format!("vmm.allowed: {pattern:?} is not a valid glob: {e}")))?,
+        );
+    }
+    let handoff_timeout_ms = input.handoff.and_then(|h| h.timeout_ms).unwrap_or(5000);
+    if !(100..=600_000).contains(&handoff_timeout_ms) {
+        return Err(err(&main, format!("handoff.timeout_ms = {handoff_timeout_ms} is outside 100..=600000")));
+    }
+    Ok(Settings { allowed_vmm, default_vmm, handoff_timeout_ms, vms_dir: dir.join("vms") })
+}
+
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// cprd's own cpr-vmm.
+    CprVmm,
+    /// QEMU 10+ with cpr-transfer (not built yet).
+    Qemu,
+}
+
+impl BackendKind {
+    /// The name used on D-Bus and in files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CprVmm => "cpr-vmm",
+            Self::Qemu => "qemu",
+        }
+    }
+}
+
+/// The guest a VM runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestDef {
+    /// The built-in CPL3 test guest.
+    TestGuest,
+    /// A Linux kernel.
+    Linux {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Initramfs.
+        initrd: Option<PathBuf>,
+        /// Command line.
+        cmdline: String,
+    },
+}
+
+/// One VM definition, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDef {
+    /// The VM's name (the file stem).
+    pub name: String,
+    /// Its backend.
+    pub backend: BackendKind,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// The guest.
+    pub guest: GuestDef,
+    /// Where the serial console is logged (default: the runtime directory).
+    pub console_log: Option<PathBuf>,
+    /// Start when cprd starts.
+    pub autostart: bool,
+    /// The VMM binary (default: the settings' default).
+    pub vmm_binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmInput {
+    backend: Option<BackendKind>,
+    memory: String,
+    vcpus: Option<u32>,
+    guest: Option<String>,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: Option<String>,
+    console_log: Option<String>,
+    autostart: Option<bool>,
+    vmm_binary: Option<String>,
+}
+
+/// A VM name is a file stem of letters, digits, `-` and `_`, at most 64 bytes.
+pub fn valid_vm_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Loads and validates `vms/NAME.toml`.
+pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
+    let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if !valid_vm_name(&name) {
+        return Err(err(file, format!("{name:?} is not a valid VM name (letters, digits, - and _)")));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| err(file, format!("cannot read: {e}")))?;
+    let input: VmInput = toml::from_str(&text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
+    let memory_bytes = cpr_vmm::memory::parse_size(&input.memory).map_err(|e| err(file, format!("memory: {e}")))?;
+    if !(cpr_vmm::memory::MIN_MEMORY_BYTES..=cpr_vmm::memory::MAX_MEMORY_BYTES).contains(&memory_bytes) {
+        return Err(err(file, format!("memory: {} is outside 16M..1T", input.memory)));
+    }
+    let vcpus = input.vcpus.unwrap_or(1);
+    let vcpus = u8::try_from(vcpus)
+        .ok()
+        .filter(|v| (1..=cpr_vmm::vm::MAX_VCPUS).contains(v))
+        .ok_or_else(|| err(file, format!("vcpus: {vcpus} is outside 1..={}", cpr_vmm::vm::MAX_VCPUS)))?;
+    let guest = match (input.guest.as_deref(), input.kernel) {
+        (Some("test"), None) | (None, None) => GuestDef::TestGuest,
+        (None | Some("linux"), Some(kernel)) => GuestDef::Linux {
+            kernel: PathBuf::from(kernel),
+            initrd: input.initrd.map(PathBuf::from),
+            cmdline: input.cmdline.unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
+        },
+        (Some(other), _) => {
+            return Err(err(file, format!("guest: {other:?} is not a guest kind (\"test\" or \"linux\" with kernel = ...)")));
+        }
+    };
+    Ok(VmDef {
+        name,
+        backend: input.backend.unwrap_or(BackendKind::CprVmm),
+        memory_bytes,
+        vcpus,
+        guest,
+        console_log: input.console_log.map(PathBuf::from),
+        autostart: input.autostart.unwrap_or(false),
+        vmm_binary: input.vmm_binary.map(PathBuf::from),
+    })
+}
+
+/// Loads every `vms/*.toml`; the first bad file fails the whole load (nothing half-applied).
+pub fn load_vms(dir: &Path) -> Result<BTreeMap<String, VmDef>, ConfigError> {
+    let mut out = BTreeMap::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(out) };
+    let mut files: Vec<PathBuf> =
+        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    files.sort();
+    for f in files {
+        let def = load_vm(&f)?;
+        out.insert(def.name.clone(), def);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, rel: &str, text: &str) -> PathBuf {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn fragments_merge_over_the_main_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write(d.path(), "cprd.toml", "[vmm]\nallowed = [\"/opt/a/*\"]\ndefault = \"/opt/a/cpr-vmm\"\n");
+        write(d.path(), "config.d/50-b.toml", "[handoff]\ntimeout_ms = 2000\n");
+        write(d.path(), "config.d/60-c.toml", "[vmm]\nallowed = [\"/opt/c/*\"]\n");
+        let s = load_settings(d.path()).expect("valid");
+        assert_eq!(s.handoff_timeout_ms, 2000);
+        assert_eq!(s.allowed_vmm, vec![glob::Pattern::new("/opt/c/*").expect("glob")]);
+        assert_eq!(s.default_vmm, PathBuf::from("/opt/a/cpr-vmm"));
+    }
+
+    #[test]
+    fn bad_toml_names_file_line_and_key() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write(d.path(), "cprd.toml", "[vmm]\ndefault = \"/x\"\n");
+        let frag = write(d.path(), "config.d/10-bad.toml", "[handoff]\n\ntimeout_msec = 5\n");
+        let e = load_settings(d.path()).expect_err("unknown key");
+        assert_eq!(e.file, frag);
+        let text = e.to_string();
+        assert!(text.contains("line 3"), "{text}");
+        assert!(text.contains("timeout_msec"), "{text}");
+        write(d.path(), "config.d/10-bad.toml", "[handoff\n");
+        assert!(load_settings(d.path()).expect_err("syntax").to_string().contains("line 1"));
+    }
+
+    #[test]
+    fn vm_definitions_are_validated() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let ok = write(d.path(), "vms/vm1.toml", "memory = \"256M\"\nvcpus = 2\nautostart = true\n");
+        let def = load_vm(&ok).expect("valid");
+        assert_eq!((def.memory_bytes, def.vcpus, def.guest.clone(), def.autostart), (256 << 20, 2, GuestDef::TestGuest, true));
+        let bad = write(d.path(), "vms/vm2.toml", "memory = \"256M\"\nvcpus = 300\n");
+        assert!(load_vm(&bad).expect_err("vcpus").to_string().contains("vcpus: 300"));
+        let bad = write(d.path(), "vms/vm3.toml", "memory = \"256M\"\ncolour = \"red\"\n");
+        let e = load_vm(&bad).expect_err("unknown key").to_string();
+        assert!(e.contains("vm3.toml") && e.contains("line 2") && e.contains("colour"), "{e}");
+        assert!(load_vms(&d.path().join("vms")).is_err(), "one bad file fails the load");
+    }
+}
