@@ -1,16 +1,314 @@
-//! cprctl, the command-line client of cprd.
+//! cprctl, the command-line client of cprd (over D-Bus, `org.cprd1`).
 //!
-//! Not built yet: it comes with the daemon. Until then this binary only answers `--version`.
+//! Exit codes: 0 ok, 1 other failure, 2 usage, 3 no such VM, 4 invalid argument, 5 not
+//! allowed, 6 incompatible, 7 busy, 8 upgrade failed (rolled back), 9 rollback failed,
+//! 10 access denied, 11 cannot reach cprd, 12 start failed.
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use zbus::{Connection, proxy};
+
+#[proxy(interface = "org.cprd1.Manager", default_service = "org.cprd1", default_path = "/org/cprd1")]
+trait Manager {
+    #[zbus(name = "ListVMs")]
+    fn list_vms(&self) -> zbus::Result<Vec<(String, String, String, u64)>>;
+    #[zbus(name = "GetVM")]
+    fn get_vm(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    #[zbus(name = "StartVM")]
+    fn start_vm(&self, name: &str) -> zbus::Result<()>;
+    #[zbus(name = "StopVM")]
+    fn stop_vm(&self, name: &str, force: bool) -> zbus::Result<()>;
+    #[zbus(name = "UpgradeVM")]
+    fn upgrade_vm(&self, name: &str, binary: &str) -> zbus::Result<(u64, u64)>;
+    #[zbus(name = "UpgradeAll")]
+    fn upgrade_all(&self, binary: &str) -> zbus::Result<Vec<(String, bool, u64, String)>>;
+    #[zbus(name = "Reload")]
+    fn reload(&self) -> zbus::Result<()>;
+    #[zbus(name = "GetHistory")]
+    fn get_history(&self) -> zbus::Result<Vec<(String, u64, u64, bool, u64, String)>>;
+}
+
+#[proxy(interface = "org.cprd1.VM", default_service = "org.cprd1")]
+trait Vm {
+    #[zbus(property, name = "State")]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "Backend")]
+    fn backend(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "Generation")]
+    fn generation(&self) -> zbus::Result<u64>;
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+    #[zbus(property, name = "VMMBinary")]
+    fn vmm_binary(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "VMMVersion")]
+    fn vmm_version(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "MemoryBytes")]
+    fn memory_bytes(&self) -> zbus::Result<u64>;
+    #[zbus(property, name = "VCPUs")]
+    fn vcpus(&self) -> zbus::Result<u32>;
+    #[zbus(property, name = "LastDowntimeUSec")]
+    fn last_downtime_usec(&self) -> zbus::Result<u64>;
+    #[zbus(property, name = "ConsoleLog")]
+    fn console_log(&self) -> zbus::Result<String>;
+}
 
 /// cprctl: list, start, stop and upgrade the VMs that cprd owns.
 #[derive(Debug, Parser)]
 #[command(name = "cprctl", version, about)]
-struct Cli {}
+struct Cli {
+    /// Bus address (default: DBUS_SYSTEM_BUS_ADDRESS, then the system bus).
+    #[arg(long, global = true)]
+    address: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() -> std::process::ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("cprctl: error: cprd is not implemented yet; use `cpr-vmm handoff` for standalone handoffs");
-    std::process::ExitCode::from(2)
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Status {
+        /// VM name.
+        name: String,
+    },
+    /// Start a VM.
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a VM.
+    Stop {
+        /// VM name.
+        name: String,
+        /// Kill the VMM instead of asking it to stop.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Hand a VM (or all, with --all) to a new VMM process, live.
+    Upgrade {
+        /// VM name.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Upgrade every running VM.
+        #[arg(long)]
+        all: bool,
+        /// The VMM binary (default: the configured one).
+        #[arg(long, default_value = "")]
+        binary: String,
+    },
+    /// Past upgrades with their downtimes.
+    History,
+    /// Re-read cprd's configuration.
+    Reload,
+    /// Print a VM's serial console and follow it (read-only).
+    Console {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// Maps a D-Bus error to cprctl's exit code.
+fn exit_code(e: &zbus::Error) -> u8 {
+    let name = match e {
+        zbus::Error::MethodError(name, _, _) => name.as_str().to_string(),
+        zbus::Error::FDO(f) => match **f {
+            zbus::fdo::Error::AccessDenied(_) => "org.freedesktop.DBus.Error.AccessDenied".into(),
+            zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => "unreachable".into(),
+            _ => String::new(),
+        },
+        zbus::Error::InputOutput(_) | zbus::Error::Address(_) | zbus::Error::Handshake(_) => "unreachable".into(),
+        _ => String::new(),
+    };
+    match name.rsplit('.').next().unwrap_or("") {
+        "NoSuchVM" => 3,
+        "InvalidArgument" => 4,
+        "NotAllowed" => 5,
+        "Incompatible" => 6,
+        "Busy" => 7,
+        "UpgradeFailed" => 8,
+        "RollbackFailed" => 9,
+        "AccessDenied" => 10,
+        "unreachable" | "ServiceUnknown" | "NameHasNoOwner" => 11,
+        "StartFailed" => 12,
+        _ => 1,
+    }
+}
+
+fn describe(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, Some(msg), _) => format!("{msg} ({name})"),
+        other => other.to_string(),
+    }
+}
+
+async fn connect(address: Option<&str>) -> zbus::Result<Connection> {
+    let address = address.map(str::to_string).or_else(|| std::env::var("DBUS_SYSTEM_BUS_ADDRESS").ok());
+    match address {
+        Some(a) => zbus::connection::Builder::address(a.as_str()).build().await,
+        None => Connection::system().await,
+    }
+}
+
+async fn vm_proxy<'a>(conn: &'a Connection, m: &ManagerProxy<'a>, name: &str) -> zbus::Result<VmProxy<'a>> {
+    let path = m.get_vm(name).await?;
+    VmProxy::builder(conn).path(path).build().await
+}
+
+/// A failed command: its exit code and message.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<zbus::Error> for Failure {
+    fn from(e: zbus::Error) -> Self {
+        Self { code: exit_code(&e), message: describe(&e) }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let conn = connect(cli.address.as_deref()).await?;
+    let m = ManagerProxy::new(&conn).await?;
+    match cli.command {
+        Cmd::List => {
+            let vms = m.list_vms().await?;
+            let mut rows = Vec::new();
+            for (name, state, backend, generation) in vms {
+                let vm = vm_proxy(&conn, &m, &name).await?;
+                let pid = vm.main_pid().await?;
+                let downtime = vm.last_downtime_usec().await?;
+                rows.push(json!({"name": name, "state": state, "backend": backend, "generation": generation,
+                    "main_pid": pid, "last_downtime_usec": downtime}));
+            }
+            if cli.json {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<8} {:>10} {:>8} {:>14}",
+                    "NAME", "STATE", "BACKEND", "GENERATION", "PID", "DOWNTIME(us)"
+                );
+                for r in rows {
+                    println!(
+                        "{:<20} {:<10} {:<8} {:>10} {:>8} {:>14}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or(""),
+                        r["backend"].as_str().unwrap_or(""),
+                        r["generation"],
+                        r["main_pid"],
+                        r["last_downtime_usec"]
+                    );
+                }
+            }
+        }
+        Cmd::Status { name } => {
+            let vm = vm_proxy(&conn, &m, &name).await?;
+            let v = json!({
+                "name": name, "state": vm.state().await?, "backend": vm.backend().await?,
+                "generation": vm.generation().await?, "main_pid": vm.main_pid().await?,
+                "vmm_binary": vm.vmm_binary().await?, "vmm_version": vm.vmm_version().await?,
+                "memory_bytes": vm.memory_bytes().await?, "vcpus": vm.vcpus().await?,
+                "last_downtime_usec": vm.last_downtime_usec().await?, "console_log": vm.console_log().await?,
+            });
+            if cli.json {
+                println!("{v}");
+            } else if let Some(map) = v.as_object() {
+                for (k, val) in map {
+                    println!("{k}: {}", val.as_str().map_or_else(|| val.to_string(), str::to_string));
+                }
+            }
+        }
+        Cmd::Start { name } => m.start_vm(&name).await?,
+        Cmd::Stop { name, force } => m.stop_vm(&name, force).await?,
+        Cmd::Upgrade { name: Some(name), all: false, binary } => {
+            let (downtime, generation) = m.upgrade_vm(&name, &binary).await?;
+            if cli.json {
+                println!("{}", json!({"name": name, "downtime_usec": downtime, "generation": generation}));
+            } else {
+                println!("{name}: upgraded to generation {generation}, downtime {downtime} us");
+            }
+        }
+        Cmd::Upgrade { binary, .. } => {
+            let results = m.upgrade_all(&binary).await?;
+            let failed = results.iter().filter(|r| !r.1).count();
+            if cli.json {
+                let rows: Vec<_> = results
+                    .iter()
+                    .map(|(n, ok, d, e)| json!({"name": n, "ok": ok, "downtime_usec": d, "error": e}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for (n, ok, d, e) in &results {
+                    if *ok {
+                        println!("{n}: ok, downtime {d} us");
+                    } else {
+                        println!("{n}: FAILED: {e}");
+                    }
+                }
+                println!("{} VMs upgraded, {failed} failed", results.len() - failed);
+            }
+            if failed > 0 {
+                return Err(Failure { code: 8, message: format!("{failed} of {} upgrades failed", results.len()) });
+            }
+        }
+        Cmd::History => {
+            let h = m.get_history().await?;
+            if cli.json {
+                let rows: Vec<_> = h
+                    .iter()
+                    .map(|(vm, t, g, ok, d, e)| {
+                        json!({"vm": vm, "time_usec": t, "generation": g, "ok": ok, "downtime_usec": d, "error": e})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:<20} {:>10} {:<6} {:>14}  ERROR", "VM", "GENERATION", "RESULT", "DOWNTIME(us)");
+                for (vm, _t, g, ok, d, e) in h {
+                    println!("{vm:<20} {g:>10} {:<6} {d:>14}  {e}", if ok { "ok" } else { "failed" });
+                }
+            }
+        }
+        Cmd::Reload => m.reload().await?,
+        Cmd::Console { name } => {
+            let vm = vm_proxy(&conn, &m, &name).await?;
+            let path = vm.console_log().await?;
+            let mut pos = 0usize;
+            loop {
+                if let Ok(bytes) = std::fs::read(&path)
+                    && bytes.len() > pos
+                {
+                    use std::io::Write;
+                    let _ = std::io::stdout().write_all(&bytes[pos..]);
+                    let _ = std::io::stdout().flush();
+                    pos = bytes.len();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cprctl: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("cprctl: error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
 }

@@ -66,8 +66,11 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+/// Reads one settings file: checked on its own (from its text, so errors carry line and key),
+/// then returned as a table for merging.
 fn parse_table(file: &Path) -> Result<toml::Table, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|e| err(file, format!("cannot read: {e}")))?;
+    toml::from_str::<SettingsInput>(&text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
     text.parse::<toml::Table>().map_err(|e| err(file, e.to_string().trim_end().to_string()))
 }
 
@@ -81,17 +84,15 @@ pub fn load_settings(dir: &Path) -> Result<Settings, ConfigError> {
     }
     let frag_dir = dir.join("config.d");
     if let Ok(rd) = std::fs::read_dir(&frag_dir) {
-        let mut frags: Vec<PathBuf> =
-            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+        let mut frags: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
         frags.sort();
         files.extend(frags);
     }
     for f in &files {
-        let table = parse_table(f)?;
-        // Each fragment must be valid on its own, so an error names the file it is in.
-        SettingsInput::deserialize(toml::Value::Table(table.clone()))
-            .map_err(|e| err(f, e.to_string().trim_end().to_string()))?;
-        merge(&mut merged, table);
+        merge(&mut merged, parse_table(f)?);
     }
     let input = SettingsInput::deserialize(toml::Value::Table(merged)).map_err(|e| err(&main, e.to_string()))?;
     let vmm = input.vmm.unwrap_or(VmmInput { allowed: None, default: None });
@@ -213,7 +214,10 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
             cmdline: input.cmdline.unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
         },
         (Some(other), _) => {
-            return Err(err(file, format!("guest: {other:?} is not a guest kind (\"test\" or \"linux\" with kernel = ...)")));
+            return Err(err(
+                file,
+                format!("guest: {other:?} is not a guest kind (\"test\" or \"linux\" with kernel = ...)"),
+            ));
         }
     };
     Ok(VmDef {
@@ -284,7 +288,10 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let ok = write(d.path(), "vms/vm1.toml", "memory = \"256M\"\nvcpus = 2\nautostart = true\n");
         let def = load_vm(&ok).expect("valid");
-        assert_eq!((def.memory_bytes, def.vcpus, def.guest.clone(), def.autostart), (256 << 20, 2, GuestDef::TestGuest, true));
+        assert_eq!(
+            (def.memory_bytes, def.vcpus, def.guest.clone(), def.autostart),
+            (256 << 20, 2, GuestDef::TestGuest, true)
+        );
         let bad = write(d.path(), "vms/vm2.toml", "memory = \"256M\"\nvcpus = 300\n");
         assert!(load_vm(&bad).expect_err("vcpus").to_string().contains("vcpus: 300"));
         let bad = write(d.path(), "vms/vm3.toml", "memory = \"256M\"\ncolour = \"red\"\n");

@@ -1,17 +1,106 @@
 //! cprd, the host daemon that owns VMs and upgrades their VMM live.
-//!
-//! Not built yet: the daemon is the subject of its own issue. Until then this binary only
-//! answers `--version`, and says so instead of pretending to run.
+
+mod config;
+mod dbus;
+mod engine;
+mod error;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Parser;
 
 /// cprd: keeps VMs running while their VMM is upgraded under them.
 #[derive(Debug, Parser)]
 #[command(name = "cprd", version, about)]
-struct Cli {}
+struct Cli {
+    /// Bus address to use instead of the system bus (also DBUS_SYSTEM_BUS_ADDRESS).
+    #[arg(long)]
+    bus_address: Option<String>,
+    /// Use the session bus (development).
+    #[arg(long)]
+    user: bool,
+    /// Configuration directory.
+    #[arg(long, default_value = "/etc/cprd")]
+    config_dir: PathBuf,
+    /// Runtime directory (control sockets, records, console logs).
+    #[arg(long, default_value = "/run/cprd")]
+    runtime_dir: PathBuf,
+}
+
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CPRD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journald =
+        std::path::Path::new("/run/systemd/journal/socket").exists() && std::env::var_os("CPRD_STDERR").is_none();
+    let registry = tracing_subscriber::registry().with(filter);
+    if journald && let Ok(layer) = tracing_journald::layer() {
+        registry.with(layer.with_syslog_identifier("cprd".into())).init();
+        return;
+    }
+    registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false)).init();
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let engine = engine::Engine::new(cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
+    {
+        let e = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || e.reattach()).await.map_err(|e| e.to_string())?;
+    }
+    let builder = match (&cli.bus_address, cli.user) {
+        (Some(a), _) => zbus::connection::Builder::address(a.as_str()),
+        (None, true) => zbus::connection::Builder::session(),
+        (None, false) => match std::env::var("DBUS_SYSTEM_BUS_ADDRESS") {
+            Ok(a) => zbus::connection::Builder::address(a.as_str()),
+            Err(_) => zbus::connection::Builder::system(),
+        },
+    };
+    let conn = builder
+        .serve_at(dbus::MANAGER_PATH, dbus::Manager { engine: Arc::clone(&engine) })
+        .name("org.cprd1")
+        .build()
+        .await
+        .map_err(|e| format!("cannot own org.cprd1 on the bus: {e}"))?;
+    dbus::register_vms(&conn, &engine).await.map_err(|e| e.to_string())?;
+    tokio::spawn(dbus::forward_events(conn.clone(), Arc::clone(&engine)));
+    {
+        let e = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || e.autostart()).await.map_err(|e| e.to_string())?;
+    }
+    let status = format!("STATUS={}", engine.status_line());
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)]);
+    tracing::info!("cprd {} ready: {}", env!("CARGO_PKG_VERSION"), engine.status_line());
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // VMMs run in their own sessions and keep running; the next cprd re-attaches them.
+    tracing::info!("cprd stopping; {} keep running", engine.status_line());
+    Ok(())
+}
 
 fn main() -> std::process::ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("cprd: error: the daemon is not implemented yet; use `cpr-vmm handoff` for standalone handoffs");
-    std::process::ExitCode::from(2)
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cprd: error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("cprd: error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
 }

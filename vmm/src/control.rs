@@ -227,7 +227,16 @@ impl ControlClient {
         request: &Request,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> std::result::Result<Response, wire::WireError> {
+        Ok(self.call_with_fds(request, fds)?.msg)
+    }
+
+    /// Like [`ControlClient::call`], also returning the fds attached to the answer.
+    pub fn call_with_fds(
+        &self,
+        request: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::result::Result<wire::Received<Response>, wire::WireError> {
         wire::send(self.fd.as_fd(), request, fds)?;
-        Ok(wire::recv::<Response>(self.fd.as_fd(), None)?.msg)
+        wire::recv::<Response>(self.fd.as_fd(), None)
     }
 }

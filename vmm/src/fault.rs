@@ -9,7 +9,8 @@
 //! Values: `stall:<point>` with point one of `before-ready`, `after-ready`, `after-state`,
 //! `during-restore` (the new VMM stops itself with `SIGSTOP` there); `corrupt:<how>` with how one
 //! of `flip`, `truncate`, `crc`, `unknown-section`, `major` (the old VMM damages the stream it
-//! sends); `reads-format:<n>` (the new VMM claims to read only format major n).
+//! sends); `reads-format:<n>` (the new VMM claims to read only format major n); `reject-state` (the new VMM
+//! refuses the state it receives).
 
 /// The variable that selects a fault.
 pub const ENV: &str = "CPR_VMM_FAULT";
@@ -24,6 +25,12 @@ pub fn stall_point(point: &str) {
         eprintln!("cpr-vmm: fault injection: stopping at {point}");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
+}
+
+/// Whether the `reject-state` fault is selected: the new VMM refuses every state stream, as a
+/// binary with a stricter reader would.
+pub fn reject_state() -> bool {
+    value().as_deref() == Some("reject-state")
 }
 
 /// State format majors this binary says it reads (overridden by `reads-format:<n>`).

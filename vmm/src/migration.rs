@@ -404,6 +404,9 @@ fn restore_incoming(
         let _ = std::fs::write(path, &bytes);
     }
     let decoded = decode(&bytes).map_err(|e| VmmError::StateRejected(e.to_string()))?;
+    if fault::reject_state() {
+        return Err(VmmError::StateRejected("fault injection: this VMM refuses every state".into()));
+    }
     if decoded.machine.vcpus != core.vcpu_count() || decoded.machine.memory_bytes != core.ram.bytes() {
         return Err(VmmError::StateRejected(format!(
             "state is for {} vCPUs and {} bytes of RAM; this VM has {} and {}",

@@ -1,0 +1,332 @@
+//! The D-Bus API, `org.cprd1`: thin adapters over the [`Engine`].
+//!
+//! Reading is for everyone; every mutating method checks that the caller is root or in the
+//! `cprd` group (the bus policy says the same; this is the second line of defence).
+
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, interface};
+
+use crate::engine::{Engine, Event};
+use crate::error::CprdError;
+
+/// Object path of the manager.
+pub const MANAGER_PATH: &str = "/org/cprd1";
+
+/// The object path of a VM: `/org/cprd1/vm/<name>` with every byte outside `[A-Za-z0-9]`
+/// written as `_xx` (hex), as systemd escapes unit names.
+pub fn vm_path(name: &str) -> String {
+    let mut p = String::from("/org/cprd1/vm/");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() {
+            p.push(char::from(b));
+        } else {
+            p.push_str(&format!("_{b:02x}"));
+        }
+    }
+    p
+}
+
+/// Runs blocking engine work off the async executor.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, CprdError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| CprdError::InvalidArgument(format!("internal error: {e}")))
+}
+
+/// Checks that the sender may change things: uid 0, or a member of group `cprd`.
+async fn authorize(conn: &Connection, header: &Header<'_>) -> Result<(), CprdError> {
+    let sender = header.sender().ok_or_else(|| CprdError::AccessDenied("a call without a sender".into()))?;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(CprdError::ZBus)?;
+    let uid = dbus
+        .get_connection_unix_user(sender.clone().into())
+        .await
+        .map_err(|e| CprdError::AccessDenied(format!("cannot identify the caller: {e}")))?;
+    if uid == 0 || in_cprd_group(uid) {
+        return Ok(());
+    }
+    Err(CprdError::AccessDenied(format!("uid {uid} may not change VMs; only root and members of group cprd may")))
+}
+
+fn in_cprd_group(uid: u32) -> bool {
+    let Ok(Some(group)) = nix::unistd::Group::from_name("cprd") else { return false };
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else { return false };
+    user.gid == group.gid || group.mem.contains(&user.name)
+}
+
+/// `org.cprd1.Manager` at `/org/cprd1`.
+#[derive(Debug)]
+pub struct Manager {
+    /// The engine.
+    pub engine: Arc<Engine>,
+}
+
+#[interface(name = "org.cprd1.Manager")]
+impl Manager {
+    /// (name, state, backend, generation) of every VM.
+    #[zbus(name = "ListVMs")]
+    async fn list_vms(&self) -> Vec<(String, String, String, u64)> {
+        self.engine
+            .list()
+            .into_iter()
+            .map(|v| (v.name, v.state.as_str().to_string(), v.backend, v.generation))
+            .collect()
+    }
+
+    /// The object path of a VM.
+    #[zbus(name = "GetVM")]
+    async fn get_vm(&self, name: String) -> Result<zbus::OwnedObjectPath, CprdError> {
+        self.engine.view(&name)?;
+        zbus::OwnedObjectPath::try_from(vm_path(&name))
+            .map_err(|e| CprdError::InvalidArgument(format!("{name:?}: {e}")))
+    }
+
+    /// Starts a VM.
+    #[zbus(name = "StartVM")]
+    async fn start_vm(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), CprdError> {
+        authorize(conn, &header).await?;
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.start(&name)).await?
+    }
+
+    /// Stops a VM (`force`: kill its VMM).
+    #[zbus(name = "StopVM")]
+    async fn stop_vm(
+        &self,
+        name: String,
+        force: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), CprdError> {
+        authorize(conn, &header).await?;
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.stop(&name, force)).await?
+    }
+
+    /// Hands a VM to a new VMM of `binary` (empty: the configured one); (downtime µs, generation).
+    #[zbus(name = "UpgradeVM")]
+    async fn upgrade_vm(
+        &self,
+        name: String,
+        binary: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(u64, u64), CprdError> {
+        authorize(conn, &header).await?;
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.upgrade(&name, &binary)).await?
+    }
+
+    /// Upgrades every running VM: (name, ok, downtime µs, error) each.
+    #[zbus(name = "UpgradeAll")]
+    async fn upgrade_all(
+        &self,
+        binary: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+        authorize(conn, &header).await?;
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.upgrade_all(&binary)).await
+    }
+
+    /// Re-reads the configuration and moves VMs whose configured VMM binary changed to it.
+    #[zbus(name = "Reload")]
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), CprdError> {
+        authorize(conn, &header).await?;
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.reload()).await??;
+        for name in self.engine.names() {
+            let obj = VmObject { engine: Arc::clone(&self.engine), name: name.clone() };
+            let _ = server.at(vm_path(&name).as_str(), obj).await;
+        }
+        Ok(())
+    }
+
+    /// Past upgrades: (vm, time µs since the epoch, generation, ok, downtime µs, error).
+    #[zbus(name = "GetHistory")]
+    async fn get_history(&self) -> Vec<(String, u64, u64, bool, u64, String)> {
+        self.engine
+            .history()
+            .into_iter()
+            .map(|r| (r.vm, r.time_usec, r.generation, r.ok, r.downtime_usec, r.error))
+            .collect()
+    }
+
+    /// cprd's version.
+    #[zbus(property, name = "Version")]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    /// A VM changed state.
+    #[zbus(signal, name = "VMStateChanged")]
+    async fn vm_state_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str) -> zbus::Result<()>;
+
+    /// An upgrade finished.
+    #[zbus(signal, name = "UpgradeFinished")]
+    async fn upgrade_finished(
+        emitter: &SignalEmitter<'_>,
+        name: &str,
+        ok: bool,
+        downtime_usec: u64,
+        error: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// `org.cprd1.VM` at `/org/cprd1/vm/<name>`.
+#[derive(Debug)]
+pub struct VmObject {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// The VM's name.
+    pub name: String,
+}
+
+impl VmObject {
+    fn view(&self) -> zbus::fdo::Result<crate::engine::VmView> {
+        self.engine.view(&self.name).map_err(|e| zbus::fdo::Error::UnknownObject(e.to_string()))
+    }
+}
+
+#[interface(name = "org.cprd1.VM")]
+impl VmObject {
+    /// Starts the VM.
+    async fn start(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), CprdError> {
+        authorize(conn, &header).await?;
+        let (e, n) = (Arc::clone(&self.engine), self.name.clone());
+        blocking(move || e.start(&n)).await?
+    }
+
+    /// Stops the VM.
+    async fn stop(
+        &self,
+        force: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), CprdError> {
+        authorize(conn, &header).await?;
+        let (e, n) = (Arc::clone(&self.engine), self.name.clone());
+        blocking(move || e.stop(&n, force)).await?
+    }
+
+    /// Upgrades the VM's VMM.
+    async fn upgrade(
+        &self,
+        binary: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(u64, u64), CprdError> {
+        authorize(conn, &header).await?;
+        let (e, n) = (Arc::clone(&self.engine), self.name.clone());
+        blocking(move || e.upgrade(&n, &binary)).await?
+    }
+
+    /// Name.
+    #[zbus(property, name = "Name")]
+    async fn name(&self) -> String {
+        self.name.clone()
+    }
+    /// State.
+    #[zbus(property, name = "State")]
+    async fn state(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.state.as_str().to_string())
+    }
+    /// Backend.
+    #[zbus(property, name = "Backend")]
+    async fn backend(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.backend)
+    }
+    /// VMM binary.
+    #[zbus(property, name = "VMMBinary")]
+    async fn vmm_binary(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.vmm_binary)
+    }
+    /// VMM build id.
+    #[zbus(property, name = "VMMVersion")]
+    async fn vmm_version(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.vmm_version)
+    }
+    /// VMM pid.
+    #[zbus(property, name = "MainPID")]
+    async fn main_pid(&self) -> zbus::fdo::Result<u32> {
+        Ok(self.view()?.main_pid)
+    }
+    /// Generation.
+    #[zbus(property, name = "Generation")]
+    async fn generation(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.view()?.generation)
+    }
+    /// Guest RAM.
+    #[zbus(property, name = "MemoryBytes")]
+    async fn memory_bytes(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.view()?.memory_bytes)
+    }
+    /// vCPUs.
+    #[zbus(property, name = "VCPUs")]
+    async fn vcpus(&self) -> zbus::fdo::Result<u32> {
+        Ok(u32::from(self.view()?.vcpus))
+    }
+    /// Last upgrade's downtime.
+    #[zbus(property, name = "LastDowntimeUSec")]
+    async fn last_downtime_usec(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.view()?.last_downtime_usec)
+    }
+    /// Where the serial console is logged.
+    #[zbus(property, name = "ConsoleLog")]
+    async fn console_log(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.console)
+    }
+}
+
+/// Registers a VM object for every defined VM that has none yet.
+pub async fn register_vms(conn: &Connection, engine: &Arc<Engine>) -> zbus::Result<()> {
+    for name in engine.names() {
+        let path = vm_path(&name);
+        let obj = VmObject { engine: Arc::clone(engine), name };
+        conn.object_server().at(path.as_str(), obj).await?;
+    }
+    Ok(())
+}
+
+/// Forwards engine events as D-Bus signals and PropertiesChanged, until the engine goes away.
+pub async fn forward_events(conn: Connection, engine: Arc<Engine>) {
+    let mut rx = engine.subscribe();
+    while let Ok(ev) = rx.recv().await {
+        let Ok(manager) = SignalEmitter::new(&conn, MANAGER_PATH) else { continue };
+        match ev {
+            Event::VmChanged(name) => {
+                let state = engine.view(&name).map(|v| v.state.as_str().to_string()).unwrap_or_default();
+                let _ = Manager::vm_state_changed(&manager, &name, &state).await;
+                let path = vm_path(&name);
+                if let Ok(iface) = conn.object_server().interface::<_, VmObject>(path.as_str()).await {
+                    let em = iface.signal_emitter();
+                    let obj = iface.get().await;
+                    let _ = obj.state_changed(em).await;
+                    let _ = obj.generation_changed(em).await;
+                    let _ = obj.main_p_i_d_changed(em).await;
+                    let _ = obj.last_downtime_u_sec_changed(em).await;
+                    let _ = obj.v_m_m_binary_changed(em).await;
+                    let _ = obj.v_m_m_version_changed(em).await;
+                }
+            }
+            Event::UpgradeFinished(r) => {
+                let _ = Manager::upgrade_finished(&manager, &r.vm, r.ok, r.downtime_usec, &r.error).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,784 @@
+//! The engine: owns every VM (its memfd, its VMM process, its runtime record) and carries out
+//! requests. D-Bus is a thin adapter over it. Blocking work (process start, handoffs) runs on
+//! the caller's blocking thread; the VM table is locked only for short, non-blocking updates.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use cpr_proto::control::{Request, Response};
+use cpr_vmm::control::ControlClient;
+use cpr_vmm::handoff::{HandoffRequest, hand_off};
+
+use crate::config::{self, GuestDef, Settings, VmDef};
+use crate::error::CprdError;
+
+/// A VM's lifecycle state as shown on D-Bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Defined, not running.
+    Stopped,
+    /// Its VMM is starting.
+    Starting,
+    /// Running.
+    Running,
+    /// A handoff to a new VMM is in flight.
+    Upgrading,
+    /// Being stopped.
+    Stopping,
+    /// Its VMM died, or a rollback failed.
+    Failed,
+}
+
+impl VmState {
+    /// The name used on D-Bus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Upgrading => "upgrading",
+            Self::Stopping => "stopping",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What cprd keeps about a VM whose VMM runs (persisted under the runtime directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Handoffs so far.
+    pub generation: u64,
+    /// The VMM's pid.
+    pub main_pid: u32,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// Its binary.
+    pub vmm_binary: PathBuf,
+    /// Its build id.
+    pub vmm_version: String,
+    /// Downtime of the last upgrade.
+    pub last_downtime_usec: u64,
+    /// Where the serial console is logged.
+    pub console: PathBuf,
+    /// A handoff in flight: the new VMM's control socket.
+    pub upgrading_to: Option<PathBuf>,
+}
+
+/// A VM as the engine holds it.
+#[derive(Debug)]
+pub struct Vm {
+    /// Lifecycle state.
+    pub state: VmState,
+    /// The running VMM, if any.
+    pub record: Option<VmRecord>,
+    /// cprd's own reference to the guest-RAM memfd.
+    pub memfd: Option<OwnedFd>,
+}
+
+/// A snapshot of one VM for readers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmView {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: VmState,
+    /// Backend name.
+    pub backend: String,
+    /// Generation.
+    pub generation: u64,
+    /// VMM pid (0 when stopped).
+    pub main_pid: u32,
+    /// VMM binary.
+    pub vmm_binary: String,
+    /// VMM build id.
+    pub vmm_version: String,
+    /// Guest RAM.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Last upgrade's downtime.
+    pub last_downtime_usec: u64,
+    /// Console log path.
+    pub console: String,
+}
+
+/// One upgrade, for `history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    /// Upgrade id.
+    pub id: u64,
+    /// VM name.
+    pub vm: String,
+    /// Wall-clock time, µs since the epoch.
+    pub time_usec: u64,
+    /// Generation after the upgrade (unchanged when it failed).
+    pub generation: u64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Downtime in µs (0 when it failed).
+    pub downtime_usec: u64,
+    /// The error, when it failed.
+    pub error: String,
+}
+
+/// Something D-Bus should announce.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A VM changed state (or any property).
+    VmChanged(String),
+    /// An upgrade finished.
+    UpgradeFinished(UpgradeRecord),
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Engine {
+    config_dir: PathBuf,
+    runtime_dir: PathBuf,
+    settings: RwLock<Settings>,
+    defs: RwLock<BTreeMap<String, VmDef>>,
+    vms: Mutex<BTreeMap<String, Vm>>,
+    history: Mutex<Vec<UpgradeRecord>>,
+    events: tokio::sync::broadcast::Sender<Event>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_usec() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(0))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file + rename). Failures are logged, never fatal:
+/// a full /run must not kill a VM.
+fn write_atomic(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::warn!("cannot write runtime record {}: {e} (the VM keeps running)", path.display());
+    }
+}
+
+/// The content id of a binary, as cpr-vmm reports its own (`Describe.build_id`).
+pub fn binary_build_id(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(format!("{:016x}", crc::Crc::<u64>::new(&crc::CRC_64_XZ).checksum(&bytes)))
+}
+
+impl Engine {
+    /// An engine over `config_dir` and `runtime_dir`, with its configuration loaded.
+    pub fn new(config_dir: PathBuf, runtime_dir: PathBuf) -> Result<Arc<Self>, config::ConfigError> {
+        let settings = config::load_settings(&config_dir)?;
+        let defs = config::load_vms(&settings.vms_dir)?;
+        let vms = defs.keys().map(|n| (n.clone(), Vm { state: VmState::Stopped, record: None, memfd: None })).collect();
+        let _ = std::fs::create_dir_all(runtime_dir.join("vms"));
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            config_dir,
+            runtime_dir,
+            settings: RwLock::new(settings),
+            defs: RwLock::new(defs),
+            vms: Mutex::new(vms),
+            history: Mutex::new(Vec::new()),
+            events,
+        }))
+    }
+
+    /// Subscribes to events.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn settings(&self) -> Settings {
+        self.settings.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn def(&self, name: &str) -> Result<VmDef, CprdError> {
+        self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned().ok_or_else(|| {
+            CprdError::NoSuchVM(format!("no VM named {name:?} is defined (see {}/vms)", self.config_dir.display()))
+        })
+    }
+
+    /// Names of all defined VMs.
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.vms).keys().cloned().collect()
+    }
+
+    /// A snapshot of one VM.
+    pub fn view(&self, name: &str) -> Result<VmView, CprdError> {
+        let def = self.def(name)?;
+        let vms = lock(&self.vms);
+        let vm = vms.get(name).ok_or_else(|| CprdError::NoSuchVM(format!("no VM named {name:?}")))?;
+        let r = vm.record.clone();
+        Ok(VmView {
+            name: name.to_string(),
+            state: vm.state,
+            backend: def.backend.as_str().to_string(),
+            generation: r.as_ref().map_or(0, |r| r.generation),
+            main_pid: r.as_ref().map_or(0, |r| r.main_pid),
+            vmm_binary: r.as_ref().map_or_else(String::new, |r| r.vmm_binary.display().to_string()),
+            vmm_version: r.as_ref().map_or_else(String::new, |r| r.vmm_version.clone()),
+            memory_bytes: def.memory_bytes,
+            vcpus: def.vcpus,
+            last_downtime_usec: r.as_ref().map_or(0, |r| r.last_downtime_usec),
+            console: r.as_ref().map_or_else(String::new, |r| r.console.display().to_string()),
+        })
+    }
+
+    /// Snapshots of all VMs.
+    pub fn list(&self) -> Vec<VmView> {
+        self.names().iter().filter_map(|n| self.view(n).ok()).collect()
+    }
+
+    /// Past upgrades, oldest first.
+    pub fn history(&self) -> Vec<UpgradeRecord> {
+        lock(&self.history).clone()
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.runtime_dir.join("vms").join(format!("{name}.json"))
+    }
+
+    fn persist(&self, name: &str) {
+        let record = lock(&self.vms).get(name).and_then(|v| v.record.clone());
+        match record {
+            Some(r) => write_atomic(&self.record_path(name), &serde_json::to_vec_pretty(&r).unwrap_or_default()),
+            None => {
+                let _ = std::fs::remove_file(self.record_path(name));
+            }
+        }
+    }
+
+    fn set_state(&self, name: &str, state: VmState) {
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            vm.state = state;
+        }
+        self.emit(Event::VmChanged(name.to_string()));
+    }
+
+    /// Claims a VM for a mutating operation: it must be in one of `from`; it moves to `to`.
+    fn claim(&self, name: &str, from: &[VmState], to: VmState) -> Result<VmState, CprdError> {
+        self.def(name)?;
+        let mut vms = lock(&self.vms);
+        let vm = vms.get_mut(name).ok_or_else(|| CprdError::NoSuchVM(format!("no VM named {name:?}")))?;
+        if !from.contains(&vm.state) {
+            return Err(CprdError::Busy(format!("VM {name} is {}; try again when it is not", vm.state.as_str())));
+        }
+        let was = vm.state;
+        vm.state = to;
+        drop(vms);
+        self.emit(Event::VmChanged(name.to_string()));
+        Ok(was)
+    }
+
+    /// Checks a VMM binary against the allow-list: a match, a regular file owned by root, not
+    /// group- or world-writable.
+    pub fn check_binary(&self, binary: &Path) -> Result<(), CprdError> {
+        let settings = self.settings();
+        let text = binary.to_string_lossy();
+        if !binary.is_absolute() || !settings.allowed_vmm.iter().any(|p| p.matches(&text)) {
+            let allowed: Vec<&str> = settings.allowed_vmm.iter().map(glob::Pattern::as_str).collect();
+            return Err(CprdError::NotAllowed(format!(
+                "{text} is not in the VMM allow-list {allowed:?} (vmm.allowed in {}/cprd.toml)",
+                self.config_dir.display()
+            )));
+        }
+        let meta = std::fs::metadata(binary).map_err(|e| CprdError::NotAllowed(format!("{text}: {e}")))?;
+        if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Err(CprdError::NotAllowed(format!(
+                "{text} must be a regular file owned by root and not writable by group or others (mode {:o}, uid {})",
+                meta.mode() & 0o7777,
+                meta.uid()
+            )));
+        }
+        Ok(())
+    }
+
+    fn binary_for(&self, def: &VmDef, requested: &str) -> Result<PathBuf, CprdError> {
+        let binary = if requested.is_empty() {
+            def.vmm_binary.clone().unwrap_or_else(|| self.settings().default_vmm)
+        } else {
+            PathBuf::from(requested)
+        };
+        self.check_binary(&binary)?;
+        Ok(binary)
+    }
+
+    /// Starts a VM. Starting a running VM is a successful no-op.
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<(), CprdError> {
+        let def = self.def(name)?;
+        if self.view(name)?.state == VmState::Running {
+            return Ok(());
+        }
+        let binary = self.binary_for(&def, "")?;
+        self.claim(name, &[VmState::Stopped, VmState::Failed], VmState::Starting)?;
+        match self.spawn_vmm(&def, &binary) {
+            Ok((record, memfd, child)) => {
+                let pid = record.main_pid;
+                if let Some(vm) = lock(&self.vms).get_mut(name) {
+                    vm.record = Some(record);
+                    vm.memfd = Some(memfd);
+                    vm.state = VmState::Running;
+                }
+                self.persist(name);
+                self.supervise_child(name, child);
+                tracing::info!(CPRD_VM = name, "started VM {name} (VMM pid {pid})");
+                self.emit(Event::VmChanged(name.to_string()));
+                Ok(())
+            }
+            Err(e) => {
+                self.set_state(name, VmState::Stopped);
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn_vmm(&self, def: &VmDef, binary: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+        let dir = self.runtime_dir.join("vms");
+        let control = dir.join(format!("{}.0.sock", def.name));
+        let console = def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name)));
+        let log = dir.join(format!("{}.log", def.name));
+        let memfd = cpr_vmm::memory::create_memfd(def.memory_bytes)
+            .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
+        match &def.guest {
+            GuestDef::TestGuest => {}
+            GuestDef::Linux { kernel, initrd, cmdline } => {
+                cmd.arg("--kernel").arg(kernel).arg("--cmdline").arg(cmdline);
+                if let Some(i) = initrd {
+                    cmd.arg("--initrd").arg(i);
+                }
+            }
+        }
+        cmd.arg("--control").arg(&control).arg("--serial-out").arg(&console);
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| CprdError::StartFailed(format!("cannot open {}: {e}", log.display())))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
+        let raw = memfd.as_raw_fd();
+        // SAFETY: only async-signal-safe calls between fork and exec: a new session (so that
+        // signals to cprd's process group never reach the VMM), and the memfd placed at fd 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let _ = std::fs::remove_file(&control);
+        let mut child =
+            cmd.spawn().map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.display())))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = loop {
+            if let Ok(c) = ControlClient::connect(&control) {
+                break c;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let last = tail.lines().last().unwrap_or("").to_string();
+                return Err(CprdError::StartFailed(format!("the VMM exited at start ({status}): {last}")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CprdError::StartFailed("the VMM did not open its control socket within 20 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let version = match client.call(&Request::Describe, &[]) {
+            Ok(Response::Describe(d)) => d.build_id,
+            _ => String::new(),
+        };
+        let record = VmRecord {
+            generation: 0,
+            main_pid: child.id(),
+            control,
+            vmm_binary: binary.to_path_buf(),
+            vmm_version: version,
+            last_downtime_usec: 0,
+            console,
+            upgrading_to: None,
+        };
+        Ok((record, memfd, child))
+    }
+
+    /// Reaps a VMM that is our child, and notices when it dies.
+    fn supervise_child(self: &Arc<Self>, name: &str, mut child: Child) {
+        let engine = Arc::clone(self);
+        let name = name.to_string();
+        let _ = std::thread::Builder::new().name(format!("reap-{name}")).spawn(move || {
+            let pid = child.id();
+            let status = child.wait();
+            engine.vmm_exited(&name, pid, &format!("{status:?}"));
+        });
+    }
+
+    /// Notices when a VMM that is not our child (re-attached after a restart) dies.
+    fn supervise_pid(self: &Arc<Self>, name: &str, pid: u32) {
+        let engine = Arc::clone(self);
+        let name = name.to_string();
+        let _ = std::thread::Builder::new().name(format!("watch-{name}")).spawn(move || {
+            let Ok(raw) = i32::try_from(pid) else { return };
+            // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+            let Ok(fd) = i32::try_from(fd) else { return };
+            if fd < 0 {
+                engine.vmm_exited(&name, pid, "gone before it could be watched");
+                return;
+            }
+            // SAFETY: `fd` was just returned by pidfd_open and is ours.
+            let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
+            while matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE), Err(nix::Error::EINTR)) {}
+            engine.vmm_exited(&name, pid, "exited");
+        });
+    }
+
+    fn vmm_exited(&self, name: &str, pid: u32, how: &str) {
+        let mut vms = lock(&self.vms);
+        let Some(vm) = vms.get_mut(name) else { return };
+        let current = vm.record.as_ref().is_some_and(|r| r.main_pid == pid);
+        if !current {
+            return; // an older generation quitting after its handoff
+        }
+        let expected = vm.state == VmState::Stopping;
+        vm.state = if expected { VmState::Stopped } else { VmState::Failed };
+        vm.record = None;
+        vm.memfd = None;
+        drop(vms);
+        if !expected {
+            tracing::error!(CPRD_VM = name, "VMM of {name} (pid {pid}) died unexpectedly: {how}");
+        }
+        self.persist(name);
+        self.emit(Event::VmChanged(name.to_string()));
+    }
+
+    /// Stops a VM: asks its VMM to stop, or kills it with `force`. Stopping a stopped VM is a no-op.
+    pub fn stop(&self, name: &str, force: bool) -> Result<(), CprdError> {
+        let v = self.view(name)?;
+        if v.state == VmState::Stopped {
+            return Ok(());
+        }
+        self.claim(name, &[VmState::Running, VmState::Failed], VmState::Stopping)?;
+        let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
+        let Some(record) = record else {
+            self.set_state(name, VmState::Stopped);
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(record.main_pid).unwrap_or(0));
+        let graceful = !force
+            && ControlClient::connect(&record.control)
+                .is_ok_and(|c| matches!(c.call(&Request::Stop, &[]), Ok(Response::Ok)));
+        if !graceful {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let gone = |p| nix::sys::signal::kill(p, None).is_err() || proc_is_zombie(record.main_pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !gone(pid) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            vm.state = VmState::Stopped;
+            vm.record = None;
+            vm.memfd = None;
+        }
+        self.persist(name);
+        tracing::info!(CPRD_VM = name, "stopped VM {name}");
+        self.emit(Event::VmChanged(name.to_string()));
+        Ok(())
+    }
+
+    /// Hands a running VM to a new VMM process of `binary` (empty: the configured one).
+    /// Returns (downtime µs, new generation).
+    pub fn upgrade(self: &Arc<Self>, name: &str, binary: &str) -> Result<(u64, u64), CprdError> {
+        let def = self.def(name)?;
+        let binary = self.binary_for(&def, binary)?;
+        preflight(&binary)?;
+        self.claim(name, &[VmState::Running], VmState::Upgrading)?;
+        let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
+        let Some(mut record) = record else {
+            self.set_state(name, VmState::Running);
+            return Err(CprdError::InvalidArgument(format!("VM {name} has no running VMM")));
+        };
+        let generation = record.generation + 1;
+        let new_control = self.runtime_dir.join("vms").join(format!("{name}.{generation}.sock"));
+        record.upgrading_to = Some(new_control.clone());
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            vm.record = Some(record.clone());
+        }
+        self.persist(name);
+        let mut req = HandoffRequest::new(record.control.clone(), new_control.clone(), binary.clone());
+        req.timeout_ms = self.settings().handoff_timeout_ms;
+        req.new_session = true;
+        req.stderr = Some(self.runtime_dir.join("vms").join(format!("{name}.log")));
+        let id = now_usec();
+        let result = hand_off(&req);
+        record.upgrading_to = None;
+        let outcome = match result {
+            Ok(out) => {
+                let downtime_usec = out.report.downtime_ns() / 1000;
+                let version = ControlClient::connect(&new_control)
+                    .ok()
+                    .and_then(|c| match c.call(&Request::Describe, &[]) {
+                        Ok(Response::Describe(d)) => Some(d.build_id),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let old_control = std::mem::replace(&mut record.control, new_control);
+                let _ = std::fs::remove_file(old_control);
+                record.generation = out.report.generation;
+                record.main_pid = out.child.id();
+                record.vmm_binary = binary;
+                record.vmm_version = version;
+                record.last_downtime_usec = downtime_usec;
+                let generation = record.generation;
+                if let Some(vm) = lock(&self.vms).get_mut(name) {
+                    vm.record = Some(record);
+                    vm.state = VmState::Running;
+                }
+                self.supervise_child(name, out.child);
+                Ok((downtime_usec, generation))
+            }
+            Err(cpr_vmm::error::VmmError::Rollback(m)) => {
+                if let Some(vm) = lock(&self.vms).get_mut(name) {
+                    vm.record = Some(record.clone());
+                    vm.state = VmState::Failed;
+                }
+                Err(CprdError::RollbackFailed(format!(
+                    "upgrade of {name} failed and the old VMM could not resume: {m}"
+                )))
+            }
+            Err(e) => {
+                if let Some(vm) = lock(&self.vms).get_mut(name) {
+                    vm.record = Some(record.clone());
+                    vm.state = VmState::Running;
+                }
+                Err(CprdError::UpgradeFailed(format!(
+                    "upgrade of {name} failed; the guest runs on in the old VMM: {e}"
+                )))
+            }
+        };
+        self.persist(name);
+        let rec = UpgradeRecord {
+            id,
+            vm: name.to_string(),
+            time_usec: now_usec(),
+            generation: self.view(name).map_or(0, |v| v.generation),
+            ok: outcome.is_ok(),
+            downtime_usec: outcome.as_ref().map_or(0, |(d, _)| *d),
+            error: outcome.as_ref().err().map_or_else(String::new, ToString::to_string),
+        };
+        tracing::info!(
+            CPRD_VM = name,
+            CPRD_UPGRADE_ID = rec.id,
+            CPRD_DOWNTIME_USEC = rec.downtime_usec,
+            CPRD_RESULT = if rec.ok { "ok" } else { "failed" },
+            "upgrade of {name}: {}",
+            if rec.ok {
+                format!("generation {}, downtime {} us", rec.generation, rec.downtime_usec)
+            } else {
+                rec.error.clone()
+            }
+        );
+        lock(&self.history).push(rec.clone());
+        self.emit(Event::UpgradeFinished(rec));
+        self.emit(Event::VmChanged(name.to_string()));
+        outcome
+    }
+
+    /// Upgrades every running VM, one after another. Returns (name, ok, downtime µs, error).
+    pub fn upgrade_all(self: &Arc<Self>, binary: &str) -> Vec<(String, bool, u64, String)> {
+        let running: Vec<String> =
+            self.list().into_iter().filter(|v| v.state == VmState::Running).map(|v| v.name).collect();
+        running
+            .into_iter()
+            .map(|name| match self.upgrade(&name, binary) {
+                Ok((downtime, _)) => (name, true, downtime, String::new()),
+                Err(e) => (name, false, 0, e.to_string()),
+            })
+            .collect()
+    }
+
+    /// Re-reads the configuration (a bad file keeps the last good one), then hands every running
+    /// VM whose configured VMM binary changed on disk (content id) to that binary. Returns the
+    /// upgrade results.
+    pub fn reload(self: &Arc<Self>) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+        let settings = config::load_settings(&self.config_dir).map_err(|e| self.bad_config(e))?;
+        let defs = config::load_vms(&settings.vms_dir).map_err(|e| self.bad_config(e))?;
+        {
+            let mut vms = lock(&self.vms);
+            for name in defs.keys() {
+                vms.entry(name.clone()).or_insert(Vm { state: VmState::Stopped, record: None, memfd: None });
+            }
+            vms.retain(|n, vm| defs.contains_key(n) || vm.record.is_some());
+        }
+        *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+        *self.defs.write().unwrap_or_else(std::sync::PoisonError::into_inner) = defs;
+        tracing::info!("configuration reloaded");
+        let mut results = Vec::new();
+        for v in self.list().into_iter().filter(|v| v.state == VmState::Running) {
+            let Ok(def) = self.def(&v.name) else { continue };
+            let configured = def.vmm_binary.clone().unwrap_or_else(|| self.settings().default_vmm);
+            if binary_build_id(&configured).is_some_and(|id| id != v.vmm_version) {
+                results.push(match self.upgrade(&v.name, "") {
+                    Ok((d, _)) => (v.name, true, d, String::new()),
+                    Err(e) => (v.name, false, 0, e.to_string()),
+                });
+            }
+        }
+        Ok(results)
+    }
+
+    fn bad_config(&self, e: config::ConfigError) -> CprdError {
+        tracing::error!("configuration not reloaded, keeping the last good one: {e}");
+        CprdError::InvalidArgument(format!("{e}; the last good configuration stays in effect"))
+    }
+
+    /// Starts every VM marked `autostart` that is not running.
+    pub fn autostart(self: &Arc<Self>) {
+        let defs: Vec<VmDef> =
+            self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect();
+        for def in defs.into_iter().filter(|d| d.autostart) {
+            if let Err(e) = self.start(&def.name) {
+                tracing::error!(CPRD_VM = def.name, "autostart of {} failed: {e}", def.name);
+            }
+        }
+    }
+
+    /// Takes back every VM whose VMM runs, from the runtime records and the VMMs' control
+    /// sockets (the memfd comes back from the VMM). Records that cannot be matched are moved to
+    /// `quarantine/` and logged. Never panics.
+    pub fn reattach(self: &Arc<Self>) {
+        let dir = self.runtime_dir.join("vms");
+        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        for entry in rd.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            match self.reattach_one(&name, &path) {
+                Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
+                Err(why) => {
+                    let q = self.runtime_dir.join("quarantine");
+                    let _ = std::fs::create_dir_all(&q);
+                    let _ = std::fs::rename(&path, q.join(format!("{name}.json")));
+                    tracing::warn!(CPRD_VM = name, "cannot re-attach {name}: {why}; record quarantined");
+                }
+            }
+        }
+    }
+
+    fn reattach_one(self: &Arc<Self>, name: &str, path: &Path) -> Result<u32, String> {
+        let text = std::fs::read(path).map_err(|e| e.to_string())?;
+        let mut record: VmRecord = serde_json::from_slice(&text).map_err(|e| format!("bad record: {e}"))?;
+        self.def(name).map_err(|e| e.to_string())?;
+        if let Some(new_control) = record.upgrading_to.take() {
+            // cprd died during a handoff: whichever side runs the guest now is the VMM.
+            let old_state =
+                ControlClient::connect(&record.control).ok().and_then(|c| match c.call(&Request::Status, &[]) {
+                    Ok(Response::Status(s)) => Some(s.state),
+                    _ => None,
+                });
+            use cpr_proto::control::RunState;
+            match old_state {
+                Some(RunState::PostMigrate) | None => record.control = new_control,
+                Some(RunState::MigrationFailed) => {
+                    if let Ok(c) = ControlClient::connect(&new_control) {
+                        let _ = c.call(&Request::Stop, &[]);
+                    }
+                    if let Ok(c) = ControlClient::connect(&record.control) {
+                        let _ = c.call(&Request::Resume, &[]);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
+        let describe = match client.call(&Request::Describe, &[]) {
+            Ok(Response::Describe(d)) => d,
+            other => return Err(format!("describe answered {other:?}")),
+        };
+        let status = match client.call(&Request::Status, &[]) {
+            Ok(Response::Status(s)) => s,
+            other => return Err(format!("status answered {other:?}")),
+        };
+        let memfd = match client.call_with_fds(&Request::GetMemoryFd, &[]) {
+            Ok(r) if matches!(r.msg, Response::Ok) => r.fds.into_iter().next().ok_or("no memfd came back")?,
+            other => return Err(format!("memory fd request answered {other:?}")),
+        };
+        record.main_pid = describe.pid;
+        record.generation = status.generation;
+        record.vmm_version = describe.build_id;
+        let pid = record.main_pid;
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            vm.record = Some(record);
+            vm.memfd = Some(memfd);
+            vm.state = VmState::Running;
+        }
+        self.persist(name);
+        self.supervise_pid(name, pid);
+        Ok(pid)
+    }
+
+    /// Short status line for systemd.
+    pub fn status_line(&self) -> String {
+        let running = self.list().iter().filter(|v| v.state == VmState::Running).count();
+        let last = lock(&self.history).last().map(|r| format!(", last upgrade {} us", r.downtime_usec));
+        format!("{running} VMs running{}", last.unwrap_or_default())
+    }
+}
+
+fn proc_is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Asks a candidate VMM binary which state formats it reads, before anything is touched.
+fn preflight(binary: &Path) -> Result<(), CprdError> {
+    let out = Command::new(binary)
+        .arg("--state-formats")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| CprdError::Incompatible(format!("cannot run {}: {e}", binary.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reads: Vec<u16> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("reads: "))
+        .map(|l| l.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    if !out.status.success() || !reads.contains(&cpr_proto::state::FORMAT_MAJOR) {
+        return Err(CprdError::Incompatible(format!(
+            "{} does not read state format {} (it says {:?}); nothing was changed",
+            binary.display(),
+            cpr_proto::state::FORMAT_MAJOR,
+            text.trim()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! A private system-type `dbus-daemon` and a `cprd` on it, for daemon tests and the demo.
+//! Both are started from the test's own temporary directory and killed by PID on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{bin, bin_dir, wait_until};
+
+/// A private `dbus-daemon` configured from the stock `/usr/share/dbus-1/system.conf`, with only
+/// its listen address, pid file and policy directory changed, and cprd's policy file included.
+#[derive(Debug)]
+pub struct PrivateBus {
+    /// The bus address.
+    pub address: String,
+    pid: i32,
+}
+
+impl PrivateBus {
+    /// Starts the bus in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let policy_dir = dir.join("system.d");
+        std::fs::create_dir_all(&policy_dir).expect("policy dir");
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../units/dbus/org.cprd1.conf");
+        std::fs::copy(policy, policy_dir.join("org.cprd1.conf")).expect("copy policy");
+        let stock = std::fs::read_to_string("/usr/share/dbus-1/system.conf").expect("stock system.conf");
+        let socket = dir.join("bus");
+        let conf: String = stock
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("<user>"))
+            .filter(|l| !l.contains("<includedir>/etc/dbus-1/system.d</includedir>"))
+            .map(|l| {
+                if l.contains("<listen>") {
+                    format!("  <listen>unix:path={}</listen>", socket.display())
+                } else if l.contains("<pidfile>") {
+                    format!("  <pidfile>{}</pidfile>", dir.join("bus.pid").display())
+                } else if l.contains("<includedir>system.d</includedir>") {
+                    format!("  <includedir>{}</includedir>", policy_dir.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let conf_path = dir.join("bus.conf");
+        std::fs::write(&conf_path, conf).expect("bus.conf");
+        let out = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf_path.display()))
+            .args(["--fork", "--print-address=1", "--print-pid=1"])
+            .output()
+            .expect("start dbus-daemon");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        let address = lines.next().unwrap_or_default().to_string();
+        let pid = lines.next().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        assert!(out.status.success() && pid > 0, "dbus-daemon failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Let other users (the uid 65534 tests) reach the socket.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        Self { address, pid }
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+/// A cprd process on a private bus with its own config and runtime directories.
+#[derive(Debug)]
+pub struct Cprd {
+    /// The process.
+    pub child: Child,
+    /// The bus address.
+    pub address: String,
+    /// Config directory.
+    pub config_dir: PathBuf,
+    /// Runtime directory.
+    pub runtime_dir: PathBuf,
+    /// Log file (stderr).
+    pub log: PathBuf,
+}
+
+/// Writes a cprd configuration allowing this build's binaries and `extra_allowed`.
+pub fn write_config(dir: &Path, extra_allowed: &[&str]) -> PathBuf {
+    let config_dir = dir.join("etc");
+    std::fs::create_dir_all(config_dir.join("vms")).expect("config dir");
+    let mut allowed = vec![format!("{}/*", bin_dir().display())];
+    allowed.extend(extra_allowed.iter().map(ToString::to_string));
+    let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+    let text = format!(
+        "[vmm]\nallowed = [{}]\ndefault = {:?}\n\n[handoff]\ntimeout_ms = 5000\n",
+        allowed.join(", "),
+        bin("cpr-vmm").display().to_string()
+    );
+    std::fs::write(config_dir.join("cprd.toml"), text).expect("cprd.toml");
+    config_dir
+}
+
+/// Writes `vms/NAME.toml`.
+pub fn define_vm(config_dir: &Path, name: &str, body: &str) {
+    std::fs::write(config_dir.join("vms").join(format!("{name}.toml")), body).expect("vm definition");
+}
+
+impl Cprd {
+    /// Starts cprd and waits until it owns `org.cprd1`.
+    pub fn start(dir: &Path, bus: &PrivateBus, config_dir: &Path) -> Self {
+        let runtime_dir = dir.join("run");
+        let log = dir.join("cprd.log");
+        let child = Command::new(bin("cprd"))
+            .arg("--bus-address")
+            .arg(&bus.address)
+            .arg("--config-dir")
+            .arg(config_dir)
+            .arg("--runtime-dir")
+            .arg(&runtime_dir)
+            .env("CPRD_STDERR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"))
+            .spawn()
+            .expect("start cprd");
+        let mut c =
+            Self { child, address: bus.address.clone(), config_dir: config_dir.to_path_buf(), runtime_dir, log };
+        let up = wait_until(Duration::from_secs(30), || {
+            c.child.try_wait().ok().flatten().is_some() || c.cprctl(&["list"]).status.success()
+        });
+        assert!(up && c.child.try_wait().ok().flatten().is_none(), "cprd did not come up: {}", c.log_text());
+        c
+    }
+
+    /// cprd's log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `cprctl --address <bus> args…`.
+    pub fn cprctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("cprctl")).arg("--address").arg(&self.address).args(args).output().expect("run cprctl")
+    }
+
+    /// Runs `busctl --address <bus> args…`, as uid `uid` when given.
+    pub fn busctl(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([&format!("--reuid={u}"), &format!("--regid={u}"), "--clear-groups", "busctl"]);
+                c
+            }
+            None => Command::new("busctl"),
+        };
+        cmd.arg(format!("--address={}", self.address)).args(args).output().expect("run busctl")
+    }
+
+    /// Kills cprd with SIGKILL (its VMMs keep running) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Cprd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Stops, by PID, every VMM whose runtime record is under `runtime_dir` (test cleanup).
+pub fn kill_vmms(runtime_dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(runtime_dir.join("vms")) else { return };
+    for e in rd.filter_map(Result::ok) {
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+        if let Some(pid) = v["main_pid"].as_i64().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Output as text, for messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

@@ -1,0 +1,236 @@
+//! cprd on a real private dbus-daemon, running real cpr-vmm guests on `/dev/kvm`.
+#![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, text, write_config};
+use cpr_tests::{check_heartbeats, heartbeats, require_kvm, wait_until};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    _bus: PrivateBus,
+    cprd: Cprd,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        kill_vmms(&self.cprd.runtime_dir);
+    }
+}
+
+fn setup(vms: &[&str], extra_allowed: &[&str]) -> Setup {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), extra_allowed);
+    for vm in vms {
+        define_vm(&config, vm, "memory = \"64M\"\nvcpus = 1\n");
+    }
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    Setup { _dir: dir, _bus: bus, cprd }
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(out));
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+fn console_ok(s: &Setup, vm: &str) {
+    let path = s.cprd.runtime_dir.join("vms").join(format!("{vm}.console"));
+    let seq = heartbeats(&path).last().map_or(0, |h| h.seq);
+    assert!(
+        wait_until(Duration::from_secs(20), || heartbeats(&path).last().map_or(0, |h| h.seq) > seq + 1),
+        "{vm} silent"
+    );
+    check_heartbeats(&heartbeats(&path)).unwrap_or_else(|e| panic!("{vm}: {e}"));
+}
+
+#[test]
+fn full_lifecycle_through_cprctl_and_busctl() {
+    let s = setup(&["vm1"], &[]);
+    let c = &s.cprd;
+    let monitor = std::process::Command::new("busctl")
+        .arg(format!("--address={}", c.address))
+        .args(["monitor", "org.cprd1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("busctl monitor");
+    let list = json(&c.cprctl(&["--json", "list"]));
+    assert_eq!(list[0]["name"], "vm1");
+    assert_eq!(list[0]["state"], "stopped");
+    assert!(c.cprctl(&["start", "vm1"]).status.success());
+    let list = json(&c.cprctl(&["--json", "list"]));
+    assert_eq!(list[0]["state"], "running");
+    assert_eq!(list[0]["generation"], 0);
+    let pid0 = list[0]["main_pid"].as_u64().expect("pid");
+    assert!(pid0 > 0);
+    let prop = c.busctl(None, &["get-property", "org.cprd1", "/org/cprd1/vm/vm1", "org.cprd1.VM", "State"]);
+    assert_eq!(String::from_utf8_lossy(&prop.stdout).trim(), "s \"running\"", "{}", text(&prop));
+    let up = c.cprctl(&["upgrade", "vm1"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let call = c.busctl(None, &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "UpgradeVM", "ss", "vm1", ""]);
+    let reply = String::from_utf8_lossy(&call.stdout).to_string();
+    assert!(reply.starts_with("tt ") && reply.trim().ends_with(" 2"), "{}", text(&call));
+    let st = json(&c.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["generation"], 2);
+    assert_ne!(st["main_pid"].as_u64(), Some(pid0), "a new VMM process");
+    assert!(st["last_downtime_usec"].as_u64().unwrap_or(0) > 0);
+    let hist = json(&c.cprctl(&["--json", "history"]));
+    assert_eq!(hist.as_array().map(Vec::len), Some(2));
+    assert!(hist[1]["ok"].as_bool().unwrap_or(false));
+    console_ok(&s, "vm1");
+    assert!(c.cprctl(&["stop", "vm1"]).status.success());
+    let st = json(&c.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "stopped");
+    assert!(wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{}", st["main_pid"])).exists()
+        || st["main_pid"] == 0));
+    let mut monitor = monitor;
+    let _ = monitor.kill();
+    let out = monitor.wait_with_output().expect("monitor output");
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(seen.contains("UpgradeFinished"), "no UpgradeFinished signal seen");
+    assert!(seen.contains("VMStateChanged"), "no VMStateChanged signal seen");
+    assert!(seen.contains("PropertiesChanged"), "no PropertiesChanged signal seen");
+}
+
+#[test]
+fn nobody_may_read_but_not_change() {
+    let s = setup(&["vm1"], &[]);
+    let c = &s.cprd;
+    let list = c.busctl(Some(65534), &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "ListVMs"]);
+    assert!(list.status.success(), "{}", text(&list));
+    let prop = c.busctl(Some(65534), &["get-property", "org.cprd1", "/org/cprd1/vm/vm1", "org.cprd1.VM", "State"]);
+    assert!(prop.status.success(), "{}", text(&prop));
+    for args in [
+        vec!["StartVM", "s", "vm1"],
+        vec!["StopVM", "sb", "vm1", "false"],
+        vec!["UpgradeVM", "ss", "vm1", ""],
+        vec!["UpgradeAll", "s", ""],
+        vec!["Reload"],
+    ] {
+        let mut full = vec!["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager"];
+        full.extend(args.iter().copied());
+        let out = c.busctl(Some(65534), &full);
+        assert!(!out.status.success(), "{args:?} allowed for uid 65534");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Access denied"), "{args:?}: {}", text(&out));
+    }
+    let st = json(&c.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "stopped", "nothing changed");
+}
+
+#[test]
+fn bad_requests_get_named_errors_and_change_nothing() {
+    let s = setup(&["vm1"], &[]);
+    let c = &s.cprd;
+    assert!(c.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&c.cprctl(&["--json", "status", "vm1"]));
+    // a binary outside the allow-list
+    let out = c
+        .busctl(None, &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "UpgradeVM", "ss", "vm1", "/bin/true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the VMM allow-list"), "{}", text(&out));
+    let out = c.cprctl(&["upgrade", "vm1", "--binary", "/bin/true"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    // an unknown VM
+    let out = c.cprctl(&["start", "nope"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("org.cprd1.Error.NoSuchVM"), "{}", text(&out));
+    // malformed arguments
+    let out = c.busctl(None, &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "UpgradeVM", "s", "vm1"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    // bad TOML: reload refuses it, names file and line, and keeps the last good configuration
+    let bad = c.config_dir.join("vms/broken.toml");
+    std::fs::write(&bad, "memory = \"64M\"\n\nvcpus = \"two\"\n").expect("write");
+    let out = c.cprctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.toml") && err.contains("line 3") && err.contains("vcpus"), "{err}");
+    assert!(err.contains("last good configuration"), "{err}");
+    let after = json(&c.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(before, after, "nothing changed");
+    assert_eq!(json(&c.cprctl(&["--json", "list"])).as_array().map(Vec::len), Some(1));
+}
+
+/// A wrapper script around cpr-vmm, root-owned and mode 0755, in the allow-list.
+fn wrapper(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    let real = cpr_tests::bin("cpr-vmm");
+    let script =
+        format!("#!/bin/sh\nif [ \"$1\" = --state-formats ]; then exec {} \"$@\"; fi\n{body}\n", real.display());
+    std::fs::write(&path, script.replace("REAL", &real.display().to_string())).expect("write wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn failed_upgrades_roll_back_to_the_old_vmm() {
+    let wrappers = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let glob = format!("{}/*", wrappers.path().display());
+    let s = setup(&["vm1"], &[&glob]);
+    let c = &s.cprd;
+    let crash = wrapper(wrappers.path(), "crashes.sh", "kill -SEGV $$");
+    let reject = wrapper(wrappers.path(), "rejects.sh", "CPR_VMM_FAULT=reject-state exec REAL \"$@\"");
+    assert!(c.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&c.cprctl(&["--json", "status", "vm1"]));
+    for (binary, why) in [(&crash, "went away"), (&reject, "rejected the state")] {
+        let out = c.cprctl(&["upgrade", "vm1", "--binary", binary]);
+        assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("org.cprd1.Error.UpgradeFailed") && err.contains(why), "{err}");
+        let st = json(&c.cprctl(&["--json", "status", "vm1"]));
+        assert_eq!(st["state"], "running");
+        assert_eq!(st["generation"], before["generation"]);
+        assert_eq!(st["main_pid"], before["main_pid"]);
+    }
+    console_ok(&s, "vm1");
+    assert!(c.cprctl(&["upgrade", "vm1"]).status.success(), "a good upgrade still works");
+}
+
+#[test]
+fn kill_9_of_cprd_leaves_vms_running_and_reattaches_them() {
+    let names = ["a", "b", "c", "d", "e"];
+    let mut s = setup(&names, &[]);
+    for n in names {
+        assert!(s.cprd.cprctl(&["start", n]).status.success());
+    }
+    let before = json(&s.cprd.cprctl(&["--json", "list"]));
+    s.cprd.kill9();
+    for n in names {
+        console_ok(&s, n);
+    }
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    let new = Cprd::start(&dir, &s._bus, &config);
+    let after = json(&new.cprctl(&["--json", "list"]));
+    assert_eq!(before, after, "same PIDs, generations and states after the restart");
+    let up = new.cprctl(&["upgrade", "c"]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert_eq!(json(&new.cprctl(&["--json", "status", "c"]))["generation"], 1);
+    for n in names {
+        console_ok(&s, n);
+    }
+    s.cprd = new;
+}
+
+#[test]
+fn upgrade_all_over_twenty_vms() {
+    let names: Vec<String> = (0..20).map(|i| format!("vm{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let s = setup(&refs, &[]);
+    for n in &names {
+        assert!(s.cprd.cprctl(&["start", n]).status.success());
+    }
+    let all = json(&s.cprd.cprctl(&["--json", "upgrade", "--all"]));
+    let rows = all.as_array().expect("array");
+    assert_eq!(rows.len(), 20);
+    for r in rows {
+        assert_eq!(r["ok"], true, "{r}");
+        assert!(r["downtime_usec"].as_u64().unwrap_or(0) > 0, "{r}");
+    }
+    for n in &names {
+        console_ok(&s, n);
+        assert_eq!(json(&s.cprd.cprctl(&["--json", "status", n]))["generation"], 1);
+    }
+}
