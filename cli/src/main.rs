@@ -200,9 +200,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         r["name"].as_str().unwrap_or(""),
                         r["state"].as_str().unwrap_or(""),
                         r["backend"].as_str().unwrap_or(""),
-                        r["generation"],
-                        r["main_pid"],
-                        r["last_downtime_usec"]
+                        r["generation"].to_string(),
+                        r["main_pid"].to_string(),
+                        r["last_downtime_usec"].to_string()
                     );
                 }
             }

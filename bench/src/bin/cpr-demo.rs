@@ -1,8 +1,11 @@
-//! The demo: boot the test guest under cpr-vmm, upgrade its VMM live ten times, print the downtime.
+//! The demo: a private D-Bus bus and cprd in a temporary directory (no system changes); one VM
+//! running the test guest under cpr-vmm on /dev/kvm; ten live upgrades of its VMM through
+//! `cprctl upgrade`; `cprctl history`; the downtime. Everything it starts is stopped at the end.
 
 use std::time::Duration;
 
-use cpr_tests::{Chain, check_heartbeats, heartbeats, wait_until};
+use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, write_config};
+use cpr_tests::{check_heartbeats, heartbeats, wait_until};
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -17,47 +20,53 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn show(cmd: &str, out: &std::process::Output) -> Result<String, String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(stdout)
+}
+
 fn run() -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    println!("booting the test guest under cpr-vmm (1 vCPU, 1 GiB of RAM in a sealed memfd) on /dev/kvm");
-    let mut chain = Chain::start(dir.path(), &["--memory", "1G", "--vcpus", "1"], &[]);
-    wait_until(Duration::from_secs(10), || heartbeats(&chain.serial).len() >= 3);
-    for hb in heartbeats(&chain.serial).iter().take(3) {
+    println!("starting a private dbus-daemon and cprd in {}", dir.path().display());
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    define_vm(&config, "demo", "memory = \"1G\"\nvcpus = 1\nguest = \"test\"\n");
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let result = upgrades(&cprd);
+    let _ = cprd.cprctl(&["stop", "demo"]);
+    kill_vmms(&cprd.runtime_dir);
+    result
+}
+
+fn upgrades(cprd: &Cprd) -> Result<String, String> {
+    println!("$ cprctl start demo   (the test guest, 1 vCPU, 1 GiB in a memfd cprd owns)");
+    show("cprctl start", &cprd.cprctl(&["start", "demo"]))?;
+    let console = cprd.runtime_dir.join("vms/demo.console");
+    wait_until(Duration::from_secs(10), || heartbeats(&console).len() >= 3);
+    for hb in heartbeats(&console).iter().take(3) {
         println!("  guest heartbeat {}: counter {:#x}, checksum {:#x}", hb.seq, hb.counter, hb.pattern_sum);
     }
-    let mut downtimes = Vec::new();
-    for i in 1..=10 {
-        let old_pid = chain.current.id();
-        chain.hand_off(&chain.request())?;
-        let r = *chain.reports.last().ok_or("no report")?;
-        let st = chain.status();
-        let tg = st.test_guest.ok_or("no guest status")?;
-        if tg.fail != 0 {
-            return Err(format!("guest self-check failed after upgrade {i}"));
-        }
-        let us = r.downtime_ns() as f64 / 1000.0;
-        downtimes.push(us);
-        println!(
-            "upgrade {i:2}: VMM pid {old_pid} -> {} (generation {}), downtime {us:.0} us, guest counter {:#x}",
-            r.new_pid, st.generation, tg.counter
-        );
-        if std::env::var_os("CPR_DEMO_BREAKDOWN").is_some() {
-            let d = |a: u64, b: u64| b.saturating_sub(a) / 1000;
-            println!(
-                "    pause {} us, save+send {} us, transfer+decode {} us, restore {} us",
-                d(r.pause_requested_ns, r.paused_ns),
-                d(r.paused_ns, r.state_sent_ns),
-                d(r.state_sent_ns, r.state_received_ns),
-                d(r.state_received_ns, r.resumed_ns)
-            );
-        }
+    print!("$ cprctl list\n{}", show("cprctl list", &cprd.cprctl(&["list"]))?);
+    for _ in 0..10 {
+        print!("$ cprctl upgrade demo\n{}", show("cprctl upgrade", &cprd.cprctl(&["upgrade", "demo"]))?);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let seq = heartbeats(&chain.serial).last().map_or(0, |h| h.seq);
-    wait_until(Duration::from_secs(10), || heartbeats(&chain.serial).last().map_or(0, |h| h.seq) > seq);
-    let hbs = heartbeats(&chain.serial);
+    print!("$ cprctl history\n{}", show("cprctl history", &cprd.cprctl(&["history"]))?);
+    let seq = heartbeats(&console).last().map_or(0, |h| h.seq);
+    wait_until(Duration::from_secs(10), || heartbeats(&console).last().map_or(0, |h| h.seq) > seq);
+    let hbs = heartbeats(&console);
     check_heartbeats(&hbs).map_err(|e| format!("guest output not continuous: {e}"))?;
     println!("guest: {} heartbeats, numbered 1..{} without a gap, pattern checksum unchanged", hbs.len(), hbs.len());
+    let hist = show("cprctl history", &cprd.cprctl(&["--json", "history"]))?;
+    let hist: serde_json::Value = serde_json::from_str(&hist).map_err(|e| e.to_string())?;
+    let rows = hist.as_array().ok_or("history is not a list")?;
+    if rows.len() != 10 || rows.iter().any(|r| r["ok"] != true) {
+        return Err(format!("expected 10 successful upgrades, history says {hist}"));
+    }
+    let downtimes: Vec<f64> = rows.iter().filter_map(|r| r["downtime_usec"].as_f64()).collect();
     let s = cpr_bench::summarize(&downtimes);
     Ok(format!("demo: 10 upgrades ok, downtime median {:.0} us, p99 {:.0} us", s.median, s.p99))
 }
