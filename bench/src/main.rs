@@ -23,6 +23,86 @@ struct Args {
     /// RAM sizes for the post-resume table.
     #[arg(long, value_delimiter = ',', default_value = "256M,1G")]
     touch_ram: Vec<String>,
+    /// Instead: compare cprd-driven upgrades (D-Bus) with bare handoffs, and time UpgradeAll.
+    #[arg(long)]
+    daemon: bool,
+    /// VMs for the UpgradeAll measurement (with --daemon).
+    #[arg(long, default_value_t = 50)]
+    vms: usize,
+}
+
+/// Resident set size of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// cprd-driven versus bare handoffs in one run, UpgradeAll wall time, cprd's RSS.
+fn daemon_bench(args: &Args) {
+    use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, write_config};
+    let n = args.handoffs;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &["--memory", "256M"], &[]);
+    let ddir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(ddir.path());
+    let config = write_config(ddir.path(), &[]);
+    define_vm(&config, "one", "memory = \"256M\"\n");
+    for i in 0..args.vms {
+        define_vm(&config, &format!("m{i:03}"), "memory = \"64M\"\n");
+    }
+    let cprd = Cprd::start(ddir.path(), &bus, &config);
+    assert!(cprd.cprctl(&["start", "one"]).status.success());
+    // Interleaved, both guests running: the same conditions for both kinds of handoff.
+    let (mut bare, mut via_dbus, mut wall) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("bare handoff {i}: {e}"));
+        bare.push(chain.reports.last().map_or(0.0, |r| r.downtime_ns() as f64 / 1000.0));
+        let t = std::time::Instant::now();
+        let out = cprd.cprctl(&["--json", "upgrade", "one"]);
+        wall.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(out.status.success(), "upgrade {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        via_dbus.push(v["downtime_usec"].as_f64().unwrap_or(0.0));
+    }
+    drop(chain);
+    let _ = cprd.cprctl(&["stop", "one"]);
+    for i in 0..args.vms {
+        assert!(cprd.cprctl(&["start", &format!("m{i:03}")]).status.success());
+    }
+    let t = std::time::Instant::now();
+    let out = cprd.cprctl(&["--json", "upgrade", "--all"]);
+    let all_wall = t.elapsed().as_secs_f64();
+    let ok = out.status.success();
+    if !ok {
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for r in rows.as_array().into_iter().flatten().filter(|r| r["ok"] != true) {
+            println!("failed: {} {}", r["name"], r["error"]);
+        }
+    }
+    let rss = rss_kib(cprd.child.id());
+    kill_vmms(&cprd.runtime_dir);
+    let (b, d, w) = (summarize(&bare), summarize(&via_dbus), summarize(&wall));
+    println!("| measurement | n | min | median | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| bare handoff downtime (cpr-vmm handoff), us | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        b.n, b.min, b.median, b.p99, b.max
+    );
+    println!(
+        "| cprd UpgradeVM downtime (D-Bus), us | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        d.n, d.min, d.median, d.p99, d.max
+    );
+    println!(
+        "| cprctl upgrade wall time, ms | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        w.n, w.min, w.median, w.p99, w.max
+    );
+    println!();
+    println!("cprd-driven / bare median downtime = {:.2}", d.median / b.median);
+    println!("UpgradeAll of {} VMs: {all_wall:.2} s wall, {}", args.vms, if ok { "all ok" } else { "FAILURES" });
+    println!("cprd RSS with {} VMs: {:.1} MiB", args.vms, rss as f64 / 1024.0);
 }
 
 /// Median cost of one vCPU ioctl (`KVM_GET_REGS`) and one system ioctl on this host, in µs:
@@ -104,6 +184,12 @@ fn post_resume(ram: &str, prefault: bool, tpu: f64) -> (f64, f64, f64) {
 fn main() {
     let args = Args::parse();
     cpr_tests::require_kvm();
+    if args.daemon {
+        let cmd: Vec<String> = std::env::args().collect();
+        println!("# cprd upgrade benchmark\ncommand: {}\n", cmd.join(" "));
+        daemon_bench(&args);
+        return;
+    }
     let tpu = tsc_ticks_per_us();
     let kvm = if cpr_tests::hardware_kvm() { "hardware-assisted KVM" } else { "kvm_pvm (shadow paging)" };
     let cmd: Vec<String> = std::env::args().collect();

@@ -20,6 +20,9 @@ use cpr_vmm::handoff::{HandoffRequest, hand_off};
 use crate::config::{self, GuestDef, Settings, VmDef};
 use crate::error::CprdError;
 
+/// How many handoffs `UpgradeAll` runs at once.
+pub const UPGRADE_ALL_PARALLEL: usize = 16;
+
 /// A VM's lifecycle state as shown on D-Bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -69,8 +72,17 @@ pub struct VmRecord {
     pub last_downtime_usec: u64,
     /// Where the serial console is logged.
     pub console: PathBuf,
-    /// A handoff in flight: the new VMM's control socket.
-    pub upgrading_to: Option<PathBuf>,
+    /// A handoff in flight, recorded so that a cprd restart can finish or roll it back.
+    pub upgrading: Option<InFlight>,
+}
+
+/// A handoff in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// The new VMM's control socket.
+    pub control: PathBuf,
+    /// The new VMM's pid, once started (0 before).
+    pub pid: u32,
 }
 
 /// A VM as the engine holds it.
@@ -172,7 +184,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) {
 /// The content id of a binary, as cpr-vmm reports its own (`Describe.build_id`).
 pub fn binary_build_id(path: &Path) -> Option<String> {
     let bytes = std::fs::read(path).ok()?;
-    Some(format!("{:016x}", crc::Crc::<u64>::new(&crc::CRC_64_XZ).checksum(&bytes)))
+    Some(format!("{:016x}", crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ).checksum(&bytes)))
 }
 
 impl Engine {
@@ -417,7 +429,7 @@ impl Engine {
             vmm_version: version,
             last_downtime_usec: 0,
             console,
-            upgrading_to: None,
+            upgrading: None,
         };
         Ok((record, memfd, child))
     }
@@ -525,7 +537,7 @@ impl Engine {
         };
         let generation = record.generation + 1;
         let new_control = self.runtime_dir.join("vms").join(format!("{name}.{generation}.sock"));
-        record.upgrading_to = Some(new_control.clone());
+        record.upgrading = Some(InFlight { control: new_control.clone(), pid: 0 });
         if let Some(vm) = lock(&self.vms).get_mut(name) {
             vm.record = Some(record.clone());
         }
@@ -534,9 +546,21 @@ impl Engine {
         req.timeout_ms = self.settings().handoff_timeout_ms;
         req.new_session = true;
         req.stderr = Some(self.runtime_dir.join("vms").join(format!("{name}.log")));
+        let (tx, rx) = std::sync::mpsc::channel();
+        req.spawned = Some(tx);
+        let recorder = {
+            let (engine, name) = (Arc::clone(self), name.to_string());
+            std::thread::spawn(move || {
+                if let Ok(pid) = rx.recv() {
+                    engine.note_new_pid(&name, pid);
+                }
+            })
+        };
         let id = now_usec();
         let result = hand_off(&req);
-        record.upgrading_to = None;
+        drop(req);
+        let _ = recorder.join();
+        record.upgrading = None;
         let outcome = match result {
             Ok(out) => {
                 let downtime_usec = out.report.downtime_ns() / 1000;
@@ -609,17 +633,42 @@ impl Engine {
         outcome
     }
 
-    /// Upgrades every running VM, one after another. Returns (name, ok, downtime µs, error).
+    /// Records the new VMM's pid of a handoff in flight (so a restarted cprd can kill it).
+    fn note_new_pid(&self, name: &str, pid: u32) {
+        if let Some(InFlight { pid: p, .. }) =
+            lock(&self.vms).get_mut(name).and_then(|vm| vm.record.as_mut()).and_then(|r| r.upgrading.as_mut())
+        {
+            *p = pid;
+        }
+        self.persist(name);
+    }
+
+    /// Upgrades every running VM, [`UPGRADE_ALL_PARALLEL`] at a time (each handoff is mostly
+    /// waiting for processes to be scheduled, so overlapping them hides that wait). Returns
+    /// (name, ok, downtime µs, error) in name order.
     pub fn upgrade_all(self: &Arc<Self>, binary: &str) -> Vec<(String, bool, u64, String)> {
         let running: Vec<String> =
             self.list().into_iter().filter(|v| v.state == VmState::Running).map(|v| v.name).collect();
-        running
-            .into_iter()
-            .map(|name| match self.upgrade(&name, binary) {
-                Ok((downtime, _)) => (name, true, downtime, String::new()),
-                Err(e) => (name, false, 0, e.to_string()),
-            })
-            .collect()
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results = Mutex::new(Vec::with_capacity(running.len()));
+        std::thread::scope(|scope| {
+            for _ in 0..UPGRADE_ALL_PARALLEL.min(running.len()) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(name) = running.get(i) else { break };
+                        let row = match self.upgrade(name, binary) {
+                            Ok((downtime, _)) => (name.clone(), true, downtime, String::new()),
+                            Err(e) => (name.clone(), false, 0, e.to_string()),
+                        };
+                        lock(&results).push(row);
+                    }
+                });
+            }
+        });
+        let mut rows = results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        rows.sort();
+        rows
     }
 
     /// Re-reads the configuration (a bad file keeps the last good one), then hands every running
@@ -696,26 +745,8 @@ impl Engine {
         let text = std::fs::read(path).map_err(|e| e.to_string())?;
         let mut record: VmRecord = serde_json::from_slice(&text).map_err(|e| format!("bad record: {e}"))?;
         self.def(name).map_err(|e| e.to_string())?;
-        if let Some(new_control) = record.upgrading_to.take() {
-            // cprd died during a handoff: whichever side runs the guest now is the VMM.
-            let old_state =
-                ControlClient::connect(&record.control).ok().and_then(|c| match c.call(&Request::Status, &[]) {
-                    Ok(Response::Status(s)) => Some(s.state),
-                    _ => None,
-                });
-            use cpr_proto::control::RunState;
-            match old_state {
-                Some(RunState::PostMigrate) | None => record.control = new_control,
-                Some(RunState::MigrationFailed) => {
-                    if let Ok(c) = ControlClient::connect(&new_control) {
-                        let _ = c.call(&Request::Stop, &[]);
-                    }
-                    if let Ok(c) = ControlClient::connect(&record.control) {
-                        let _ = c.call(&Request::Resume, &[]);
-                    }
-                }
-                Some(_) => {}
-            }
+        if let Some(inflight) = record.upgrading.take() {
+            self.finish_interrupted_handoff(&mut record, &inflight);
         }
         let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
         let describe = match client.call(&Request::Describe, &[]) {
@@ -744,6 +775,58 @@ impl Engine {
         Ok(pid)
     }
 
+    /// cprd died during a handoff: decide, from the old VMM's state, who runs the guest now.
+    /// Old side post-migrate (or gone): the new VMM does. Old side waiting after a failure: the
+    /// new VMM is killed, then the old one resumes. Still migrating: wait for it to decide.
+    fn finish_interrupted_handoff(&self, record: &mut VmRecord, inflight: &InFlight) {
+        use cpr_proto::control::RunState;
+        let old_state = || {
+            ControlClient::connect(&record.control).ok().and_then(|c| match c.call(&Request::Status, &[]) {
+                Ok(Response::Status(s)) => Some(s.state),
+                _ => None,
+            })
+        };
+        let deadline = Instant::now() + Duration::from_millis(self.settings().handoff_timeout_ms * 3 + 1000);
+        let mut state = old_state();
+        while state == Some(RunState::Migrating) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            state = old_state();
+        }
+        let kill_new = || {
+            if let Ok(raw) = i32::try_from(inflight.pid)
+                && raw > 0
+            {
+                let pid = nix::unistd::Pid::from_raw(raw);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let end = Instant::now() + Duration::from_secs(5);
+                while nix::sys::signal::kill(pid, None).is_ok() && !proc_is_zombie(inflight.pid) && Instant::now() < end
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        match state {
+            Some(RunState::PostMigrate) | None => {
+                tracing::info!("interrupted handoff had completed; the new VMM runs the guest");
+                if let Ok(c) = ControlClient::connect(&record.control) {
+                    let _ = c.call(&Request::Quit, &[]);
+                }
+                record.control = inflight.control.clone();
+            }
+            Some(RunState::MigrationFailed) => {
+                kill_new();
+                if let Ok(c) = ControlClient::connect(&record.control) {
+                    let _ = c.call(&Request::Resume, &[]);
+                }
+                tracing::warn!("interrupted handoff had failed; new VMM killed, old VMM resumed");
+            }
+            Some(_) => {
+                kill_new();
+                tracing::warn!("interrupted handoff never paused the guest; new VMM killed");
+            }
+        }
+    }
+
     /// Short status line for systemd.
     pub fn status_line(&self) -> String {
         let running = self.list().iter().filter(|v| v.state == VmState::Running).count();
@@ -759,8 +842,23 @@ fn proc_is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
+/// Binaries that passed pre-flight, by (path, size, mtime, inode): asked once per build.
+static PREFLIGHT_OK: Mutex<Vec<(PathBuf, u64, i64, u64)>> = Mutex::new(Vec::new());
+
 /// Asks a candidate VMM binary which state formats it reads, before anything is touched.
 fn preflight(binary: &Path) -> Result<(), CprdError> {
+    let key = std::fs::metadata(binary).ok().map(|m| (binary.to_path_buf(), m.size(), m.mtime(), m.ino()));
+    if key.as_ref().is_some_and(|k| lock(&PREFLIGHT_OK).contains(k)) {
+        return Ok(());
+    }
+    ask_state_formats(binary)?;
+    if let Some(k) = key {
+        lock(&PREFLIGHT_OK).push(k);
+    }
+    Ok(())
+}
+
+fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
     let out = Command::new(binary)
         .arg("--state-formats")
         .stdin(Stdio::null())

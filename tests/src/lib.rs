@@ -295,6 +295,14 @@ impl Drop for Chain {
     }
 }
 
+/// Whether process `pid` is a zombie (exited, not reaped: state `Z` in /proc).
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
 /// Whether process `pid` is stopped (state `T` in /proc).
 pub fn is_stopped(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -234,3 +234,49 @@ fn upgrade_all_over_twenty_vms() {
         assert_eq!(json(&s.cprd.cprctl(&["--json", "status", n]))["generation"], 1);
     }
 }
+
+#[test]
+fn kill_9_of_cprd_mid_upgrade_rolls_back_on_restart() {
+    let wrappers = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let glob = format!("{}/*", wrappers.path().display());
+    let mut s = setup(&["vm1"], &[&glob]);
+    let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:after-state exec REAL \"$@\"");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    let address = s.cprd.address.clone();
+    let upgrade = std::process::Command::new(cpr_tests::bin("cprctl"))
+        .args(["--address", &address, "upgrade", "vm1", "--binary", &stall])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cprctl upgrade");
+    // Wait until the new VMM has the state and stopped itself, then kill cprd mid-handoff.
+    let record = s.cprd.runtime_dir.join("vms/vm1.json");
+    let mut new_pid = 0u32;
+    let stopped = wait_until(Duration::from_secs(20), || {
+        let v: serde_json::Value =
+            std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        new_pid = v["upgrading"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        new_pid > 0 && cpr_tests::is_stopped(new_pid)
+    });
+    assert!(stopped, "the new VMM never reached its stall point");
+    s.cprd.kill9();
+    let mut upgrade = upgrade;
+    let _ = upgrade.wait();
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    let new = Cprd::start(&dir, &s._bus, &config);
+    let after = json(&new.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(after["state"], "running");
+    assert_eq!(after["generation"], before["generation"], "rolled back, not handed off");
+    assert_eq!(after["main_pid"], before["main_pid"], "the old VMM runs the guest again");
+    assert!(
+        wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{new_pid}")).exists()
+            || cpr_tests::is_zombie(new_pid)),
+        "the stalled new VMM was killed"
+    );
+    s.cprd = new;
+    console_ok(&s, "vm1");
+    assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "a good upgrade works afterwards");
+}

@@ -32,7 +32,7 @@ pub fn build_id() -> String {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ID.get_or_init(|| {
         let bytes = std::fs::read("/proc/self/exe").unwrap_or_default();
-        let crc = crc::Crc::<u64>::new(&crc::CRC_64_XZ).checksum(&bytes);
+        let crc = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ).checksum(&bytes);
         format!("{crc:016x}")
     })
     .clone()
