@@ -42,10 +42,41 @@ async fn authorize(conn: &Connection, header: &Header<'_>) -> Result<(), CprdErr
         .get_connection_unix_user(sender.clone().into())
         .await
         .map_err(|e| CprdError::AccessDenied(format!("cannot identify the caller: {e}")))?;
-    if uid == 0 || in_cprd_group(uid) {
+    if uid == 0 || in_cprd_group(uid) || polkit_allows(conn, sender.as_str()).await {
         return Ok(());
     }
-    Err(CprdError::AccessDenied(format!("uid {uid} may not change VMs; only root and members of group cprd may")))
+    Err(CprdError::AccessDenied(format!(
+        "uid {uid} may not change VMs; only root, members of group cprd and callers polkit authorizes for org.cprd1.manage may"
+    )))
+}
+
+/// polkit's `(is_authorized, is_challenge, details)`.
+type AuthorizationResult = (bool, bool, std::collections::HashMap<String, String>);
+
+/// Asks polkit, where it runs on this bus, whether `sender` may perform `org.cprd1.manage`.
+async fn polkit_allows(conn: &Connection, sender: &str) -> bool {
+    const POLKIT: &str = "org.freedesktop.PolicyKit1";
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else { return false };
+    let Ok(name) = zbus::names::BusName::try_from(POLKIT) else { return false };
+    if !dbus.name_has_owner(name).await.unwrap_or(false) {
+        return false;
+    }
+    let mut subject_details = std::collections::HashMap::new();
+    subject_details.insert("name", zbus::Variant::from(sender));
+    let subject = ("system-bus-name", subject_details);
+    let details: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let reply = conn
+        .call_method(
+            Some(POLKIT),
+            "/org/freedesktop/PolicyKit1/Authority",
+            Some("org.freedesktop.PolicyKit1.Authority"),
+            "CheckAuthorization",
+            &(subject, "org.cprd1.manage", details, 0u32, ""),
+        )
+        .await;
+    let Ok(reply) = reply else { return false };
+    let parsed: zbus::Result<AuthorizationResult> = reply.body().deserialize();
+    parsed.is_ok_and(|(authorized, _, _)| authorized)
 }
 
 fn in_cprd_group(uid: u32) -> bool {

@@ -36,7 +36,7 @@ fn init_logging() {
         std::path::Path::new("/run/systemd/journal/socket").exists() && std::env::var_os("CPRD_STDERR").is_none();
     let registry = tracing_subscriber::registry().with(filter);
     if journald && let Ok(layer) = tracing_journald::layer() {
-        registry.with(layer.with_syslog_identifier("cprd".into())).init();
+        registry.with(layer.with_syslog_identifier("cprd".into()).with_field_prefix(None)).init();
         return;
     }
     registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false)).init();
