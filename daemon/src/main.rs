@@ -71,6 +71,15 @@ async fn run(cli: Cli) -> Result<(), String> {
     let status = format!("STATUS={}", engine.status_line());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)]);
     tracing::info!("cprd {} ready: {}", env!("CARGO_PKG_VERSION"), engine.status_line());
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let period = interval / 2;
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int =
