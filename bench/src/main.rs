@@ -80,6 +80,10 @@ fn daemon_bench(args: &Args) {
         let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         for r in rows.as_array().into_iter().flatten().filter(|r| r["ok"] != true) {
             println!("failed: {} {}", r["name"], r["error"]);
+            let name = r["name"].as_str().unwrap_or("");
+            let log =
+                std::fs::read_to_string(cprd.runtime_dir.join("vms").join(format!("{name}.log"))).unwrap_or_default();
+            println!("its VMM log:\n{log}");
         }
     }
     let rss = rss_kib(cprd.child.id());

@@ -101,12 +101,15 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd) -> Result<Chil
             if new_session {
                 libc::setsid();
             }
-            for (from, to) in [(cpr_raw, CPR_FD + 100), (main_raw, MAIN_FD + 100)] {
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            // Copy both ends above the target numbers first (F_DUPFD picks free numbers, so it
+            // never overwrites one of them, however many fds the caller has open), then
+            // place them at 3 and 4.
+            let cpr_tmp = libc::fcntl(cpr_raw, libc::F_DUPFD, 10);
+            let main_tmp = libc::fcntl(main_raw, libc::F_DUPFD, 10);
+            if cpr_tmp < 0 || main_tmp < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-            for (from, to) in [(CPR_FD + 100, CPR_FD), (MAIN_FD + 100, MAIN_FD)] {
+            for (from, to) in [(cpr_tmp, CPR_FD), (main_tmp, MAIN_FD)] {
                 if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
