@@ -470,8 +470,10 @@ impl Engine {
         let mut vms = lock(&self.vms);
         let Some(vm) = vms.get_mut(name) else { return };
         let current = vm.record.as_ref().is_some_and(|r| r.main_pid == pid);
-        if !current {
-            return; // an older generation quitting after its handoff
+        // An older generation quitting after its handoff, or the old VMM of a handoff in flight
+        // (the upgrade decides what its exit means, and owns the record until it returns).
+        if !current || vm.state == VmState::Upgrading {
+            return;
         }
         let expected = vm.state == VmState::Stopping;
         vm.state = if expected { VmState::Stopped } else { VmState::Failed };

@@ -231,8 +231,22 @@ fn upgrade_all_over_twenty_vms() {
     }
     for n in &names {
         console_ok(&s, n);
-        assert_eq!(json(&s.cprd.cprctl(&["--json", "status", n]))["generation"], 1);
+        let st = json(&s.cprd.cprctl(&["--json", "status", n]));
+        assert_eq!(st["generation"], 1);
+        // The runtime record follows the new VMM (an old VMM quitting must not erase it).
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(s.cprd.runtime_dir.join("vms").join(format!("{n}.json"))).expect("runtime record"),
+        )
+        .expect("record JSON");
+        assert_eq!(record["main_pid"], st["main_pid"], "{n}");
     }
+    // cprd still holds every guest's memory itself.
+    let memfds = std::fs::read_dir(format!("/proc/{}/fd", s.cprd.child.id()))
+        .expect("cprd fds")
+        .filter_map(Result::ok)
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("memfd:cpr-vmm-ram")))
+        .count();
+    assert_eq!(memfds, 20, "cprd keeps one memfd per VM");
 }
 
 #[test]
