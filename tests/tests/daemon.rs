@@ -60,11 +60,20 @@ fn full_lifecycle_through_cprctl_and_busctl() {
     let list = json(&c.cprctl(&["--json", "list"]));
     assert_eq!(list[0]["name"], "vm1");
     assert_eq!(list[0]["state"], "stopped");
+    // define a second VM while cprd runs: a file plus Reload
+    define_vm(&c.config_dir, "vm-2", "memory = \"32M\"\nvcpus = 2\n");
+    assert!(c.cprctl(&["reload"]).status.success());
+    let vm2 = c.busctl(None, &["get-property", "org.cprd1", "/org/cprd1/vm/vm_2d2", "org.cprd1.VM", "VCPUs"]);
+    assert_eq!(String::from_utf8_lossy(&vm2.stdout).trim(), "u 2", "{}", text(&vm2));
+    let path = c.busctl(None, &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "GetVM", "s", "vm-2"]);
+    assert_eq!(String::from_utf8_lossy(&path.stdout).trim(), "o \"/org/cprd1/vm/vm_2d2\"", "{}", text(&path));
     assert!(c.cprctl(&["start", "vm1"]).status.success());
     let list = json(&c.cprctl(&["--json", "list"]));
-    assert_eq!(list[0]["state"], "running");
-    assert_eq!(list[0]["generation"], 0);
-    let pid0 = list[0]["main_pid"].as_u64().expect("pid");
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    let vm1 = list.as_array().and_then(|l| l.iter().find(|v| v["name"] == "vm1")).expect("vm1 listed").clone();
+    assert_eq!(vm1["state"], "running");
+    assert_eq!(vm1["generation"], 0);
+    let pid0 = vm1["main_pid"].as_u64().expect("pid");
     assert!(pid0 > 0);
     let prop = c.busctl(None, &["get-property", "org.cprd1", "/org/cprd1/vm/vm1", "org.cprd1.VM", "State"]);
     assert_eq!(String::from_utf8_lossy(&prop.stdout).trim(), "s \"running\"", "{}", text(&prop));
