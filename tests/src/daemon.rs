@@ -90,7 +90,7 @@ pub fn write_config(dir: &Path, extra_allowed: &[&str]) -> PathBuf {
     allowed.extend(extra_allowed.iter().map(ToString::to_string));
     let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
     let text = format!(
-        "[vmm]\nallowed = [{}]\ndefault = {:?}\n\n[handoff]\ntimeout_ms = 5000\n",
+        "[vmm]\nallowed = [{}]\ndefault = {:?}\n\n[handoff]\ntimeout_ms = 15000\n",
         allowed.join(", "),
         bin("cpr-vmm").display().to_string()
     );
