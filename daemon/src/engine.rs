@@ -3,21 +3,17 @@
 //! the caller's blocking thread; the VM table is locked only for short, non-blocking updates.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use cpr_proto::control::{Request, Response};
-use cpr_vmm::control::ControlClient;
-use cpr_vmm::handoff::{HandoffRequest, hand_off};
-
-use crate::config::{self, GuestDef, Settings, VmDef};
+use crate::backend;
+use crate::config::{self, Settings, VmDef};
 use crate::error::CprdError;
 
 /// How many handoffs `UpgradeAll` runs at once.
@@ -338,7 +334,8 @@ impl Engine {
         }
         let binary = self.binary_for(&def, "")?;
         self.claim(name, &[VmState::Stopped, VmState::Failed], VmState::Starting)?;
-        match self.spawn_vmm(&def, &binary) {
+        let dir = self.runtime_dir.join("vms");
+        match backend::for_kind(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
             Ok((record, memfd, child)) => {
                 let pid = record.main_pid;
                 if let Some(vm) = lock(&self.vms).get_mut(name) {
@@ -357,81 +354,6 @@ impl Engine {
                 Err(e)
             }
         }
-    }
-
-    fn spawn_vmm(&self, def: &VmDef, binary: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
-        let dir = self.runtime_dir.join("vms");
-        let control = dir.join(format!("{}.0.sock", def.name));
-        let console = def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name)));
-        let log = dir.join(format!("{}.log", def.name));
-        let memfd = cpr_vmm::memory::create_memfd(def.memory_bytes)
-            .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
-        let mut cmd = Command::new(binary);
-        cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
-        match &def.guest {
-            GuestDef::TestGuest => {}
-            GuestDef::Linux { kernel, initrd, cmdline } => {
-                cmd.arg("--kernel").arg(kernel).arg("--cmdline").arg(cmdline);
-                if let Some(i) = initrd {
-                    cmd.arg("--initrd").arg(i);
-                }
-            }
-        }
-        cmd.arg("--control").arg(&control).arg("--serial-out").arg(&console);
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| CprdError::StartFailed(format!("cannot open {}: {e}", log.display())))?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
-        let raw = memfd.as_raw_fd();
-        // SAFETY: only async-signal-safe calls between fork and exec: a new session (so that
-        // signals to cprd's process group never reach the VMM), and the memfd placed at fd 3.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setsid();
-                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let _ = std::fs::remove_file(&control);
-        let mut child =
-            cmd.spawn().map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.display())))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let client = loop {
-            if let Ok(c) = ControlClient::connect(&control) {
-                break c;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let last = tail.lines().last().unwrap_or("").to_string();
-                return Err(CprdError::StartFailed(format!("the VMM exited at start ({status}): {last}")));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(CprdError::StartFailed("the VMM did not open its control socket within 20 s".into()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let version = match client.call(&Request::Describe, &[]) {
-            Ok(Response::Describe(d)) => d.build_id,
-            _ => String::new(),
-        };
-        let record = VmRecord {
-            generation: 0,
-            main_pid: child.id(),
-            control,
-            vmm_binary: binary.to_path_buf(),
-            vmm_version: version,
-            last_downtime_usec: 0,
-            console,
-            upgrading: None,
-        };
-        Ok((record, memfd, child))
     }
 
     /// Reaps a VMM that is our child, and notices when it dies.
@@ -493,26 +415,15 @@ impl Engine {
         if v.state == VmState::Stopped {
             return Ok(());
         }
+        let def_backend = self.def(name)?.backend;
         self.claim(name, &[VmState::Running, VmState::Failed], VmState::Stopping)?;
         let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
         let Some(record) = record else {
             self.set_state(name, VmState::Stopped);
             return Ok(());
         };
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(record.main_pid).unwrap_or(0));
-        let graceful = !force
-            && ControlClient::connect(&record.control)
-                .is_ok_and(|c| matches!(c.call(&Request::Stop, &[]), Ok(Response::Ok)));
-        if !graceful {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let gone = |p| nix::sys::signal::kill(p, None).is_err() || proc_is_zombie(record.main_pid);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !gone(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !gone(pid) {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        if let Ok(b) = backend::for_kind(def_backend) {
+            b.stop(&record, force);
         }
         if let Some(vm) = lock(&self.vms).get_mut(name) {
             vm.state = VmState::Stopped;
@@ -530,7 +441,8 @@ impl Engine {
     pub fn upgrade(self: &Arc<Self>, name: &str, binary: &str) -> Result<(u64, u64), CprdError> {
         let def = self.def(name)?;
         let binary = self.binary_for(&def, binary)?;
-        preflight(&binary)?;
+        let backend = backend::for_kind(def.backend)?;
+        backend.preflight(&binary)?;
         self.claim(name, &[VmState::Running], VmState::Upgrading)?;
         let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
         let Some(mut record) = record else {
@@ -544,12 +456,7 @@ impl Engine {
             vm.record = Some(record.clone());
         }
         self.persist(name);
-        let mut req = HandoffRequest::new(record.control.clone(), new_control.clone(), binary.clone());
-        req.timeout_ms = self.settings().handoff_timeout_ms;
-        req.new_session = true;
-        req.stderr = Some(self.runtime_dir.join("vms").join(format!("{name}.log")));
         let (tx, rx) = std::sync::mpsc::channel();
-        req.spawned = Some(tx);
         let recorder = {
             let (engine, name) = (Arc::clone(self), name.to_string());
             std::thread::spawn(move || {
@@ -559,36 +466,35 @@ impl Engine {
             })
         };
         let id = now_usec();
-        let result = hand_off(&req);
-        drop(req);
+        let req = backend::UpgradeRequest {
+            record: &record,
+            binary: &binary,
+            new_control: new_control.clone(),
+            timeout_ms: self.settings().handoff_timeout_ms,
+            log: self.runtime_dir.join("vms").join(format!("{name}.log")),
+            on_spawn: tx,
+        };
+        let result = backend.upgrade(req);
         let _ = recorder.join();
         record.upgrading = None;
         let outcome = match result {
-            Ok(out) => {
-                let downtime_usec = out.report.downtime_ns() / 1000;
-                let version = ControlClient::connect(&new_control)
-                    .ok()
-                    .and_then(|c| match c.call(&Request::Describe, &[]) {
-                        Ok(Response::Describe(d)) => Some(d.build_id),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
+            Ok(up) => {
                 let old_control = std::mem::replace(&mut record.control, new_control);
                 let _ = std::fs::remove_file(old_control);
-                record.generation = out.report.generation;
-                record.main_pid = out.child.id();
+                record.generation = up.generation;
+                record.main_pid = up.child.id();
                 record.vmm_binary = binary;
-                record.vmm_version = version;
-                record.last_downtime_usec = downtime_usec;
+                record.vmm_version = up.version;
+                record.last_downtime_usec = up.downtime_usec;
                 let generation = record.generation;
                 if let Some(vm) = lock(&self.vms).get_mut(name) {
                     vm.record = Some(record);
                     vm.state = VmState::Running;
                 }
-                self.supervise_child(name, out.child);
-                Ok((downtime_usec, generation))
+                self.supervise_child(name, up.child);
+                Ok((up.downtime_usec, generation))
             }
-            Err(cpr_vmm::error::VmmError::Rollback(m)) => {
+            Err(backend::UpgradeError::RollbackFailed(m)) => {
                 if let Some(vm) = lock(&self.vms).get_mut(name) {
                     vm.record = Some(record.clone());
                     vm.state = VmState::Failed;
@@ -597,13 +503,13 @@ impl Engine {
                     "upgrade of {name} failed and the old VMM could not resume: {m}"
                 )))
             }
-            Err(e) => {
+            Err(backend::UpgradeError::RolledBack(m)) => {
                 if let Some(vm) = lock(&self.vms).get_mut(name) {
                     vm.record = Some(record.clone());
                     vm.state = VmState::Running;
                 }
                 Err(CprdError::UpgradeFailed(format!(
-                    "upgrade of {name} failed; the guest runs on in the old VMM: {e}"
+                    "upgrade of {name} failed; the guest runs on in the old VMM: {m}"
                 )))
             }
         };
@@ -746,26 +652,12 @@ impl Engine {
     fn reattach_one(self: &Arc<Self>, name: &str, path: &Path) -> Result<u32, String> {
         let text = std::fs::read(path).map_err(|e| e.to_string())?;
         let mut record: VmRecord = serde_json::from_slice(&text).map_err(|e| format!("bad record: {e}"))?;
-        self.def(name).map_err(|e| e.to_string())?;
+        let def = self.def(name).map_err(|e| e.to_string())?;
+        let backend = backend::for_kind(def.backend).map_err(|e| e.to_string())?;
         if let Some(inflight) = record.upgrading.take() {
-            self.finish_interrupted_handoff(&mut record, &inflight);
+            backend.finish_interrupted(&mut record, &inflight, self.settings().handoff_timeout_ms);
         }
-        let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
-        let describe = match client.call(&Request::Describe, &[]) {
-            Ok(Response::Describe(d)) => d,
-            other => return Err(format!("describe answered {other:?}")),
-        };
-        let status = match client.call(&Request::Status, &[]) {
-            Ok(Response::Status(s)) => s,
-            other => return Err(format!("status answered {other:?}")),
-        };
-        let memfd = match client.call_with_fds(&Request::GetMemoryFd, &[]) {
-            Ok(r) if matches!(r.msg, Response::Ok) => r.fds.into_iter().next().ok_or("no memfd came back")?,
-            other => return Err(format!("memory fd request answered {other:?}")),
-        };
-        record.main_pid = describe.pid;
-        record.generation = status.generation;
-        record.vmm_version = describe.build_id;
+        let memfd = backend.reattach(&mut record)?;
         let pid = record.main_pid;
         if let Some(vm) = lock(&self.vms).get_mut(name) {
             vm.record = Some(record);
@@ -777,108 +669,10 @@ impl Engine {
         Ok(pid)
     }
 
-    /// cprd died during a handoff: decide, from the old VMM's state, who runs the guest now.
-    /// Old side post-migrate (or gone): the new VMM does. Old side waiting after a failure: the
-    /// new VMM is killed, then the old one resumes. Still migrating: wait for it to decide.
-    fn finish_interrupted_handoff(&self, record: &mut VmRecord, inflight: &InFlight) {
-        use cpr_proto::control::RunState;
-        let old_state = || {
-            ControlClient::connect(&record.control).ok().and_then(|c| match c.call(&Request::Status, &[]) {
-                Ok(Response::Status(s)) => Some(s.state),
-                _ => None,
-            })
-        };
-        let deadline = Instant::now() + Duration::from_millis(self.settings().handoff_timeout_ms * 3 + 1000);
-        let mut state = old_state();
-        while state == Some(RunState::Migrating) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            state = old_state();
-        }
-        let kill_new = || {
-            if let Ok(raw) = i32::try_from(inflight.pid)
-                && raw > 0
-            {
-                let pid = nix::unistd::Pid::from_raw(raw);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                let end = Instant::now() + Duration::from_secs(5);
-                while nix::sys::signal::kill(pid, None).is_ok() && !proc_is_zombie(inflight.pid) && Instant::now() < end
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        };
-        match state {
-            Some(RunState::PostMigrate) | None => {
-                tracing::info!("interrupted handoff had completed; the new VMM runs the guest");
-                if let Ok(c) = ControlClient::connect(&record.control) {
-                    let _ = c.call(&Request::Quit, &[]);
-                }
-                record.control = inflight.control.clone();
-            }
-            Some(RunState::MigrationFailed) => {
-                kill_new();
-                if let Ok(c) = ControlClient::connect(&record.control) {
-                    let _ = c.call(&Request::Resume, &[]);
-                }
-                tracing::warn!("interrupted handoff had failed; new VMM killed, old VMM resumed");
-            }
-            Some(_) => {
-                kill_new();
-                tracing::warn!("interrupted handoff never paused the guest; new VMM killed");
-            }
-        }
-    }
-
     /// Short status line for systemd.
     pub fn status_line(&self) -> String {
         let running = self.list().iter().filter(|v| v.state == VmState::Running).count();
         let last = lock(&self.history).last().map(|r| format!(", last upgrade {} us", r.downtime_usec));
         format!("{running} VMs running{}", last.unwrap_or_default())
     }
-}
-
-fn proc_is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
-        .unwrap_or(true)
-}
-
-/// Binaries that passed pre-flight, by (path, size, mtime, inode): asked once per build.
-static PREFLIGHT_OK: Mutex<Vec<(PathBuf, u64, i64, u64)>> = Mutex::new(Vec::new());
-
-/// Asks a candidate VMM binary which state formats it reads, before anything is touched.
-fn preflight(binary: &Path) -> Result<(), CprdError> {
-    let key = std::fs::metadata(binary).ok().map(|m| (binary.to_path_buf(), m.size(), m.mtime(), m.ino()));
-    if key.as_ref().is_some_and(|k| lock(&PREFLIGHT_OK).contains(k)) {
-        return Ok(());
-    }
-    ask_state_formats(binary)?;
-    if let Some(k) = key {
-        lock(&PREFLIGHT_OK).push(k);
-    }
-    Ok(())
-}
-
-fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
-    let out = Command::new(binary)
-        .arg("--state-formats")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| CprdError::Incompatible(format!("cannot run {}: {e}", binary.display())))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let reads: Vec<u16> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("reads: "))
-        .map(|l| l.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-        .unwrap_or_default();
-    if !out.status.success() || !reads.contains(&cpr_proto::state::FORMAT_MAJOR) {
-        return Err(CprdError::Incompatible(format!(
-            "{} does not read state format {} (it says {:?}); nothing was changed",
-            binary.display(),
-            cpr_proto::state::FORMAT_MAJOR,
-            text.trim()
-        )));
-    }
-    Ok(())
 }

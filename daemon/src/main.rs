@@ -1,5 +1,6 @@
 //! cprd, the host daemon that owns VMs and upgrades their VMM live.
 
+mod backend;
 mod config;
 mod dbus;
 mod engine;

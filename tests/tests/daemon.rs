@@ -148,6 +148,14 @@ fn bad_requests_get_named_errors_and_change_nothing() {
     // malformed arguments
     let out = c.busctl(None, &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "UpgradeVM", "s", "vm1"]);
     assert!(!out.status.success(), "{}", text(&out));
+    // a backend this cprd does not have yet: refused with a named error, nothing started
+    define_vm(&c.config_dir, "q", "backend = \"qemu\"\nmemory = \"64M\"\n");
+    assert!(c.cprctl(&["reload"]).status.success());
+    let out = c.cprctl(&["start", "q"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backend \"qemu\" is not available"), "{}", text(&out));
+    std::fs::remove_file(c.config_dir.join("vms/q.toml")).expect("remove");
+    assert!(c.cprctl(&["reload"]).status.success());
     // bad TOML: reload refuses it, names file and line, and keeps the last good configuration
     let bad = c.config_dir.join("vms/broken.toml");
     std::fs::write(&bad, "memory = \"64M\"\n\nvcpus = \"two\"\n").expect("write");

@@ -1,0 +1,335 @@
+//! VMM backends: how cprd starts, upgrades, stops and re-attaches one kind of VMM. The engine
+//! owns policy and bookkeeping; a backend owns the mechanics of its VMM. `cpr-vmm` is built;
+//! QEMU (issue 6) plugs in here behind the same trait.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use cpr_proto::control::{Request, Response};
+use cpr_vmm::control::ControlClient;
+use cpr_vmm::handoff::{HandoffRequest, hand_off};
+
+use crate::config::{BackendKind, GuestDef, VmDef};
+use crate::engine::{InFlight, VmRecord};
+use crate::error::CprdError;
+
+/// One upgrade for a backend to carry out.
+#[derive(Debug)]
+pub struct UpgradeRequest<'a> {
+    /// The running VMM.
+    pub record: &'a VmRecord,
+    /// The new binary (already allowed and pre-flighted).
+    pub binary: &'a Path,
+    /// Control socket for the new VMM.
+    pub new_control: PathBuf,
+    /// Timeout of each wait on the new VMM.
+    pub timeout_ms: u64,
+    /// Where the new VMM's stderr goes.
+    pub log: PathBuf,
+    /// Told the new VMM's pid as soon as it exists.
+    pub on_spawn: Sender<u32>,
+}
+
+/// A completed upgrade.
+#[derive(Debug)]
+pub struct Upgraded {
+    /// The guest's generation now.
+    pub generation: u64,
+    /// The new VMM process.
+    pub child: Child,
+    /// Host-stamped downtime.
+    pub downtime_usec: u64,
+    /// The new VMM's build id.
+    pub version: String,
+}
+
+/// How an upgrade failed.
+#[derive(Debug)]
+pub enum UpgradeError {
+    /// The old VMM runs the guest (it never stopped, or it resumed).
+    RolledBack(String),
+    /// The old VMM could not be resumed.
+    RollbackFailed(String),
+}
+
+/// The mechanics of one kind of VMM.
+pub trait VmmBackend: std::fmt::Debug + Send + Sync {
+    /// Asks a candidate binary whether it can take a running guest over; touches nothing.
+    fn preflight(&self, binary: &Path) -> Result<(), CprdError>;
+    /// Starts a VMM for `def` with its files under `dir`; returns its record, the guest-RAM
+    /// memfd cprd keeps, and the process.
+    fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError>;
+    /// Hands the guest to a new VMM of `req.binary`, rolling back on failure.
+    fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError>;
+    /// Stops the VMM (asks it, or kills it with `force`) and waits until it is gone.
+    fn stop(&self, record: &VmRecord, force: bool);
+    /// Takes a running VMM back after a cprd restart: refreshes `record`, returns the memfd.
+    fn reattach(&self, record: &mut VmRecord) -> Result<OwnedFd, String>;
+    /// Finishes or rolls back a handoff that a dead cprd left in flight.
+    fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64);
+}
+
+/// The backend for a VM definition's `backend`.
+pub fn for_kind(kind: BackendKind) -> Result<&'static dyn VmmBackend, CprdError> {
+    match kind {
+        BackendKind::CprVmm => Ok(&CprVmm),
+        BackendKind::Qemu => Err(CprdError::InvalidArgument(
+            "backend \"qemu\" is not available in this cprd yet; use backend = \"cpr-vmm\"".into(),
+        )),
+    }
+}
+
+/// cprd's own VMM, driven over its control socket.
+#[derive(Debug)]
+pub struct CprVmm;
+
+impl VmmBackend for CprVmm {
+    fn preflight(&self, binary: &Path) -> Result<(), CprdError> {
+        preflight(binary)
+    }
+
+    fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+        let control = dir.join(format!("{}.0.sock", def.name));
+        let console = def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name)));
+        let log = dir.join(format!("{}.log", def.name));
+        let memfd = cpr_vmm::memory::create_memfd(def.memory_bytes)
+            .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
+        match &def.guest {
+            GuestDef::TestGuest => {}
+            GuestDef::Linux { kernel, initrd, cmdline } => {
+                cmd.arg("--kernel").arg(kernel).arg("--cmdline").arg(cmdline);
+                if let Some(i) = initrd {
+                    cmd.arg("--initrd").arg(i);
+                }
+            }
+        }
+        cmd.arg("--control").arg(&control).arg("--serial-out").arg(&console);
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| CprdError::StartFailed(format!("cannot open {}: {e}", log.display())))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
+        let raw = memfd.as_raw_fd();
+        // SAFETY: only async-signal-safe calls between fork and exec: a new session (so that
+        // signals to cprd's process group never reach the VMM), and the memfd placed at fd 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let _ = std::fs::remove_file(&control);
+        let mut child =
+            cmd.spawn().map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.display())))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = loop {
+            if let Ok(c) = ControlClient::connect(&control) {
+                break c;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let last = tail.lines().last().unwrap_or("").to_string();
+                return Err(CprdError::StartFailed(format!("the VMM exited at start ({status}): {last}")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CprdError::StartFailed("the VMM did not open its control socket within 20 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let version = match client.call(&Request::Describe, &[]) {
+            Ok(Response::Describe(d)) => d.build_id,
+            _ => String::new(),
+        };
+        let record = VmRecord {
+            generation: 0,
+            main_pid: child.id(),
+            control,
+            vmm_binary: binary.to_path_buf(),
+            vmm_version: version,
+            last_downtime_usec: 0,
+            console,
+            upgrading: None,
+        };
+        Ok((record, memfd, child))
+    }
+
+    fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError> {
+        let mut h = HandoffRequest::new(req.record.control.clone(), req.new_control.clone(), req.binary.to_path_buf());
+        h.timeout_ms = req.timeout_ms;
+        h.new_session = true;
+        h.stderr = Some(req.log);
+        h.spawned = Some(req.on_spawn);
+        match hand_off(&h) {
+            Ok(out) => {
+                let version = ControlClient::connect(&req.new_control)
+                    .ok()
+                    .and_then(|c| match c.call(&Request::Describe, &[]) {
+                        Ok(Response::Describe(d)) => Some(d.build_id),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                Ok(Upgraded {
+                    generation: out.report.generation,
+                    downtime_usec: out.report.downtime_ns() / 1000,
+                    child: out.child,
+                    version,
+                })
+            }
+            Err(cpr_vmm::error::VmmError::Rollback(m)) => Err(UpgradeError::RollbackFailed(m)),
+            Err(e) => Err(UpgradeError::RolledBack(e.to_string())),
+        }
+    }
+
+    fn stop(&self, record: &VmRecord, force: bool) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(record.main_pid).unwrap_or(0));
+        let graceful = !force
+            && ControlClient::connect(&record.control)
+                .is_ok_and(|c| matches!(c.call(&Request::Stop, &[]), Ok(Response::Ok)));
+        if !graceful {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let gone = |p| nix::sys::signal::kill(p, None).is_err() || proc_is_zombie(record.main_pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !gone(pid) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    fn reattach(&self, record: &mut VmRecord) -> Result<OwnedFd, String> {
+        let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
+        let describe = match client.call(&Request::Describe, &[]) {
+            Ok(Response::Describe(d)) => d,
+            other => return Err(format!("describe answered {other:?}")),
+        };
+        let status = match client.call(&Request::Status, &[]) {
+            Ok(Response::Status(s)) => s,
+            other => return Err(format!("status answered {other:?}")),
+        };
+        let memfd = match client.call_with_fds(&Request::GetMemoryFd, &[]) {
+            Ok(r) if matches!(r.msg, Response::Ok) => r.fds.into_iter().next().ok_or("no memfd came back")?,
+            other => return Err(format!("memory fd request answered {other:?}")),
+        };
+        record.main_pid = describe.pid;
+        record.generation = status.generation;
+        record.vmm_version = describe.build_id;
+        Ok(memfd)
+    }
+
+    /// cprd died during a handoff: decide, from the old VMM's state, who runs the guest now.
+    /// Old side post-migrate (or gone): the new VMM does. Old side waiting after a failure: the
+    /// new VMM is killed, then the old one resumes. Still migrating: wait for it to decide.
+    fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64) {
+        use cpr_proto::control::RunState;
+        let old_state = || {
+            ControlClient::connect(&record.control).ok().and_then(|c| match c.call(&Request::Status, &[]) {
+                Ok(Response::Status(s)) => Some(s.state),
+                _ => None,
+            })
+        };
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms * 3 + 1000);
+        let mut state = old_state();
+        while state == Some(RunState::Migrating) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            state = old_state();
+        }
+        let kill_new = || {
+            if let Ok(raw) = i32::try_from(inflight.pid)
+                && raw > 0
+            {
+                let pid = nix::unistd::Pid::from_raw(raw);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let end = Instant::now() + Duration::from_secs(5);
+                while nix::sys::signal::kill(pid, None).is_ok() && !proc_is_zombie(inflight.pid) && Instant::now() < end
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        match state {
+            Some(RunState::PostMigrate) | None => {
+                tracing::info!("interrupted handoff had completed; the new VMM runs the guest");
+                if let Ok(c) = ControlClient::connect(&record.control) {
+                    let _ = c.call(&Request::Quit, &[]);
+                }
+                record.control = inflight.control.clone();
+            }
+            Some(RunState::MigrationFailed) => {
+                kill_new();
+                if let Ok(c) = ControlClient::connect(&record.control) {
+                    let _ = c.call(&Request::Resume, &[]);
+                }
+                tracing::warn!("interrupted handoff had failed; new VMM killed, old VMM resumed");
+            }
+            Some(_) => {
+                kill_new();
+                tracing::warn!("interrupted handoff never paused the guest; new VMM killed");
+            }
+        }
+    }
+}
+
+fn proc_is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Binaries that passed pre-flight, by (path, size, mtime, inode): asked once per build.
+static PREFLIGHT_OK: Mutex<Vec<(PathBuf, u64, i64, u64)>> = Mutex::new(Vec::new());
+
+/// Asks a candidate VMM binary which state formats it reads, before anything is touched.
+fn preflight(binary: &Path) -> Result<(), CprdError> {
+    use std::os::unix::fs::MetadataExt;
+    let key = std::fs::metadata(binary).ok().map(|m| (binary.to_path_buf(), m.size(), m.mtime(), m.ino()));
+    let lock =
+        |m: &'static Mutex<Vec<(PathBuf, u64, i64, u64)>>| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if key.as_ref().is_some_and(|k| lock(&PREFLIGHT_OK).contains(k)) {
+        return Ok(());
+    }
+    ask_state_formats(binary)?;
+    if let Some(k) = key {
+        lock(&PREFLIGHT_OK).push(k);
+    }
+    Ok(())
+}
+
+fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
+    let out = Command::new(binary)
+        .arg("--state-formats")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| CprdError::Incompatible(format!("cannot run {}: {e}", binary.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reads: Vec<u16> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("reads: "))
+        .map(|l| l.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    if !out.status.success() || !reads.contains(&cpr_proto::state::FORMAT_MAJOR) {
+        return Err(CprdError::Incompatible(format!(
+            "{} does not read state format {} (it says {:?}); nothing was changed",
+            binary.display(),
+            cpr_proto::state::FORMAT_MAJOR,
+            text.trim()
+        )));
+    }
+    Ok(())
+}
