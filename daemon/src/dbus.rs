@@ -172,16 +172,9 @@ impl Manager {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<(), CprdError> {
         authorize(conn, &header).await?;
-        let e = Arc::clone(&self.engine);
-        blocking(move || e.reload()).await??;
-        for name in self.engine.names() {
-            let obj = VmObject { engine: Arc::clone(&self.engine), name: name.clone() };
-            let _ = server.at(vm_path(&name).as_str(), obj).await;
-        }
-        Ok(())
+        reload(conn, &self.engine).await.map(|_| ())
     }
 
     /// Past upgrades: (vm, time µs since the epoch, generation, ok, downtime µs, error).
@@ -324,11 +317,41 @@ impl VmObject {
     }
 }
 
+/// The reload cycle, for `Reload()` and SIGHUP alike: tells systemd `RELOADING=1` (with
+/// `MONOTONIC_USEC`, as `Type=notify-reload` requires), re-reads the configuration, moves VMs
+/// whose configured VMM binary changed on disk to it, registers new VM objects, then `READY=1`
+/// with a STATUS that says what happened.
+pub async fn reload(conn: &Connection, engine: &Arc<Engine>) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1000)
+        .unwrap_or(0);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::MonotonicUsec(now)]);
+    let e = Arc::clone(engine);
+    let result = blocking(move || e.reload()).await.and_then(|r| r);
+    let _ = register_vms(conn, engine).await;
+    let status = match &result {
+        Ok(rows) => {
+            let ok = rows.iter().filter(|r| r.1).count();
+            let failed: Vec<&str> = rows.iter().filter(|r| !r.1).map(|r| r.0.as_str()).collect();
+            format!(
+                "reloaded; upgraded {ok} VMs to their new VMM binary{}; {}",
+                if failed.is_empty() { String::new() } else { format!(", failed: {}", failed.join(" ")) },
+                engine.status_line()
+            )
+        }
+        Err(e) => format!("reload failed, last good configuration kept: {e}"),
+    };
+    let status = format!("STATUS={status}");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)]);
+    result
+}
+
 /// Registers a VM object for every defined VM that has none yet.
 pub async fn register_vms(conn: &Connection, engine: &Arc<Engine>) -> zbus::Result<()> {
     for name in engine.names() {
         let path = vm_path(&name);
         let obj = VmObject { engine: Arc::clone(engine), name };
+        // `at` answers false (and changes nothing) where the object exists already.
         conn.object_server().at(path.as_str(), obj).await?;
     }
     Ok(())

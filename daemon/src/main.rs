@@ -85,9 +85,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            // systemd's Type=notify-reload (and `kill -HUP`) ask for a reload with SIGHUP.
+            _ = hup.recv() => {
+                let _ = dbus::reload(&conn, &engine).await;
+            }
+        }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // VMMs run in their own sessions and keep running; the next cprd re-attaches them.

@@ -106,6 +106,11 @@ pub fn define_vm(config_dir: &Path, name: &str, body: &str) {
 impl Cprd {
     /// Starts cprd and waits until it owns `org.cprd1`.
     pub fn start(dir: &Path, bus: &PrivateBus, config_dir: &Path) -> Self {
+        Self::start_with_env(dir, bus, config_dir, &[])
+    }
+
+    /// [`Cprd::start`] with extra environment (for instance `NOTIFY_SOCKET`).
+    pub fn start_with_env(dir: &Path, bus: &PrivateBus, config_dir: &Path, env: &[(&str, &str)]) -> Self {
         let runtime_dir = dir.join("run");
         let log = dir.join("cprd.log");
         let child = Command::new(bin("cprd"))
@@ -116,6 +121,7 @@ impl Cprd {
             .arg("--runtime-dir")
             .arg(&runtime_dir)
             .env("CPRD_STDERR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"))
             .spawn()

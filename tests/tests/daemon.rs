@@ -311,3 +311,93 @@ fn kill_9_of_cprd_mid_upgrade_rolls_back_on_restart() {
     console_ok(&s, "vm1");
     assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "a good upgrade works afterwards");
 }
+
+/// Reads every datagram currently queued on a notify socket.
+fn notifications(sock: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+#[test]
+fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let vmm = bin.join("cpr-vmm");
+    std::fs::copy(cpr_tests::bin("cpr-vmm"), &vmm).expect("copy cpr-vmm");
+    let bus = PrivateBus::start(dir.path());
+    let glob = format!("{}/*", bin.display());
+    let config = write_config(dir.path(), &[&glob]);
+    let toml = std::fs::read_to_string(config.join("cprd.toml")).expect("read");
+    let toml = toml.replace(
+        &format!("default = {:?}", cpr_tests::bin("cpr-vmm").display().to_string()),
+        &format!("default = {:?}", vmm.display().to_string()),
+    );
+    std::fs::write(config.join("cprd.toml"), toml).expect("write");
+    define_vm(&config, "vm1", "memory = \"64M\"\n");
+    define_vm(&config, "vm2", "memory = \"64M\"\n");
+    // The test stands where systemd would: it receives cprd's sd_notify datagrams.
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify.set_nonblocking(true).expect("nonblocking");
+    let notify_env = notify_path.to_string_lossy().into_owned();
+    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("NOTIFY_SOCKET", &notify_env)]);
+    let s = Setup { _dir: dir, _bus: bus, cprd };
+    assert!(notifications(&notify).iter().any(|m| m.contains("READY=1")), "no READY=1 at start");
+    for vm in ["vm1", "vm2"] {
+        assert!(s.cprd.cprctl(&["start", vm]).status.success());
+    }
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    // A reload with nothing changed upgrades nothing.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let mut first = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            first.extend(notifications(&notify));
+            first.iter().any(|m| m.contains("upgraded 0 VMs"))
+        }),
+        "{first:?} alive {:?} log {}",
+        s.cprd.cprctl(&["list"]).status,
+        s.cprd.log_text()
+    );
+    // Replace the binary on disk with a different build (new inode, new content), then reload.
+    let staged = bin.join(".cpr-vmm.new");
+    let mut bytes = std::fs::read(cpr_tests::bin("cpr-vmm")).expect("read");
+    bytes.extend_from_slice(b"\0rebuilt");
+    std::fs::write(&staged, &bytes).expect("write");
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&staged, &vmm).expect("replace");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            seen.extend(notifications(&notify));
+            seen.iter().any(|m| m.contains("READY=1") && m.contains("upgraded 2 VMs"))
+        }),
+        "no READY=1 after the reload: {seen:?}"
+    );
+    let reloading = seen.iter().position(|m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC="));
+    let ready = seen.iter().position(|m| m.contains("READY=1") && m.contains("upgraded 2 VMs"));
+    assert!(reloading.is_some() && reloading < ready, "RELOADING=1 with MONOTONIC_USEC before READY=1: {seen:?}");
+    let after = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(after["generation"], 1, "moved to the new binary");
+    assert_ne!(after["vmm_version"], before["vmm_version"], "the new build id");
+    assert_ne!(after["main_pid"], before["main_pid"]);
+    console_ok(&s, "vm1");
+    console_ok(&s, "vm2");
+}
