@@ -337,13 +337,7 @@ impl Engine {
         let dir = self.runtime_dir.join("vms");
         match backend::for_kind(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
             Ok((record, memfd, child)) => {
-                let pid = record.main_pid;
-                if let Some(vm) = lock(&self.vms).get_mut(name) {
-                    vm.record = Some(record);
-                    vm.memfd = Some(memfd);
-                    vm.state = VmState::Running;
-                }
-                self.persist(name);
+                let pid = self.adopt(name, record, memfd);
                 self.supervise_child(name, child);
                 tracing::info!(CPRD_VM = name, "started VM {name} (VMM pid {pid})");
                 self.emit(Event::VmChanged(name.to_string()));
@@ -658,6 +652,14 @@ impl Engine {
             backend.finish_interrupted(&mut record, &inflight, self.settings().handoff_timeout_ms);
         }
         let memfd = backend.reattach(&mut record)?;
+        let pid = self.adopt(name, record, memfd);
+        self.supervise_pid(name, pid);
+        Ok(pid)
+    }
+
+    /// Takes a running VMM into the VM table (record, memfd, state running) and persists its
+    /// record; returns its pid.
+    fn adopt(&self, name: &str, record: VmRecord, memfd: OwnedFd) -> u32 {
         let pid = record.main_pid;
         if let Some(vm) = lock(&self.vms).get_mut(name) {
             vm.record = Some(record);
@@ -665,8 +667,7 @@ impl Engine {
             vm.state = VmState::Running;
         }
         self.persist(name);
-        self.supervise_pid(name, pid);
-        Ok(pid)
+        pid
     }
 
     /// Short status line for systemd.

@@ -97,14 +97,15 @@ pub fn write_tables(mem: &GuestMemoryMmap, ram_top: u64) -> Result<()> {
     Ok(())
 }
 
-fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
+/// A flat 4 GiB segment: 64-bit code (`code`) or read/write data, at privilege level `dpl`.
+pub fn flat_segment(selector: u16, type_: u8, code: bool, dpl: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
         selector,
         type_,
         present: 1,
-        dpl: 3,
+        dpl,
         db: u8::from(!code),
         s: 1,
         l: u8::from(code),
@@ -115,8 +116,8 @@ fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
 
 /// Fills `sregs` for 64-bit mode at CPL3 with the tables of [`write_tables`].
 pub fn configure_sregs(sregs: &mut kvm_sregs) {
-    sregs.cs = segment(CODE_SELECTOR, 0xb, true);
-    let data = segment(DATA_SELECTOR, 0x3, false);
+    sregs.cs = flat_segment(CODE_SELECTOR, 0xb, true, 3);
+    let data = flat_segment(DATA_SELECTOR, 0x3, false, 3);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = kvm_segment {
         base: TSS_ADDR,

@@ -21,6 +21,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::cpl3::flat_segment;
 use crate::memory::{HIGH_RAM_START, MMIO_HOLE_START};
 use crate::mptable;
 
@@ -272,22 +273,6 @@ pub fn load<M: GuestMemoryBackend>(
     Ok(LinuxEntry { rip, boot_params_addr: ZERO_PAGE_ADDR })
 }
 
-fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        ..Default::default()
-    }
-}
-
 /// Writes the GDT and identity page tables (first 4 GiB) and fills `sregs` for 64-bit entry at CPL0.
 pub fn configure_long_mode<M: GuestMemoryBackend>(mem: &M, sregs: &mut kvm_sregs) -> Result<(), LinuxBootError> {
     let gdt: [u64; 5] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_ffff];
@@ -304,8 +289,8 @@ pub fn configure_long_mode<M: GuestMemoryBackend>(mem: &M, sregs: &mut kvm_sregs
         }
         write(mem, "the page tables", &table, pd)?;
     }
-    sregs.cs = segment(BOOT_CS, 0xb, true);
-    let data = segment(BOOT_DS, 0x3, false);
+    sregs.cs = flat_segment(BOOT_CS, 0xb, true, 0);
+    let data = flat_segment(BOOT_DS, 0x3, false, 0);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = kvm_segment { selector: BOOT_TSS, limit: 0xffff, type_: 0xb, present: 1, ..Default::default() };
     sregs.gdt.base = GDT_ADDR;
