@@ -470,6 +470,12 @@ impl Engine {
         };
         let result = backend.upgrade(req);
         let _ = recorder.join();
+        if result.is_ok() && std::env::var("CPRD_FAULT").as_deref() == Ok("die-after-handoff") {
+            // Fault injection for tests: cprd dies between the handoff and recording it, a point
+            // a real crash cannot be aimed at. The restarted cprd must adopt the new VMM.
+            tracing::error!("fault injection: dying after the handoff of {name}");
+            std::process::abort();
+        }
         record.upgrading = None;
         let outcome = match result {
             Ok(up) => {

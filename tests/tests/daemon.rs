@@ -401,3 +401,34 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
     console_ok(&s, "vm1");
     console_ok(&s, "vm2");
 }
+
+#[test]
+fn cprd_dying_right_after_a_handoff_adopts_the_new_vmm_on_restart() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    define_vm(&config, "vm1", "memory = \"64M\"\n");
+    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("CPRD_FAULT", "die-after-handoff")]);
+    let mut s = Setup { _dir: dir, _bus: bus, cprd };
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    let out = s.cprd.cprctl(&["upgrade", "vm1"]);
+    assert!(!out.status.success(), "cprd died during the call: {}", text(&out));
+    assert!(wait_until(Duration::from_secs(10), || s.cprd.child.try_wait().ok().flatten().is_some()), "cprd still up");
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    let after = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(after["state"], "running");
+    assert_eq!(after["generation"], 1, "the handoff had completed: the new VMM is adopted");
+    assert_ne!(after["main_pid"], before["main_pid"]);
+    let old = before["main_pid"].as_u64().unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{old}")).exists()
+            || cpr_tests::is_zombie(u32::try_from(old).unwrap_or(0))),
+        "the old VMM is gone"
+    );
+    console_ok(&s, "vm1");
+    assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "and it can be upgraded again");
+}
