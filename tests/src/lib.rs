@@ -310,5 +310,7 @@ pub fn is_stopped(pid: u32) -> bool {
         .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
         .unwrap_or(false)
 }
+/// Real systemd in a container.
+pub mod container;
 /// Private bus and cprd helpers.
 pub mod daemon;

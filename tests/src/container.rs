@@ -1,0 +1,156 @@
+//! Real systemd as PID 1 in a `systemd-nspawn` container over a Debian 12 rootfs with systemd 254
+//! (built once by `scripts/container-rootfs`, cached as a tarball), with this build's binaries,
+//! units and bus files installed, `/dev/kvm` bound in. Commands run inside with `nsenter`.
+//! The container is powered off and its files removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{bin, wait_until};
+
+/// A booted container.
+#[derive(Debug)]
+pub struct Container {
+    _dir: tempfile::TempDir,
+    /// Its root directory on the host.
+    pub root: PathBuf,
+    nspawn: Child,
+    /// PID (host view) of the container's systemd.
+    pub leader: u32,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn install(root: &Path, from: &Path, to: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let dest = root.join(to.trim_start_matches('/'));
+    std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("install {} -> {}: {e}", from.display(), dest.display()));
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn write(root: &Path, to: &str, text: &str) {
+    let dest = root.join(to.trim_start_matches('/'));
+    std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+    std::fs::write(dest, text).expect("write");
+}
+
+impl Container {
+    /// Boots a fresh container with cprd installed (not started) and `vms` defined
+    /// (name, TOML body).
+    pub fn boot(vms: &[(&str, &str)]) -> Self {
+        let out = Command::new(repo().join("scripts/container-rootfs")).output().expect("container-rootfs");
+        assert!(out.status.success(), "rootfs: {}", String::from_utf8_lossy(&out.stderr));
+        let tarball = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let dir = tempfile::Builder::new().prefix("cprd-ct").tempdir_in("/var/tmp").expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("mkdir root");
+        let st = Command::new("tar").arg("-C").arg(&root).args(["--zstd", "-xpf", &tarball]).status().expect("tar");
+        assert!(st.success(), "extracting {tarball}");
+        use std::os::unix::fs::PermissionsExt;
+        for d in [dir.path(), root.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        install(&root, &bin("cprd"), "/usr/libexec/cprd/cprd", 0o755);
+        install(&root, &bin("cpr-vmm"), "/usr/libexec/cprd/cpr-vmm", 0o755);
+        install(&root, &bin("cprctl"), "/usr/bin/cprctl", 0o755);
+        let units = repo().join("units");
+        install(&root, &units.join("cprd.service"), "/etc/systemd/system/cprd.service", 0o644);
+        install(&root, &units.join("cprd.slice"), "/etc/systemd/system/cprd.slice", 0o644);
+        install(&root, &units.join("dbus/org.cprd1.conf"), "/etc/dbus-1/system.d/org.cprd1.conf", 0o644);
+        install(
+            &root,
+            &units.join("dbus/system-services/org.cprd1.service"),
+            "/usr/share/dbus-1/system-services/org.cprd1.service",
+            0o644,
+        );
+        install(&root, &units.join("tmpfiles.d/cprd.conf"), "/usr/lib/tmpfiles.d/cprd.conf", 0o644);
+        install(&root, &units.join("sysusers.d/cprd.conf"), "/usr/lib/sysusers.d/cprd.conf", 0o644);
+        write(
+            &root,
+            "/etc/cprd/cprd.toml",
+            "[vmm]\nallowed = [\"/usr/libexec/cprd/*\"]\ndefault = \"/usr/libexec/cprd/cpr-vmm\"\n",
+        );
+        for (name, body) in vms {
+            write(&root, &format!("/etc/cprd/vms/{name}.toml"), body);
+        }
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!("cprd{}x{}", std::process::id(), COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        let log = std::fs::File::create(dir.path().join("nspawn.log")).expect("log");
+        let mut cmd = Command::new("systemd-nspawn");
+        cmd.arg("-D")
+            .arg(&root)
+            .args(["-b", "-M", &name, "--register=no", "--keep-unit", "--console=pipe", "--bind=/dev/kvm"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        // SAFETY: setsid between fork and exec is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let nspawn = cmd.spawn().expect("systemd-nspawn");
+        // The container's PID 1 is a child of nspawn whose command is `systemd` (nspawn briefly
+        // has an intermediate child first).
+        let mut leader = 0u32;
+        let found = wait_until(Duration::from_secs(20), || {
+            let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", nspawn.id(), nspawn.id()))
+                .unwrap_or_default();
+            leader = children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "systemd"))
+                .unwrap_or(0);
+            leader != 0
+        });
+        let mut c = Self { _dir: dir, root, nspawn, leader };
+        assert!(found, "the container did not start: {}", c.log());
+        let up = wait_until(Duration::from_secs(60), || {
+            let o = c.exec(&["systemctl", "is-system-running"]);
+            let s = String::from_utf8_lossy(&o.stdout);
+            s.trim() == "running" || s.trim() == "degraded"
+        });
+        assert!(up, "systemd did not finish booting: {}", c.log());
+        let _ = &mut c;
+        c
+    }
+
+    /// The container's console log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.parent().expect("dir").join("nspawn.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside the container.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("nsenter").args(["-t", &self.leader.to_string(), "-a"]).args(args).output().expect("nsenter")
+    }
+
+    /// Runs a shell command line inside the container and returns its stdout; panics on failure.
+    pub fn sh(&self, line: &str) -> String {
+        let o = self.exec(&["sh", "-c", line]);
+        assert!(
+            o.status.success(),
+            "`{line}` failed: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.nspawn.id()).unwrap_or(0));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let done = wait_until(Duration::from_secs(15), || self.nspawn.try_wait().ok().flatten().is_some());
+        if !done {
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+    }
+}
