@@ -337,6 +337,7 @@ impl Engine {
         let dir = self.runtime_dir.join("vms");
         match backend::for_kind(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
             Ok((record, memfd, child)) => {
+                crate::scope::move_to_scope(name, record.generation, record.main_pid);
                 let pid = self.adopt(name, record, memfd);
                 self.supervise_child(name, child);
                 tracing::info!(CPRD_VM = name, "started VM {name} (VMM pid {pid})");
@@ -455,6 +456,7 @@ impl Engine {
             let (engine, name) = (Arc::clone(self), name.to_string());
             std::thread::spawn(move || {
                 if let Ok(pid) = rx.recv() {
+                    crate::scope::move_to_scope(&name, generation, pid);
                     engine.note_new_pid(&name, pid);
                 }
             })

@@ -5,6 +5,7 @@ mod config;
 mod dbus;
 mod engine;
 mod error;
+mod scope;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,6 +65,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot own org.cprd1 on the bus: {e}"))?;
     dbus::register_vms(&conn, &engine).await.map_err(|e| e.to_string())?;
+    scope::init(&conn).await;
     tokio::spawn(dbus::forward_events(conn.clone(), Arc::clone(&engine)));
     {
         let e = Arc::clone(&engine);
