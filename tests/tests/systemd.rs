@@ -87,3 +87,57 @@ fn restarts_kills_and_stop_start_of_cprd_leave_every_guest_running() {
         "{j}"
     );
 }
+
+#[test]
+fn systemctl_reload_moves_every_vm_to_a_replaced_vmm_binary_before_it_returns() {
+    require_kvm();
+    let vms = [("a", "memory = \"64M\"\n"), ("b", "memory = \"64M\"\n")];
+    let c = Container::boot(&vms);
+    c.sh("systemctl start cprd");
+    for (vm, _) in vms {
+        c.sh(&format!("cprctl start {vm}"));
+    }
+    let before = c.sh("cprctl --json status a");
+    // A rebuilt cpr-vmm lands on disk (new inode, new content), as a package upgrade does.
+    c.sh("cp /usr/libexec/cprd/cpr-vmm /tmp/new && printf rebuilt >> /tmp/new && chmod 755 /tmp/new && mv /tmp/new /usr/libexec/cprd/cpr-vmm");
+    c.sh("systemctl reload cprd");
+    // No waiting: reload returned only once the work was done.
+    for (vm, _) in vms {
+        let st: serde_json::Value = serde_json::from_str(&c.sh(&format!("cprctl --json status {vm}"))).expect("JSON");
+        assert_eq!(st["generation"], 1, "{vm} is on the new binary when reload returns");
+        assert_eq!(st["state"], "running");
+        heartbeats_ok(&c, vm);
+    }
+    let before: serde_json::Value = serde_json::from_str(&before).expect("JSON");
+    let after: serde_json::Value = serde_json::from_str(&c.sh("cprctl --json status a")).expect("JSON");
+    assert_ne!(before["vmm_version"], after["vmm_version"], "VMMVersion (build id) changed");
+    assert_ne!(before["main_pid"], after["main_pid"]);
+    let status = c.sh("systemctl show -p StatusText --value cprd");
+    assert!(status.contains("upgraded 2 VMs"), "{status}");
+}
+
+#[test]
+fn list_calls_every_10ms_see_no_failure_across_5_restarts() {
+    require_kvm();
+    let c = Container::boot(&[("a", "memory = \"64M\"\n")]);
+    c.sh("systemctl start cprd && cprctl start a");
+    let client = "i=0; fails=0; while [ ! -e /tmp/stop ]; do \
+        busctl call org.cprd1 /org/cprd1 org.cprd1.Manager ListVMs >/dev/null 2>&1 || fails=$((fails+1)); \
+        i=$((i+1)); sleep 0.01; done; echo $i $fails > /tmp/result";
+    c.sh(&format!("systemd-run --unit=lister sh -c '{client}'"));
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        c.sh("systemctl restart cprd");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    c.sh("touch /tmp/stop");
+    assert!(cpr_tests::wait_until(std::time::Duration::from_secs(20), || c
+        .exec(&["test", "-e", "/tmp/result"])
+        .status
+        .success()));
+    let result = c.sh("cat /tmp/result");
+    let mut it = result.split_whitespace().filter_map(|n| n.parse::<u64>().ok());
+    let (calls, fails) = (it.next().unwrap_or(0), it.next().unwrap_or(u64::MAX));
+    assert!(calls > 50, "only {calls} calls made");
+    assert_eq!(fails, 0, "{fails} of {calls} ListVMs calls failed across 5 restarts");
+}
