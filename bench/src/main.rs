@@ -29,6 +29,67 @@ struct Args {
     /// VMs for the UpgradeAll measurement (with --daemon).
     #[arg(long, default_value_t = 50)]
     vms: usize,
+    /// Instead: cprd restarts under real systemd (container): control-plane gap, guest pause.
+    #[arg(long)]
+    systemd: bool,
+    /// Restarts to measure (with --systemd).
+    #[arg(long, default_value_t = 10)]
+    restarts: usize,
+}
+
+/// Control-plane gap and guest-visible pause across `systemctl restart cprd`, under real systemd.
+fn systemd_bench(args: &Args, tpu: f64) {
+    use cpr_tests::container::Container;
+    let c = Container::boot(&[("g", "memory = \"256M\"\n")]);
+    c.sh("systemctl start cprd && cprctl start g");
+    let client = "while [ ! -e /tmp/stop ]; do \
+        if busctl call org.cprd1 /org/cprd1 org.cprd1.Manager ListVMs >/dev/null 2>&1; then date +%s%N >> /tmp/ok; \
+        else echo fail >> /tmp/failed; fi; sleep 0.005; done";
+    c.sh(&format!("systemd-run --unit=lister sh -c '{client}'"));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut windows = Vec::new();
+    for _ in 0..args.restarts {
+        let t0: u64 = c.sh("date +%s%N").trim().parse().unwrap_or(0);
+        c.sh("systemctl restart cprd");
+        std::thread::sleep(Duration::from_millis(500));
+        let t1: u64 = c.sh("date +%s%N").trim().parse().unwrap_or(0);
+        windows.push((t0, t1));
+    }
+    c.sh("touch /tmp/stop");
+    std::thread::sleep(Duration::from_millis(200));
+    let oks: Vec<u64> = c.sh("cat /tmp/ok").lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let failed = c.sh("cat /tmp/failed 2>/dev/null || true").lines().count();
+    let gaps: Vec<f64> = windows
+        .iter()
+        .map(|(t0, t1)| {
+            let inside: Vec<u64> =
+                oks.iter().copied().filter(|t| *t >= t0.saturating_sub(50_000_000) && *t <= *t1).collect();
+            inside.windows(2).map(|w| (w[1] - w[0]) as f64 / 1e6).fold(0.0, f64::max)
+        })
+        .collect();
+    let steady: Vec<f64> = oks.windows(2).take(50).map(|w| (w[1] - w[0]) as f64 / 1e6).collect();
+    // Guest: the longest gap between two loop iterations per heartbeat interval, from the console.
+    let hbs = cpr_testguest::Heartbeat::all_in(&c.sh("cat /run/cprd/vms/g.console"));
+    let guest: Vec<f64> = hbs.iter().skip(1).map(|h| h.max_gap_ticks as f64 / tpu / 1000.0).collect();
+    let (g, s, q) = (summarize(&gaps), summarize(&steady), summarize(&guest));
+    println!("| measurement | n | min | median | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| ListVMs gap across a restart, ms | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        g.n, g.min, g.median, g.p99, g.max
+    );
+    println!(
+        "| ListVMs interval without restart, ms | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        s.n, s.min, s.median, s.p99, s.max
+    );
+    println!(
+        "| guest's longest loop gap per heartbeat, whole run, ms | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        q.n, q.min, q.median, q.p99, q.max
+    );
+    println!();
+    println!("failed ListVMs calls: {failed} of {}", oks.len() + failed);
+    let st = c.sh("cprctl --json status g");
+    println!("VM after {} restarts: {st}", args.restarts);
 }
 
 /// Resident set size of a process in KiB.
@@ -188,6 +249,12 @@ fn post_resume(ram: &str, prefault: bool, tpu: f64) -> (f64, f64, f64) {
 fn main() {
     let args = Args::parse();
     cpr_tests::require_kvm();
+    if args.systemd {
+        let cmd: Vec<String> = std::env::args().collect();
+        println!("# cprd restart benchmark (real systemd 254 in systemd-nspawn)\ncommand: {}\n", cmd.join(" "));
+        systemd_bench(&args, tsc_ticks_per_us());
+        return;
+    }
     if args.daemon {
         let cmd: Vec<String> = std::env::args().collect();
         println!("# cprd upgrade benchmark\ncommand: {}\n", cmd.join(" "));

@@ -102,7 +102,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     // Give the name up first: calls from now on queue at the bus (D-Bus activation) for the next
     // cprd instead of reaching one that is going away; calls already here are answered.
     let _ = conn.release_name("org.cprd1").await;
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     // VMMs run in their own sessions and keep running; the next cprd re-attaches them.
     tracing::info!("cprd stopping; {} keep running", engine.status_line());
     Ok(())
