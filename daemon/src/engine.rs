@@ -261,14 +261,20 @@ impl Engine {
         self.runtime_dir.join("vms").join(format!("{name}.json"))
     }
 
+    /// Writes a VM's runtime record to `/run/cprd` and every record to the fd store's state memfd.
     fn persist(&self, name: &str) {
-        let record = lock(&self.vms).get(name).and_then(|v| v.record.clone());
+        let (record, all): (Option<VmRecord>, BTreeMap<String, VmRecord>) = {
+            let vms = lock(&self.vms);
+            let all = vms.iter().filter_map(|(n, v)| v.record.clone().map(|r| (n.clone(), r))).collect();
+            (vms.get(name).and_then(|v| v.record.clone()), all)
+        };
         match record {
             Some(r) => write_atomic(&self.record_path(name), &serde_json::to_vec_pretty(&r).unwrap_or_default()),
             None => {
                 let _ = std::fs::remove_file(self.record_path(name));
             }
         }
+        crate::fdstore::push_state(&serde_json::to_vec(&all).unwrap_or_default());
     }
 
     fn set_state(&self, name: &str, state: VmState) {
@@ -425,6 +431,7 @@ impl Engine {
             vm.record = None;
             vm.memfd = None;
         }
+        crate::fdstore::remove(&crate::fdstore::mem_name(name));
         self.persist(name);
         tracing::info!(CPRD_VM = name, "stopped VM {name}");
         self.emit(Event::VmChanged(name.to_string()));
@@ -630,36 +637,82 @@ impl Engine {
     /// Takes back every VM whose VMM runs, from the runtime records and the VMMs' control
     /// sockets (the memfd comes back from the VMM). Records that cannot be matched are moved to
     /// `quarantine/` and logged. Never panics.
-    pub fn reattach(self: &Arc<Self>) {
-        let dir = self.runtime_dir.join("vms");
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
-        for entry in rd.filter_map(Result::ok) {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
+    pub fn reattach(self: &Arc<Self>, mut stored: std::collections::HashMap<String, OwnedFd>) {
+        // Records come from the fd store's state memfd where systemd kept one, else from /run/cprd.
+        let mut records: Vec<(String, VmRecord, Option<PathBuf>)> = Vec::new();
+        let from_store = stored.remove(crate::fdstore::STATE).and_then(|fd| crate::fdstore::read_state(fd).ok());
+        if let Some(bytes) = from_store {
+            match serde_json::from_slice::<BTreeMap<String, VmRecord>>(&bytes) {
+                Ok(map) => records.extend(map.into_iter().map(|(n, r)| (n, r, None))),
+                Err(e) => tracing::warn!("the fd store's state record does not parse ({e}); using /run/cprd"),
             }
-            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            match self.reattach_one(&name, &path) {
-                Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
-                Err(why) => {
-                    let q = self.runtime_dir.join("quarantine");
-                    let _ = std::fs::create_dir_all(&q);
-                    let _ = std::fs::rename(&path, q.join(format!("{name}.json")));
-                    tracing::warn!(CPRD_VM = name, "cannot re-attach {name}: {why}; record quarantined");
+            tracing::info!("took {} VM records and {} fds back from the fd store", records.len(), stored.len());
+        }
+        if records.is_empty() {
+            let dir = self.runtime_dir.join("vms");
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok) {
+                let path = entry.path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                match std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_slice::<VmRecord>(&t).map_err(|e| format!("bad record: {e}")))
+                {
+                    Ok(r) => records.push((name, r, Some(path))),
+                    Err(why) => self.quarantine(&name, Some(&path), &why),
                 }
             }
         }
+        for (name, record, path) in records {
+            let memfd = stored.remove(&crate::fdstore::mem_name(&name));
+            match self.reattach_one(&name, record, memfd) {
+                Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
+                Err(why) => self.quarantine(&name, path.as_deref(), &why),
+            }
+        }
+        for (orphan, _fd) in stored {
+            tracing::warn!("fd store entry {orphan} matches no VM; closed");
+            crate::fdstore::remove(&orphan);
+        }
     }
 
-    fn reattach_one(self: &Arc<Self>, name: &str, path: &Path) -> Result<u32, String> {
-        let text = std::fs::read(path).map_err(|e| e.to_string())?;
-        let mut record: VmRecord = serde_json::from_slice(&text).map_err(|e| format!("bad record: {e}"))?;
+    fn quarantine(&self, name: &str, path: Option<&Path>, why: &str) {
+        if let Some(path) = path {
+            let q = self.runtime_dir.join("quarantine");
+            let _ = std::fs::create_dir_all(&q);
+            let _ = std::fs::rename(path, q.join(format!("{name}.json")));
+        }
+        tracing::warn!(CPRD_VM = name, "cannot re-attach {name}: {why}; record quarantined");
+    }
+
+    fn reattach_one(
+        self: &Arc<Self>,
+        name: &str,
+        mut record: VmRecord,
+        stored_memfd: Option<OwnedFd>,
+    ) -> Result<u32, String> {
         let def = self.def(name).map_err(|e| e.to_string())?;
         let backend = backend::for_kind(def.backend).map_err(|e| e.to_string())?;
         if let Some(inflight) = record.upgrading.take() {
             backend.finish_interrupted(&mut record, &inflight, self.settings().handoff_timeout_ms);
         }
-        let memfd = backend.reattach(&mut record)?;
+        let from_vmm = backend.reattach(&mut record)?;
+        // The VMM's memfd is the truth; the stored one must be the same file.
+        let same = |a: &OwnedFd, b: &OwnedFd| {
+            use std::os::unix::fs::MetadataExt;
+            let ino = |fd: &OwnedFd| std::fs::File::from(fd.try_clone().ok()?).metadata().ok().map(|m| m.ino());
+            ino(a).is_some() && ino(a) == ino(b)
+        };
+        let memfd = match stored_memfd {
+            Some(m) if same(&m, &from_vmm) => m,
+            Some(_) => {
+                tracing::warn!(CPRD_VM = name, "the stored memfd of {name} is not the VMM's; using the VMM's");
+                from_vmm
+            }
+            None => from_vmm,
+        };
         let pid = self.adopt(name, record, memfd);
         self.supervise_pid(name, pid);
         Ok(pid)
@@ -668,6 +721,7 @@ impl Engine {
     /// Takes a running VMM into the VM table (record, memfd, state running) and persists its
     /// record; returns its pid.
     fn adopt(&self, name: &str, record: VmRecord, memfd: OwnedFd) -> u32 {
+        crate::fdstore::push(&crate::fdstore::mem_name(name), memfd.as_fd());
         let pid = record.main_pid;
         if let Some(vm) = lock(&self.vms).get_mut(name) {
             vm.record = Some(record);

@@ -5,6 +5,7 @@ mod config;
 mod dbus;
 mod engine;
 mod error;
+mod fdstore;
 mod scope;
 
 use std::path::PathBuf;
@@ -48,7 +49,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     let engine = engine::Engine::new(cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
     {
         let e = Arc::clone(&engine);
-        tokio::task::spawn_blocking(move || e.reattach()).await.map_err(|e| e.to_string())?;
+        let stored = fdstore::take();
+        tokio::task::spawn_blocking(move || e.reattach(stored)).await.map_err(|e| e.to_string())?;
     }
     let builder = match (&cli.bus_address, cli.user) {
         (Some(a), _) => zbus::connection::Builder::address(a.as_str()),

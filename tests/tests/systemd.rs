@@ -141,3 +141,30 @@ fn list_calls_every_10ms_see_no_failure_across_5_restarts() {
     assert!(calls > 50, "only {calls} calls made");
     assert_eq!(fails, 0, "{fails} of {calls} ListVMs calls failed across 5 restarts");
 }
+
+#[test]
+fn the_fd_store_alone_brings_every_vm_back() {
+    require_kvm();
+    let vms = [("a", "memory = \"64M\"\n"), ("b", "memory = \"64M\"\n"), ("c", "memory = \"64M\"\n")];
+    let c = Container::boot(&vms);
+    // Enabled, so that the stopped unit stays referenced and its fd store is preserved.
+    c.sh("systemctl enable --now cprd 2>/dev/null");
+    for (vm, _) in vms {
+        c.sh(&format!("cprctl start {vm}"));
+    }
+    let before = list(&c);
+    let stored: u32 = c.sh("systemctl show -p NFileDescriptorStore --value cprd").trim().parse().unwrap_or(0);
+    assert_eq!(stored, 4, "three guest memfds and the state record in the fd store");
+    // Stop cprd and take its runtime records away: only the fd store is left to say what runs.
+    c.sh("systemctl stop cprd && rm -f /run/cprd/vms/*.json");
+    c.sh("systemctl start cprd");
+    assert_eq!(list(&c), before, "same VMs, PIDs and generations, from the fd store");
+    let j = c.sh("journalctl -u cprd --no-pager -o cat");
+    assert!(j.contains("took 3 VM records and 3 fds back from the fd store"), "{j}");
+    for (vm, _) in vms {
+        heartbeats_ok(&c, vm);
+    }
+    c.sh("cprctl upgrade a && cprctl stop c");
+    let stored: u32 = c.sh("systemctl show -p NFileDescriptorStore --value cprd").trim().parse().unwrap_or(0);
+    assert_eq!(stored, 3, "a stopped VM's memfd leaves the store; an upgraded one's stays");
+}

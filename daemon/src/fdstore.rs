@@ -1,0 +1,93 @@
+//! systemd's file descriptor store: cprd keeps each guest's memfd and its own state record there,
+//! so a restarted cprd gets them back from systemd (`LISTEN_FDS` / `LISTEN_FDNAMES`) even if
+//! `/run/cprd` is gone. Without systemd (`NOTIFY_SOCKET` unset) every call is a no-op.
+//!
+//! Names: `cprd-state` (a sealed memfd holding every VM's runtime record as JSON) and
+//! `vm-<name>-mem` (the guest-RAM memfd). A replacement is pushed only after the old entry of
+//! the same name was removed (`FDSTOREREMOVE=1`), and with `FDPOLL=0`.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use sd_notify::NotifyState;
+
+/// Name of the state record.
+pub const STATE: &str = "cprd-state";
+
+/// Name of a VM's guest-RAM memfd.
+pub fn mem_name(vm: &str) -> String {
+    format!("vm-{vm}-mem")
+}
+
+fn active() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
+/// Stores `fd` under `name`, replacing an older entry of that name.
+pub fn push(name: &str, fd: BorrowedFd<'_>) {
+    if !active() {
+        return;
+    }
+    remove(name);
+    let r = sd_notify::notify_with_fds(
+        &[NotifyState::FdStore, NotifyState::FdName(name), NotifyState::Custom("FDPOLL=0")],
+        &[fd],
+    );
+    if let Err(e) = r {
+        tracing::warn!("cannot push {name} to the fd store: {e}");
+    }
+}
+
+/// Removes the entry `name` from the store.
+pub fn remove(name: &str) {
+    if active() {
+        let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+    }
+}
+
+/// Takes the fds systemd passed at start, by name (the order is not stable).
+pub fn take() -> HashMap<String, OwnedFd> {
+    let Ok(fds) = sd_notify::listen_fds_with_names() else { return HashMap::new() };
+    fds.map(|(raw, name)| {
+        // SAFETY: systemd passed `raw` to this process for us alone (LISTEN_PID matched).
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        (name, fd)
+    })
+    .collect()
+}
+
+/// Stores `bytes` as the state record, in a sealed memfd.
+pub fn push_state(bytes: &[u8]) {
+    if !active() {
+        return;
+    }
+    let made = (|| -> std::io::Result<OwnedFd> {
+        let fd = nix::sys::memfd::memfd_create(
+            c"cprd-state",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let mut f = std::fs::File::from(fd);
+        f.write_all(bytes)?;
+        let seals = nix::fcntl::SealFlag::F_SEAL_WRITE
+            | nix::fcntl::SealFlag::F_SEAL_GROW
+            | nix::fcntl::SealFlag::F_SEAL_SHRINK
+            | nix::fcntl::SealFlag::F_SEAL_SEAL;
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_ADD_SEALS(seals))?;
+        Ok(OwnedFd::from(f))
+    })();
+    match made {
+        Ok(fd) => push(STATE, fd.as_fd()),
+        Err(e) => tracing::warn!("cannot build the state record memfd: {e}"),
+    }
+}
+
+/// Reads a state record memfd.
+pub fn read_state(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::from(fd);
+    f.rewind()?;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
