@@ -174,7 +174,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), CprdError> {
         authorize(conn, &header).await?;
-        reload(conn, &self.engine).await.map(|_| ())
+        reload(conn, &self.engine, false).await.map(|_| ())
     }
 
     /// Past upgrades: (vm, time µs since the epoch, generation, ok, downtime µs, error).
@@ -321,11 +321,30 @@ impl VmObject {
 /// `MONOTONIC_USEC`, as `Type=notify-reload` requires), re-reads the configuration, moves VMs
 /// whose configured VMM binary changed on disk to it, registers new VM objects, then `READY=1`
 /// with a STATUS that says what happened.
-pub async fn reload(conn: &Connection, engine: &Arc<Engine>) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+/// With `reexec`, a changed cprd binary is re-executed first (SIGHUP from `systemctl reload`);
+/// over D-Bus it is not, since the caller would lose its reply.
+pub async fn reload(
+    conn: &Connection,
+    engine: &Arc<Engine>,
+    reexec: bool,
+) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1000)
         .unwrap_or(0);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::MonotonicUsec(now)]);
+    if let Some(path) = crate::reexec::changed().filter(|_| reexec) {
+        tracing::info!("cprd's own binary {} changed on disk: re-executing it (same PID)", path.display());
+        let err = crate::reexec::exec(&path);
+        tracing::error!("cannot re-execute {}: {err}; reloading in place", path.display());
+    }
+    finish_reload(conn, engine).await
+}
+
+/// The part of a reload after the `RELOADING=1` notice (also what a re-executed cprd finishes).
+pub async fn finish_reload(
+    conn: &Connection,
+    engine: &Arc<Engine>,
+) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
     let e = Arc::clone(engine);
     let result = blocking(move || e.reload()).await.and_then(|r| r);
     let _ = register_vms(conn, engine).await;

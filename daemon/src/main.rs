@@ -6,6 +6,7 @@ mod dbus;
 mod engine;
 mod error;
 mod fdstore;
+mod reexec;
 mod scope;
 
 use std::path::PathBuf;
@@ -45,11 +46,14 @@ fn init_logging() {
     registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false)).init();
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(
+    cli: Cli,
+    stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    reexeced: bool,
+) -> Result<(), String> {
     let engine = engine::Engine::new(cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
     {
         let e = Arc::clone(&engine);
-        let stored = fdstore::take();
         tokio::task::spawn_blocking(move || e.reattach(stored)).await.map_err(|e| e.to_string())?;
     }
     let builder = match (&cli.bus_address, cli.user) {
@@ -73,8 +77,14 @@ async fn run(cli: Cli) -> Result<(), String> {
         let e = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || e.autostart()).await.map_err(|e| e.to_string())?;
     }
-    let status = format!("STATUS={}", engine.status_line());
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)]);
+    if reexeced {
+        // Re-executed in the middle of a reload: finish it; that says READY=1.
+        tracing::info!("cprd {} re-executed; finishing the reload", env!("CARGO_PKG_VERSION"));
+        let _ = dbus::finish_reload(&conn, &engine).await;
+    } else {
+        let status = format!("STATUS={}", engine.status_line());
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)]);
+    }
     tracing::info!("cprd {} ready: {}", env!("CARGO_PKG_VERSION"), engine.status_line());
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let period = interval / 2;
@@ -96,7 +106,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             _ = int.recv() => break,
             // systemd's Type=notify-reload (and `kill -HUP`) ask for a reload with SIGHUP.
             _ = hup.recv() => {
-                let _ = dbus::reload(&conn, &engine).await;
+                let _ = dbus::reload(&conn, &engine, true).await;
             }
         }
     }
@@ -113,6 +123,15 @@ async fn run(cli: Cli) -> Result<(), String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // Still single-threaded: take what systemd passed, then clear the variables that described
+    // it, so that a re-executed image does not take the same fd numbers again.
+    let stored = fdstore::take();
+    let reexeced = std::env::var_os(reexec::ENV).is_some();
+    for var in ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", reexec::ENV] {
+        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+        unsafe { std::env::remove_var(var) };
+    }
+    reexec::remember();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -120,7 +139,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, stored, reexeced)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

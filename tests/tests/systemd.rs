@@ -168,3 +168,25 @@ fn the_fd_store_alone_brings_every_vm_back() {
     let stored: u32 = c.sh("systemctl show -p NFileDescriptorStore --value cprd").trim().parse().unwrap_or(0);
     assert_eq!(stored, 3, "a stopped VM's memfd leaves the store; an upgraded one's stays");
 }
+
+#[test]
+fn reload_re_executes_a_replaced_cprd_binary_in_place() {
+    require_kvm();
+    let vms = [("a", "memory = \"64M\"\n")];
+    let c = Container::boot(&vms);
+    c.sh("systemctl start cprd && cprctl start a");
+    let before = list(&c);
+    let main_pid = c.sh("systemctl show -p MainPID --value cprd");
+    let exe = || c.sh(&format!("readlink /proc/{}/exe", main_pid.trim()));
+    // A rebuilt cprd lands on disk (new inode, new content): the running image is now "deleted".
+    c.sh("cp /usr/libexec/cprd/cprd /tmp/cprd.new && printf rebuilt >> /tmp/cprd.new && chmod 755 /tmp/cprd.new && mv /tmp/cprd.new /usr/libexec/cprd/cprd");
+    assert!(exe().contains("(deleted)"), "{}", exe());
+    c.sh("systemctl reload cprd");
+    assert_eq!(c.sh("systemctl show -p MainPID --value cprd"), main_pid, "same PID after the re-exec");
+    assert!(!exe().contains("(deleted)"), "runs the new binary: {}", exe());
+    assert_eq!(c.sh("systemctl is-active cprd").trim(), "active");
+    assert_eq!(list(&c), before, "the VM was untouched");
+    let j = c.sh("journalctl -u cprd --no-pager -o cat");
+    assert!(j.contains("re-executing") && j.contains("re-executed; finishing the reload"), "{j}");
+    heartbeats_ok(&c, "a");
+}

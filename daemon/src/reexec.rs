@@ -1,0 +1,32 @@
+//! Re-executing cprd's own binary on reload when a newer build was installed: same PID (so
+//! systemd's MainPID, the fd store and the VMMs' parentage stay), new code. The new image takes
+//! the VMs back exactly as after a restart, then finishes the reload and says READY=1.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Environment variable that tells the new image it was re-executed in the middle of a reload.
+pub const ENV: &str = "CPRD_REEXEC";
+
+static STARTED: OnceLock<(PathBuf, Option<String>)> = OnceLock::new();
+
+/// Remembers this binary's path and content id at start.
+pub fn remember() {
+    if let Ok(path) = std::env::current_exe() {
+        let id = crate::engine::binary_build_id(&path);
+        let _ = STARTED.set((path, id));
+    }
+}
+
+/// The binary to re-execute if the one on disk differs from the running one.
+pub fn changed() -> Option<PathBuf> {
+    let (path, id) = STARTED.get()?;
+    let now = crate::engine::binary_build_id(path)?;
+    (Some(&now) != id.as_ref()).then(|| path.clone())
+}
+
+/// Replaces this process image with `path`, same arguments; returns only on failure.
+pub fn exec(path: &PathBuf) -> std::io::Error {
+    std::process::Command::new(path).args(std::env::args_os().skip(1)).env(ENV, "reload").exec()
+}
