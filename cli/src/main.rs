@@ -106,6 +106,12 @@ enum Cmd {
     History,
     /// Re-read cprd's configuration.
     Reload,
+    /// Ask cprd's control socket whether cprd answers (starts it where cprd.socket is enabled).
+    Ping {
+        /// The control socket.
+        #[arg(long, default_value = "/run/cprd/cprd.sock")]
+        socket: std::path::PathBuf,
+    },
     /// Print a VM's serial console and follow it (read-only).
     Console {
         /// VM name.
@@ -173,7 +179,26 @@ impl From<zbus::Error> for Failure {
     }
 }
 
+/// `ping` over cprd's control socket (no D-Bus involved).
+fn ping(socket: &std::path::Path) -> Result<(), Failure> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket as mksock};
+    use std::os::fd::AsFd;
+    let unreachable = |e: String| Failure { code: 11, message: format!("{}: {e}", socket.display()) };
+    let fd = mksock(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let addr = UnixAddr::new(socket).map_err(|e| unreachable(e.to_string()))?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| unreachable(e.to_string()))?;
+    cpr_proto::wire::send(fd.as_fd(), &json!({"request": "ping"}), &[]).map_err(|e| unreachable(e.to_string()))?;
+    let answer = cpr_proto::wire::recv::<serde_json::Value>(fd.as_fd(), Some(std::time::Duration::from_secs(60)))
+        .map_err(|e| unreachable(e.to_string()))?;
+    println!("{}", answer.msg);
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Ping { socket } = &cli.command {
+        return ping(socket);
+    }
     let conn = connect(cli.address.as_deref()).await?;
     let m = ManagerProxy::new(&conn).await?;
     match cli.command {
@@ -275,6 +300,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Reload => m.reload().await?,
+        Cmd::Ping { .. } => {}
         Cmd::Console { name } => {
             let vm = vm_proxy(&conn, &m, &name).await?;
             let path = vm.console_log().await?;

@@ -2,6 +2,7 @@
 
 mod backend;
 mod config;
+mod control;
 mod dbus;
 mod engine;
 mod error;
@@ -48,10 +49,12 @@ fn init_logging() {
 
 async fn run(
     cli: Cli,
-    stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
     reexeced: bool,
 ) -> Result<(), String> {
     let engine = engine::Engine::new(cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
+    let control = control::listener(&mut stored, &cli.runtime_dir)
+        .map_err(|e| format!("cannot open the control socket in {}: {e}", cli.runtime_dir.display()))?;
     {
         let e = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || e.reattach(stored)).await.map_err(|e| e.to_string())?;
@@ -71,6 +74,7 @@ async fn run(
         .await
         .map_err(|e| format!("cannot own org.cprd1 on the bus: {e}"))?;
     dbus::register_vms(&conn, &engine).await.map_err(|e| e.to_string())?;
+    control::serve(Arc::clone(&engine), control);
     scope::init(&conn).await;
     tokio::spawn(dbus::forward_events(conn.clone(), Arc::clone(&engine)));
     {
@@ -113,6 +117,7 @@ async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // Give the name up first: calls from now on queue at the bus (D-Bus activation) for the next
     // cprd instead of reaching one that is going away; calls already here are answered.
+    control::STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = conn.release_name("org.cprd1").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     // VMMs run in their own sessions and keep running; the next cprd re-attaches them.
@@ -125,9 +130,15 @@ fn main() -> std::process::ExitCode {
     init_logging();
     // Still single-threaded: take what systemd passed, then clear the variables that described
     // it, so that a re-executed image does not take the same fd numbers again.
-    let stored = fdstore::take();
+    let mut stored = fdstore::take();
     let reexeced = std::env::var_os(reexec::ENV).is_some();
-    for var in ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", reexec::ENV] {
+    if let Some(raw) = std::env::var(reexec::CONTROL_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
+        // SAFETY: the image before the re-exec left this listening socket open for us alone.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        stored.insert(control::FD_NAME.to_string(), fd);
+    }
+    for var in ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", reexec::ENV, reexec::CONTROL_FD_ENV] {
         // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
         unsafe { std::env::remove_var(var) };
     }

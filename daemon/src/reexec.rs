@@ -26,7 +26,19 @@ pub fn changed() -> Option<PathBuf> {
     (Some(&now) != id.as_ref()).then(|| path.clone())
 }
 
-/// Replaces this process image with `path`, same arguments; returns only on failure.
+/// Environment variable carrying the control socket's fd number into the new image.
+pub const CONTROL_FD_ENV: &str = "CPRD_CONTROL_FD";
+
+/// Replaces this process image with `path`, same arguments, keeping the control socket open
+/// (systemd's listening socket must survive); returns only on failure.
 pub fn exec(path: &PathBuf) -> std::io::Error {
-    std::process::Command::new(path).args(std::env::args_os().skip(1)).env(ENV, "reload").exec()
+    let mut cmd = std::process::Command::new(path);
+    cmd.args(std::env::args_os().skip(1)).env(ENV, "reload");
+    let raw = crate::control::RAW_FD.load(std::sync::atomic::Ordering::SeqCst);
+    if raw >= 0 {
+        // SAFETY: F_SETFD on our own listening socket only clears its close-on-exec flag.
+        unsafe { libc::fcntl(raw, libc::F_SETFD, 0) };
+        cmd.env(CONTROL_FD_ENV, raw.to_string());
+    }
+    cmd.exec()
 }

@@ -60,6 +60,7 @@ impl Container {
         let units = repo().join("units");
         install(&root, &units.join("cprd.service"), "/etc/systemd/system/cprd.service", 0o644);
         install(&root, &units.join("cprd.slice"), "/etc/systemd/system/cprd.slice", 0o644);
+        install(&root, &units.join("cprd.socket"), "/etc/systemd/system/cprd.socket", 0o644);
         install(&root, &units.join("dbus/org.cprd1.conf"), "/etc/dbus-1/system.d/org.cprd1.conf", 0o644);
         install(
             &root,

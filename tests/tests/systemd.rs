@@ -190,3 +190,34 @@ fn reload_re_executes_a_replaced_cprd_binary_in_place() {
     assert!(j.contains("re-executing") && j.contains("re-executed; finishing the reload"), "{j}");
     heartbeats_ok(&c, "a");
 }
+
+#[test]
+fn socket_activation_starts_cprd_and_holds_calls_across_restarts() {
+    require_kvm();
+    let c = Container::boot(&[("a", "memory = \"64M\"\n")]);
+    c.sh("systemctl enable --now cprd.socket 2>/dev/null");
+    assert_eq!(c.exec(&["systemctl", "is-active", "cprd"]).stdout, b"inactive\n");
+    let pong = c.sh("cprctl ping");
+    assert!(pong.contains("\"pong\""), "{pong}");
+    assert_eq!(c.sh("systemctl is-active cprd").trim(), "active", "started by its socket");
+    let j = c.sh("journalctl -u cprd --no-pager -o cat");
+    assert!(j.contains("control socket from systemd (socket activation)"), "{j}");
+    c.sh("cprctl start a");
+    let client = "n=0; f=0; while [ ! -e /tmp/stop ]; do cprctl ping >/dev/null 2>&1 || f=$((f+1)); n=$((n+1)); sleep 0.01; done; echo $n $f > /tmp/result";
+    c.sh(&format!("systemd-run --unit=pinger sh -c '{client}'"));
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        c.sh("systemctl restart cprd");
+    }
+    c.sh("touch /tmp/stop");
+    assert!(cpr_tests::wait_until(std::time::Duration::from_secs(20), || c
+        .exec(&["test", "-e", "/tmp/result"])
+        .status
+        .success()));
+    let r = c.sh("cat /tmp/result");
+    let mut it = r.split_whitespace().filter_map(|n| n.parse::<u64>().ok());
+    let (n, f) = (it.next().unwrap_or(0), it.next().unwrap_or(u64::MAX));
+    assert!(n > 20, "only {n} pings");
+    assert_eq!(f, 0, "{f} of {n} pings failed across 3 restarts");
+    assert_eq!(list(&c)[0]["state"], "running");
+}
