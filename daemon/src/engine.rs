@@ -369,20 +369,16 @@ impl Engine {
     }
 
     /// Notices when a VMM that is not our child (re-attached after a restart) dies.
-    fn supervise_pid(self: &Arc<Self>, name: &str, pid: u32) {
+    /// (The pidfd kept in systemd's fd store is used when it is for this `pid`.)
+    fn supervise_pid(self: &Arc<Self>, name: &str, pid: u32, stored: Option<OwnedFd>) {
         let engine = Arc::clone(self);
         let name = name.to_string();
+        let stored = stored.filter(|fd| crate::fdstore::pidfd_pid(fd) == Some(pid));
         let _ = std::thread::Builder::new().name(format!("watch-{name}")).spawn(move || {
-            let Ok(raw) = i32::try_from(pid) else { return };
-            // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-            let Ok(fd) = i32::try_from(fd) else { return };
-            if fd < 0 {
+            let Some(pidfd) = stored.or_else(|| crate::fdstore::pidfd_open(pid)) else {
                 engine.vmm_exited(&name, pid, "gone before it could be watched");
                 return;
-            }
-            // SAFETY: `fd` was just returned by pidfd_open and is ours.
-            let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            };
             let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
             while matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE), Err(nix::Error::EINTR)) {}
             engine.vmm_exited(&name, pid, "exited");
@@ -432,6 +428,7 @@ impl Engine {
             vm.memfd = None;
         }
         crate::fdstore::remove(&crate::fdstore::mem_name(name));
+        crate::fdstore::remove(&crate::fdstore::pid_name(name));
         self.persist(name);
         tracing::info!(CPRD_VM = name, "stopped VM {name}");
         self.emit(Event::VmChanged(name.to_string()));
@@ -500,6 +497,7 @@ impl Engine {
                     vm.record = Some(record);
                     vm.state = VmState::Running;
                 }
+                crate::fdstore::push_pidfd(name, up.child.id());
                 self.supervise_child(name, up.child);
                 Ok((up.downtime_usec, generation))
             }
@@ -667,7 +665,8 @@ impl Engine {
         }
         for (name, record, path) in records {
             let memfd = stored.remove(&crate::fdstore::mem_name(&name));
-            match self.reattach_one(&name, record, memfd) {
+            let pidfd = stored.remove(&crate::fdstore::pid_name(&name));
+            match self.reattach_one(&name, record, memfd, pidfd) {
                 Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
                 Err(why) => self.quarantine(&name, path.as_deref(), &why),
             }
@@ -692,6 +691,7 @@ impl Engine {
         name: &str,
         mut record: VmRecord,
         stored_memfd: Option<OwnedFd>,
+        stored_pidfd: Option<OwnedFd>,
     ) -> Result<u32, String> {
         let def = self.def(name).map_err(|e| e.to_string())?;
         let backend = backend::for_kind(def.backend).map_err(|e| e.to_string())?;
@@ -714,7 +714,7 @@ impl Engine {
             None => from_vmm,
         };
         let pid = self.adopt(name, record, memfd);
-        self.supervise_pid(name, pid);
+        self.supervise_pid(name, pid, stored_pidfd);
         Ok(pid)
     }
 
@@ -722,6 +722,7 @@ impl Engine {
     /// record; returns its pid.
     fn adopt(&self, name: &str, record: VmRecord, memfd: OwnedFd) -> u32 {
         crate::fdstore::push(&crate::fdstore::mem_name(name), memfd.as_fd());
+        crate::fdstore::push_pidfd(name, record.main_pid);
         let pid = record.main_pid;
         if let Some(vm) = lock(&self.vms).get_mut(name) {
             vm.record = Some(record);

@@ -20,6 +20,36 @@ pub fn mem_name(vm: &str) -> String {
     format!("vm-{vm}-mem")
 }
 
+/// Name of the pidfd of a VM's current VMM.
+pub fn pid_name(vm: &str) -> String {
+    format!("vm-{vm}-pidfd")
+}
+
+/// A pidfd for `pid`.
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let raw = i32::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = i32::try_from(unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) }).ok()?;
+    // SAFETY: `fd` was just returned by pidfd_open and is ours.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The pid a pidfd refers to (from /proc/self/fdinfo), if the process still exists.
+pub fn pidfd_pid(fd: &OwnedFd) -> Option<u32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(fd))).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|p| p.trim().parse::<i64>().ok())
+        .and_then(|p| u32::try_from(p).ok())
+}
+
+/// Stores a pidfd for the VM's current VMM `pid`.
+pub fn push_pidfd(vm: &str, pid: u32) {
+    if let Some(fd) = active().then(|| pidfd_open(pid)).flatten() {
+        push(&pid_name(vm), fd.as_fd());
+    }
+}
+
 fn active() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
