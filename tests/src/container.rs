@@ -42,7 +42,16 @@ impl Container {
     /// Boots a fresh container with cprd installed (not started) and `vms` defined
     /// (name, TOML body).
     pub fn boot(vms: &[(&str, &str)]) -> Self {
-        let out = Command::new(repo().join("scripts/container-rootfs")).output().expect("container-rootfs");
+        Self::boot_with("254", vms, &[])
+    }
+
+    /// [`Container::boot`] with systemd `sd_version` ("254" or "252") and extra files from the
+    /// repository installed (repo-relative source, absolute destination).
+    pub fn boot_with(sd_version: &str, vms: &[(&str, &str)], extra: &[(&str, &str)]) -> Self {
+        let out = Command::new(repo().join("scripts/container-rootfs"))
+            .env("SD_VERSION", sd_version)
+            .output()
+            .expect("container-rootfs");
         assert!(out.status.success(), "rootfs: {}", String::from_utf8_lossy(&out.stderr));
         let tarball = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let dir = tempfile::Builder::new().prefix("cprd-ct").tempdir_in("/var/tmp").expect("tempdir");
@@ -75,6 +84,9 @@ impl Container {
             "/etc/cprd/cprd.toml",
             "[vmm]\nallowed = [\"/usr/libexec/cprd/*\"]\ndefault = \"/usr/libexec/cprd/cpr-vmm\"\n",
         );
+        for (from, to) in extra {
+            install(&root, &repo().join(from), to, 0o644);
+        }
         for (name, body) in vms {
             write(&root, &format!("/etc/cprd/vms/{name}.toml"), body);
         }

@@ -221,3 +221,27 @@ fn socket_activation_starts_cprd_and_holds_calls_across_restarts() {
     assert_eq!(f, 0, "{f} of {n} pings failed across 3 restarts");
     assert_eq!(list(&c)[0]["state"], "running");
 }
+
+#[test]
+fn on_systemd_252_reload_blocks_until_every_vm_is_on_the_new_binary() {
+    require_kvm();
+    let vms = [("a", "memory = \"64M\"\n"), ("b", "memory = \"64M\"\n")];
+    let c = Container::boot_with(
+        "252",
+        &vms,
+        &[("units/systemd-252/10-notify.conf", "/etc/systemd/system/cprd.service.d/10-notify.conf")],
+    );
+    assert!(c.sh("systemctl --version").starts_with("systemd 252"), "{}", c.sh("systemctl --version"));
+    c.sh("systemctl start cprd");
+    assert_eq!(c.sh("systemctl show -p Type --value cprd").trim(), "notify");
+    for (vm, _) in vms {
+        c.sh(&format!("cprctl start {vm}"));
+    }
+    c.sh("cp /usr/libexec/cprd/cpr-vmm /tmp/new && printf rebuilt >> /tmp/new && chmod 755 /tmp/new && mv /tmp/new /usr/libexec/cprd/cpr-vmm");
+    c.sh("systemctl reload cprd");
+    for (vm, _) in vms {
+        let st: serde_json::Value = serde_json::from_str(&c.sh(&format!("cprctl --json status {vm}"))).expect("JSON");
+        assert_eq!(st["generation"], 1, "{vm} is on the new binary when reload returns");
+        heartbeats_ok(&c, vm);
+    }
+}
