@@ -312,14 +312,34 @@ fn kill_9_of_cprd_mid_upgrade_rolls_back_on_restart() {
     assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "a good upgrade works afterwards");
 }
 
-/// Reads every datagram currently queued on a notify socket.
-fn notifications(sock: &std::os::unix::net::UnixDatagram) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = sock.recv(&mut buf) {
-        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+/// Stands where systemd would: drains cprd's sd_notify datagrams as they come (a sender blocks
+/// when the receiver's queue is full, as it would with a stuck service manager).
+struct NotifyReceiver {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    taken: usize,
+}
+
+impl NotifyReceiver {
+    fn bind(path: &Path) -> Self {
+        let sock = std::os::unix::net::UnixDatagram::bind(path).expect("notify socket");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                sink.lock().expect("lock").push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        Self { seen, taken: 0 }
     }
-    out
+}
+
+/// The datagrams received since the last call.
+fn notifications(r: &mut NotifyReceiver) -> Vec<String> {
+    let all = r.seen.lock().expect("lock");
+    let new = all[r.taken..].to_vec();
+    r.taken = all.len();
+    new
 }
 
 #[test]
@@ -345,12 +365,11 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
     define_vm(&config, "vm2", "memory = \"64M\"\n");
     // The test stands where systemd would: it receives cprd's sd_notify datagrams.
     let notify_path = dir.path().join("notify");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
-    notify.set_nonblocking(true).expect("nonblocking");
+    let mut notify = NotifyReceiver::bind(&notify_path);
     let notify_env = notify_path.to_string_lossy().into_owned();
     let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("NOTIFY_SOCKET", &notify_env)]);
     let s = Setup { _dir: dir, _bus: bus, cprd };
-    assert!(notifications(&notify).iter().any(|m| m.contains("READY=1")), "no READY=1 at start");
+    assert!(notifications(&mut notify).iter().any(|m| m.contains("READY=1")), "no READY=1 at start");
     for vm in ["vm1", "vm2"] {
         assert!(s.cprd.cprctl(&["start", vm]).status.success());
     }
@@ -364,7 +383,7 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
     let mut first = Vec::new();
     assert!(
         wait_until(Duration::from_secs(10), || {
-            first.extend(notifications(&notify));
+            first.extend(notifications(&mut notify));
             first.iter().any(|m| m.contains("upgraded 0 VMs"))
         }),
         "{first:?} alive {:?} log {}",
@@ -386,7 +405,7 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
     let mut seen = Vec::new();
     assert!(
         wait_until(Duration::from_secs(60), || {
-            seen.extend(notifications(&notify));
+            seen.extend(notifications(&mut notify));
             seen.iter().any(|m| m.contains("READY=1") && m.contains("upgraded 2 VMs"))
         }),
         "no READY=1 after the reload: {seen:?}"
