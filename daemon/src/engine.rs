@@ -179,8 +179,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) {
 
 /// The content id of a binary, as cpr-vmm reports its own (`Describe.build_id`).
 pub fn binary_build_id(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
-    Some(format!("{:016x}", crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ).checksum(&bytes)))
+    cpr_proto::build_id_of(path)
 }
 
 impl Engine {

@@ -21,3 +21,12 @@ pub fn monotonic_ns() -> u64 {
     let nanos = u64::try_from(ts.tv_nsec()).unwrap_or(0);
     secs * 1_000_000_000 + nanos
 }
+
+/// The content id of a binary file: CRC-64/XZ of its bytes, in hex. A VMM reports its own in
+/// `Describe.build_id`; cprd computes it for the file on disk to see whether it changed. Both
+/// sides must use this one definition.
+pub fn build_id_of(path: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let crc = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ).checksum(&bytes);
+    Some(format!("{crc:016x}"))
+}

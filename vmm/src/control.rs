@@ -30,12 +30,7 @@ pub struct Vmm {
 /// A content hash of the running binary, cached (tells two builds of one version apart).
 pub fn build_id() -> String {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let bytes = std::fs::read("/proc/self/exe").unwrap_or_default();
-        let crc = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ).checksum(&bytes);
-        format!("{crc:016x}")
-    })
-    .clone()
+    ID.get_or_init(|| cpr_proto::build_id_of(std::path::Path::new("/proc/self/exe")).unwrap_or_default()).clone()
 }
 
 /// What this binary is and which state formats it speaks.
