@@ -72,24 +72,25 @@ fn systemd_bench(args: &Args, tpu: f64) {
     let hbs = cpr_testguest::Heartbeat::all_in(&c.sh("cat /run/cprd/vms/g.console"));
     let guest: Vec<f64> = hbs.iter().skip(1).map(|h| h.max_gap_ticks as f64 / tpu / 1000.0).collect();
     let (g, s, q) = (summarize(&gaps), summarize(&steady), summarize(&guest));
-    println!("| measurement | n | min | median | p99 | max |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| ListVMs gap across a restart, ms | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-        g.n, g.min, g.median, g.p99, g.max
-    );
-    println!(
-        "| ListVMs interval without restart, ms | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-        s.n, s.min, s.median, s.p99, s.max
-    );
-    println!(
-        "| guest's longest loop gap per heartbeat, whole run, ms | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
-        q.n, q.min, q.median, q.p99, q.max
-    );
+    print_header();
+    print_row("ListVMs gap across a restart, ms", &g, 1);
+    print_row("ListVMs interval without restart, ms", &s, 1);
+    print_row("guest's longest loop gap per heartbeat, whole run, ms", &q, 2);
     println!();
     println!("failed ListVMs calls: {failed} of {}", oks.len() + failed);
     let st = c.sh("cprctl --json status g");
     println!("VM after {} restarts: {st}", args.restarts);
+}
+
+/// The header of a `measurement | n | min | median | p99 | max` table.
+fn print_header() {
+    println!("| measurement | n | min | median | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+}
+
+/// One row of that table, with `decimals` digits after the point.
+fn print_row(label: &str, s: &Summary, decimals: usize) {
+    println!("| {label} | {} | {:.d$} | {:.d$} | {:.d$} | {:.d$} |", s.n, s.min, s.median, s.p99, s.max, d = decimals);
 }
 
 /// Resident set size of a process in KiB.
@@ -150,20 +151,10 @@ fn daemon_bench(args: &Args) {
     let rss = rss_kib(cprd.child.id());
     kill_vmms(&cprd.runtime_dir);
     let (b, d, w) = (summarize(&bare), summarize(&via_dbus), summarize(&wall));
-    println!("| measurement | n | min | median | p99 | max |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| bare handoff downtime (cpr-vmm handoff), us | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
-        b.n, b.min, b.median, b.p99, b.max
-    );
-    println!(
-        "| cprd UpgradeVM downtime (D-Bus), us | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
-        d.n, d.min, d.median, d.p99, d.max
-    );
-    println!(
-        "| cprctl upgrade wall time, ms | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-        w.n, w.min, w.median, w.p99, w.max
-    );
+    print_header();
+    print_row("bare handoff downtime (cpr-vmm handoff), us", &b, 0);
+    print_row("cprd UpgradeVM downtime (D-Bus), us", &d, 0);
+    print_row("cprctl upgrade wall time, ms", &w, 1);
     println!();
     println!("cprd-driven / bare median downtime = {:.2}", d.median / b.median);
     println!("UpgradeAll of {} VMs: {all_wall:.2} s wall, {}", args.vms, if ok { "all ok" } else { "FAILURES" });
