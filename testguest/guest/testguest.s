@@ -42,6 +42,32 @@
 .equ FAIL_RAM,     2
 .equ FAIL_PATTERN, 3
 
+# The counter's three copies (r12, RAM, xmm0) step together and must agree, on every vCPU.
+.macro STEP_COUNTER
+    inc r12
+    inc qword ptr [rbx + ST_COUNTER]
+    paddq xmm0, xmm1
+    movq rax, xmm0
+    cmp rax, r12
+    jne fail_reg
+    cmp [rbx + ST_COUNTER], r12
+    jne fail_ram
+.endm
+
+# rax = the 64-bit TSC (clobbers rdx).
+.macro READ_TSC
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+.endm
+
+# rcx = ticks since the previous iteration (TSC in rax, previous in r13, which is updated).
+.macro GAP_SINCE_LAST
+    mov rcx, rax
+    sub rcx, r13
+    mov r13, rax
+.endm
+
 .text
 .global _start
 _start:
@@ -77,28 +103,15 @@ _start:
     mov eax, 1
     movq xmm1, rax
     xor r14d, r14d                     # longest gap since the last heartbeat
-    rdtsc
-    shl rdx, 32
-    or rax, rdx
+    READ_TSC
     mov r13, rax                       # TSC at the previous iteration
     mov [rbx + ST_SWEEP_TSC], rax
 
 main_loop:
-    inc r12
-    inc qword ptr [rbx + ST_COUNTER]
-    paddq xmm0, xmm1
-    movq rax, xmm0
-    cmp rax, r12
-    jne fail_reg
-    cmp [rbx + ST_COUNTER], r12
-    jne fail_ram
+    STEP_COUNTER
 
-    rdtsc
-    shl rdx, 32
-    or rax, rdx
-    mov rcx, rax
-    sub rcx, r13
-    mov r13, rax
+    READ_TSC
+    GAP_SINCE_LAST
     cmp rcx, r14
     cmova r14, rcx
     cmp rcx, [rbx + ST_GAP_ALL]
@@ -135,25 +148,12 @@ ap_start:
     pxor xmm0, xmm0
     mov eax, 1
     movq xmm1, rax
-    rdtsc
-    shl rdx, 32
-    or rax, rdx
+    READ_TSC
     mov r13, rax
 ap_loop:
-    inc r12
-    inc qword ptr [rbx + ST_COUNTER]
-    paddq xmm0, xmm1
-    movq rax, xmm0
-    cmp rax, r12
-    jne fail_reg
-    cmp [rbx + ST_COUNTER], r12
-    jne fail_ram
-    rdtsc
-    shl rdx, 32
-    or rax, rdx
-    mov rcx, rax
-    sub rcx, r13
-    mov r13, rax
+    STEP_COUNTER
+    READ_TSC
+    GAP_SINCE_LAST
     cmp rcx, [rbx + ST_GAP_ALL]
     jbe ap_loop
     mov [rbx + ST_GAP_ALL], rcx
@@ -163,9 +163,7 @@ ap_loop:
 sweep_done:
     mov rbp, TOUCH_START
     inc qword ptr [rbx + ST_SWEEPS]
-    rdtsc
-    shl rdx, 32
-    or rax, rdx
+    READ_TSC
     mov r10, rax
     sub rax, [rbx + ST_SWEEP_TSC]
     mov [rbx + ST_SWEEP_TSC], r10
