@@ -21,6 +21,8 @@ use crate::error::CprdError;
 /// One upgrade for a backend to carry out.
 #[derive(Debug)]
 pub struct UpgradeRequest<'a> {
+    /// The VM.
+    pub name: &'a str,
     /// The running VMM.
     pub record: &'a VmRecord,
     /// The new binary (already allowed and pre-flighted).
@@ -60,7 +62,7 @@ pub enum UpgradeError {
 /// The mechanics of one kind of VMM.
 pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     /// Asks a candidate binary whether it can take a running guest over; touches nothing.
-    fn preflight(&self, binary: &Path) -> Result<(), CprdError>;
+    fn preflight(&self, binary: &Path, def: &VmDef, scratch: &Path) -> Result<(), CprdError>;
     /// Starts a VMM for `def` with its files under `dir`; returns its record, the guest-RAM
     /// memfd cprd keeps, and the process.
     fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError>;
@@ -69,7 +71,9 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     /// Stops the VMM (asks it, or kills it with `force`) and waits until it is gone.
     fn stop(&self, record: &VmRecord, force: bool);
     /// Takes a running VMM back after a cprd restart: refreshes `record`, returns the memfd.
-    fn reattach(&self, record: &mut VmRecord) -> Result<OwnedFd, String>;
+    fn reattach(&self, name: &str, def: &VmDef, record: &mut VmRecord) -> Result<OwnedFd, String>;
+    /// Drops whatever the backend holds for a VM whose VMM is gone.
+    fn forget(&self, _name: &str) {}
     /// Finishes or rolls back a handoff that a dead cprd left in flight.
     fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64);
 }
@@ -78,9 +82,7 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
 pub fn for_kind(kind: BackendKind) -> Result<&'static dyn VmmBackend, CprdError> {
     match kind {
         BackendKind::CprVmm => Ok(&CprVmm),
-        BackendKind::Qemu => Err(CprdError::InvalidArgument(
-            "backend \"qemu\" is not available in this cprd yet; use backend = \"cpr-vmm\"".into(),
-        )),
+        BackendKind::Qemu => Ok(&*crate::qemu::QEMU),
     }
 }
 
@@ -89,7 +91,7 @@ pub fn for_kind(kind: BackendKind) -> Result<&'static dyn VmmBackend, CprdError>
 pub struct CprVmm;
 
 impl VmmBackend for CprVmm {
-    fn preflight(&self, binary: &Path) -> Result<(), CprdError> {
+    fn preflight(&self, binary: &Path, _def: &VmDef, _scratch: &Path) -> Result<(), CprdError> {
         preflight(binary)
     }
 
@@ -163,6 +165,7 @@ impl VmmBackend for CprVmm {
             last_downtime_usec: 0,
             console,
             upgrading: None,
+            launch_args: Vec::new(),
         };
         Ok((record, memfd, child))
     }
@@ -202,17 +205,16 @@ impl VmmBackend for CprVmm {
         if !graceful {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        let gone = |p| nix::sys::signal::kill(p, None).is_err() || proc_is_zombie(record.main_pid);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !gone(pid) && Instant::now() < deadline {
+        while !process_gone(record.main_pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if !gone(pid) {
+        if !process_gone(record.main_pid) {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 
-    fn reattach(&self, record: &mut VmRecord) -> Result<OwnedFd, String> {
+    fn reattach(&self, _name: &str, _def: &VmDef, record: &mut VmRecord) -> Result<OwnedFd, String> {
         let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
         let describe = match client.call(&Request::Describe, &[]) {
             Ok(Response::Describe(d)) => d,
@@ -283,6 +285,12 @@ impl VmmBackend for CprVmm {
             }
         }
     }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie waiting for its parent).
+pub fn process_gone(pid: u32) -> bool {
+    i32::try_from(pid).map_or(true, |p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err())
+        || proc_is_zombie(pid)
 }
 
 fn proc_is_zombie(pid: u32) -> bool {

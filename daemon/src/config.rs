@@ -28,6 +28,8 @@ pub struct Settings {
     pub allowed_vmm: Vec<glob::Pattern>,
     /// The cpr-vmm binary used when a VM definition names none.
     pub default_vmm: PathBuf,
+    /// The QEMU binary used when a `backend = "qemu"` VM definition names none.
+    pub default_qemu: PathBuf,
     /// Timeout of each step of a handoff, in milliseconds.
     pub handoff_timeout_ms: u64,
     /// Where VM definitions live.
@@ -46,6 +48,7 @@ struct SettingsInput {
 struct VmmInput {
     allowed: Option<Vec<String>>,
     default: Option<String>,
+    qemu: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,7 +98,8 @@ pub fn load_settings(dir: &Path) -> Result<Settings, ConfigError> {
         merge(&mut merged, parse_table(f)?);
     }
     let input = SettingsInput::deserialize(toml::Value::Table(merged)).map_err(|e| err(&main, e.to_string()))?;
-    let vmm = input.vmm.unwrap_or(VmmInput { allowed: None, default: None });
+    let vmm = input.vmm.unwrap_or(VmmInput { allowed: None, default: None, qemu: None });
+    let default_qemu = PathBuf::from(vmm.qemu.unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into()));
     let default_vmm = PathBuf::from(vmm.default.unwrap_or_else(|| "/usr/libexec/cprd/cpr-vmm".into()));
     let allowed = vmm.allowed.unwrap_or_else(|| vec!["/usr/libexec/cprd/*".into(), "/usr/bin/qemu-system-*".into()]);
     let mut allowed_vmm = Vec::new();
@@ -109,7 +113,7 @@ pub fn load_settings(dir: &Path) -> Result<Settings, ConfigError> {
     if !(100..=600_000).contains(&handoff_timeout_ms) {
         return Err(err(&main, format!("handoff.timeout_ms = {handoff_timeout_ms} is outside 100..=600000")));
     }
-    Ok(Settings { allowed_vmm, default_vmm, handoff_timeout_ms, vms_dir: dir.join("vms") })
+    Ok(Settings { allowed_vmm, default_vmm, default_qemu, handoff_timeout_ms, vms_dir: dir.join("vms") })
 }
 
 /// Which VMM runs a VM.
@@ -118,7 +122,7 @@ pub fn load_settings(dir: &Path) -> Result<Settings, ConfigError> {
 pub enum BackendKind {
     /// cprd's own cpr-vmm.
     CprVmm,
-    /// QEMU 10+ with cpr-transfer (not built yet).
+    /// QEMU 10.0 or newer, handed over with cpr-transfer.
     Qemu,
 }
 
@@ -167,7 +171,58 @@ pub struct VmDef {
     pub autostart: bool,
     /// The VMM binary (default: the settings' default).
     pub vmm_binary: Option<PathBuf>,
+    /// QEMU only: versioned machine type (never an alias such as `q35`).
+    pub machine: String,
+    /// QEMU only: accelerator (`kvm`, or `tcg` where no hardware KVM is available).
+    pub accel: String,
+    /// QEMU only: CPU model (default: `host` with KVM, QEMU's default with TCG).
+    pub cpu: Option<String>,
+    /// QEMU only: network cards on tap devices cprd creates and holds.
+    pub nics: Vec<NicDef>,
+    /// QEMU only: disks.
+    pub disks: Vec<DiskDef>,
 }
+
+/// A network card of a QEMU VM: cprd creates the tap device and hands it to every QEMU
+/// generation, so connections survive upgrades.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicDef {
+    /// Tap device name (created by cprd if it does not exist).
+    pub tap: String,
+    /// Network namespace to create the tap device in (a path such as `/run/netns/NAME`).
+    pub netns: Option<PathBuf>,
+    /// QEMU device model.
+    #[serde(default = "default_nic_model")]
+    pub model: String,
+    /// MAC address (default: derived from the VM name and the card's index).
+    pub mac: Option<String>,
+}
+
+fn default_nic_model() -> String {
+    "virtio-net-pci".into()
+}
+
+/// A disk of a QEMU VM.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskDef {
+    /// Image path.
+    pub path: PathBuf,
+    /// Image format.
+    #[serde(default = "default_disk_format")]
+    pub format: String,
+    /// Read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+fn default_disk_format() -> String {
+    "raw".into()
+}
+
+/// The machine type cprd pins QEMU VMs to unless a definition names another.
+pub const DEFAULT_MACHINE: &str = "pc-q35-10.0";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,6 +237,13 @@ struct VmInput {
     console_log: Option<String>,
     autostart: Option<bool>,
     vmm_binary: Option<String>,
+    machine: Option<String>,
+    accel: Option<String>,
+    cpu: Option<String>,
+    #[serde(default)]
+    nic: Vec<NicDef>,
+    #[serde(default)]
+    disk: Vec<DiskDef>,
 }
 
 /// A VM name is a file stem of letters, digits, `-` and `_`, at most 64 bytes.
@@ -220,15 +282,62 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
             ));
         }
     };
+    let backend = input.backend.unwrap_or(BackendKind::CprVmm);
+    if backend == BackendKind::CprVmm {
+        let qemu_only = [
+            ("machine", input.machine.is_some()),
+            ("accel", input.accel.is_some()),
+            ("cpu", input.cpu.is_some()),
+            ("nic", !input.nic.is_empty()),
+            ("disk", !input.disk.is_empty()),
+        ];
+        if let Some((key, _)) = qemu_only.iter().find(|(_, set)| *set) {
+            return Err(err(file, format!("{key}: only VMs with backend = \"qemu\" take this key")));
+        }
+    } else if guest == GuestDef::TestGuest {
+        return Err(err(file, "backend = \"qemu\" runs a Linux guest: set kernel = \"/path/to/vmlinuz\""));
+    }
+    let accel = input.accel.unwrap_or_else(|| "kvm".into());
+    if !matches!(accel.as_str(), "kvm" | "tcg") {
+        return Err(err(file, format!("accel: {accel:?} is not \"kvm\" or \"tcg\"")));
+    }
+    let machine = input.machine.unwrap_or_else(|| DEFAULT_MACHINE.into());
+    if !machine.chars().any(|c| c.is_ascii_digit()) {
+        return Err(err(
+            file,
+            format!("machine: {machine:?} is an alias; name a versioned type such as {DEFAULT_MACHINE}"),
+        ));
+    }
+    for (i, nic) in input.nic.iter().enumerate() {
+        if nic.tap.is_empty()
+            || nic.tap.len() > 15
+            || !nic.tap.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(err(
+                file,
+                format!("nic[{i}].tap: {:?} is not a valid interface name (1-15 letters, digits, - _)", nic.tap),
+            ));
+        }
+        if let Some(mac) = &nic.mac
+            && (mac.len() != 17 || !mac.split(':').all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok()))
+        {
+            return Err(err(file, format!("nic[{i}].mac: {mac:?} is not a MAC address like 52:54:00:12:34:56")));
+        }
+    }
     Ok(VmDef {
         name,
-        backend: input.backend.unwrap_or(BackendKind::CprVmm),
+        backend,
         memory_bytes,
         vcpus,
         guest,
         console_log: input.console_log.map(PathBuf::from),
         autostart: input.autostart.unwrap_or(false),
         vmm_binary: input.vmm_binary.map(PathBuf::from),
+        machine,
+        accel,
+        cpu: input.cpu,
+        nics: input.nic,
+        disks: input.disk,
     })
 }
 

@@ -70,6 +70,9 @@ pub struct VmRecord {
     pub console: PathBuf,
     /// A handoff in flight, recorded so that a cprd restart can finish or roll it back.
     pub upgrading: Option<InFlight>,
+    /// The VMM's command line arguments where every generation must get the same (QEMU).
+    #[serde(default)]
+    pub launch_args: Vec<String>,
 }
 
 /// A handoff in flight.
@@ -321,9 +324,18 @@ impl Engine {
         Ok(())
     }
 
+    /// The binary a VM runs when its definition names none: per backend, from the settings.
+    fn default_binary(&self, def: &VmDef) -> PathBuf {
+        let settings = self.settings();
+        match def.backend {
+            config::BackendKind::CprVmm => settings.default_vmm,
+            config::BackendKind::Qemu => settings.default_qemu,
+        }
+    }
+
     fn binary_for(&self, def: &VmDef, requested: &str) -> Result<PathBuf, CprdError> {
         let binary = if requested.is_empty() {
-            def.vmm_binary.clone().unwrap_or_else(|| self.settings().default_vmm)
+            def.vmm_binary.clone().unwrap_or_else(|| self.default_binary(def))
         } else {
             PathBuf::from(requested)
         };
@@ -398,6 +410,9 @@ impl Engine {
         vm.record = None;
         vm.memfd = None;
         drop(vms);
+        if let Ok(b) = self.def(name).and_then(|d| backend::for_kind(d.backend)) {
+            b.forget(name);
+        }
         if !expected {
             tracing::error!(CPRD_VM = name, "VMM of {name} (pid {pid}) died unexpectedly: {how}");
         }
@@ -420,6 +435,7 @@ impl Engine {
         };
         if let Ok(b) = backend::for_kind(def_backend) {
             b.stop(&record, force);
+            b.forget(name);
         }
         if let Some(vm) = lock(&self.vms).get_mut(name) {
             vm.state = VmState::Stopped;
@@ -440,7 +456,7 @@ impl Engine {
         let def = self.def(name)?;
         let binary = self.binary_for(&def, binary)?;
         let backend = backend::for_kind(def.backend)?;
-        backend.preflight(&binary)?;
+        backend.preflight(&binary, &def, &self.runtime_dir.join("vms"))?;
         self.claim(name, &[VmState::Running], VmState::Upgrading)?;
         let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
         let Some(mut record) = record else {
@@ -466,6 +482,7 @@ impl Engine {
         };
         let id = now_usec();
         let req = backend::UpgradeRequest {
+            name,
             record: &record,
             binary: &binary,
             new_control: new_control.clone(),
@@ -604,7 +621,7 @@ impl Engine {
         let mut results = Vec::new();
         for v in self.list().into_iter().filter(|v| v.state == VmState::Running) {
             let Ok(def) = self.def(&v.name) else { continue };
-            let configured = def.vmm_binary.clone().unwrap_or_else(|| self.settings().default_vmm);
+            let configured = def.vmm_binary.clone().unwrap_or_else(|| self.default_binary(&def));
             if binary_build_id(&configured).is_some_and(|id| id != v.vmm_version) {
                 results.push(match self.upgrade(&v.name, "") {
                     Ok((d, _)) => (v.name, true, d, String::new()),
@@ -697,7 +714,7 @@ impl Engine {
         if let Some(inflight) = record.upgrading.take() {
             backend.finish_interrupted(&mut record, &inflight, self.settings().handoff_timeout_ms);
         }
-        let from_vmm = backend.reattach(&mut record)?;
+        let from_vmm = backend.reattach(name, &def, &mut record)?;
         // The VMM's memfd is the truth; the stored one must be the same file.
         let same = |a: &OwnedFd, b: &OwnedFd| {
             use std::os::unix::fs::MetadataExt;

@@ -7,6 +7,7 @@ mod dbus;
 mod engine;
 mod error;
 mod fdstore;
+mod qemu;
 mod reexec;
 mod scope;
 

@@ -142,7 +142,14 @@ impl Cprd {
 
     /// Runs `cprctl --address <bus> args…`.
     pub fn cprctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("cprctl")).arg("--address").arg(&self.address).args(args).output().expect("run cprctl")
+        self.cprctl_command(args).output().expect("run cprctl")
+    }
+
+    /// `cprctl --address <bus> args…`, not started yet.
+    pub fn cprctl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("cprctl"));
+        c.arg("--address").arg(&self.address).args(args);
+        c
     }
 
     /// Runs `busctl --address <bus> args…`, as uid `uid` when given.

@@ -314,3 +314,4 @@ pub fn is_stopped(pid: u32) -> bool {
 pub mod container;
 /// Private bus and cprd helpers.
 pub mod daemon;
+pub mod linux_guest;

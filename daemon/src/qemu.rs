@@ -1,0 +1,444 @@
+//! The QEMU backend: QEMU >= 10.0 handed over with cpr-transfer (mechanics in `cpr-qemu`).
+//!
+//! cprd creates and holds, per VM: the guest-RAM memfd (QEMU maps it through
+//! `/proc/self/fd/3`), both ends of the serial console's socket pair (QEMU's end goes to every
+//! generation; cprd's end is pumped into the console log that `cprctl console` follows), and
+//! the tap devices (one fd each, handed to every generation, so guest connections survive).
+//! Each generation gets its own QMP listening socket, bound by cprd before QEMU starts.
+//!
+//! A restarted cprd takes everything back from the running QEMU itself with pidfd_getfd(2):
+//! the memfd, QEMU's serial end, the taps, and cprd's own serial end, which every QEMU
+//! generation is handed at [`CONSOLE_KEEP_FD`] for exactly this purpose and never uses.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use cpr_qemu::cmdline::{self, DiskSpec, NicSpec, VmSpec};
+use cpr_qemu::qmp::Qmp;
+use cpr_qemu::transfer::{self, Fault, Transfer, TransferError};
+
+use crate::backend::{UpgradeError, UpgradeRequest, Upgraded, VmmBackend};
+use crate::config::{GuestDef, NicDef, VmDef};
+use crate::engine::{InFlight, VmRecord};
+use crate::error::CprdError;
+
+/// Where each QEMU generation keeps a copy of cprd's end of the console socket pair, unused by
+/// QEMU, so that a cprd restarted without systemd's fd store can take it back.
+pub const CONSOLE_KEEP_FD: RawFd = 6;
+
+/// Timeout of a QEMU start (TCG guests start slowly on busy hosts).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What cprd holds for one running QEMU VM.
+#[derive(Debug)]
+struct Held {
+    /// The command line the VM started with; every generation gets it unchanged.
+    args: Vec<String>,
+    memfd: OwnedFd,
+    serial_qemu: OwnedFd,
+    serial_cprd: OwnedFd,
+    taps: Vec<OwnedFd>,
+}
+
+impl Held {
+    /// The descriptors every generation gets, at their fixed numbers (QMP's is added by the caller).
+    fn fds(&self) -> Vec<(RawFd, BorrowedFd<'_>)> {
+        let mut v = vec![
+            (cmdline::MEMORY_FD, self.memfd.as_fd()),
+            (cmdline::SERIAL_FD, self.serial_qemu.as_fd()),
+            (CONSOLE_KEEP_FD, self.serial_cprd.as_fd()),
+        ];
+        for (i, tap) in self.taps.iter().enumerate() {
+            v.push((cmdline::TAP_FD_BASE + RawFd::try_from(i).unwrap_or(0), tap.as_fd()));
+        }
+        v
+    }
+}
+
+/// The QEMU backend.
+#[derive(Debug, Default)]
+pub struct Qemu {
+    held: Mutex<HashMap<String, Held>>,
+    probed: Mutex<Vec<(PathBuf, String, String)>>,
+}
+
+/// The one QEMU backend of this process.
+pub static QEMU: LazyLock<Qemu> = LazyLock::new(Qemu::default);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The QEMU command line inputs of a VM definition.
+pub fn spec_of(def: &VmDef) -> Result<VmSpec, CprdError> {
+    let GuestDef::Linux { kernel, initrd, cmdline } = &def.guest else {
+        return Err(CprdError::InvalidArgument(format!("VM {} has backend qemu but no kernel", def.name)));
+    };
+    Ok(VmSpec {
+        name: def.name.clone(),
+        machine: def.machine.clone(),
+        accel: def.accel.clone(),
+        cpu: def.cpu.clone(),
+        memory_bytes: def.memory_bytes,
+        vcpus: def.vcpus,
+        kernel: kernel.clone(),
+        initrd: initrd.clone(),
+        cmdline: cmdline.clone(),
+        nics: def
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NicSpec {
+                model: n.model.clone(),
+                mac: n.mac.clone().unwrap_or_else(|| default_mac(&def.name, i)),
+            })
+            .collect(),
+        disks: def
+            .disks
+            .iter()
+            .map(|d| DiskSpec { path: d.path.clone(), format: d.format.clone(), readonly: d.readonly })
+            .collect(),
+    })
+}
+
+/// A locally administered MAC derived from the VM name and the card's index (stable across
+/// restarts and upgrades).
+fn default_mac(name: &str, index: usize) -> String {
+    // FNV-1a: stable across Rust releases, unlike std's hasher.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let b = h.to_le_bytes();
+    format!(
+        "52:54:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0],
+        b[1],
+        b[2],
+        b[3].wrapping_add(u8::try_from(index % 256).unwrap_or(0))
+    )
+}
+
+/// Opens (creating if needed) the tap device of `nic`, inside its network namespace if it
+/// names one. The fd keeps the device alive; the namespace switch is confined to a thread.
+fn open_tap(nic: &NicDef) -> Result<OwnedFd, String> {
+    let nic = nic.clone();
+    std::thread::spawn(move || -> Result<OwnedFd, String> {
+        if let Some(ns) = &nic.netns {
+            let f = std::fs::File::open(ns).map_err(|e| format!("network namespace {}: {e}", ns.display()))?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("cannot enter network namespace {}: {e}", ns.display()))?;
+        }
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| format!("/dev/net/tun: {e}"))?;
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        const IFF_TAP: i16 = 0x0002;
+        const IFF_NO_PI: i16 = 0x1000;
+        let mut ifr = [0u8; 40];
+        ifr[..nic.tap.len()].copy_from_slice(nic.tap.as_bytes());
+        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes), which `ifr` is.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(format!("cannot open tap {}: {}", nic.tap, std::io::Error::last_os_error()));
+        }
+        Ok(OwnedFd::from(tun))
+    })
+    .join()
+    .map_err(|_| "tap thread panicked".to_string())?
+}
+
+/// A copy of descriptor `target` of process `pid` (pidfd_getfd(2)).
+fn fd_of_process(pid: u32, target: RawFd) -> Result<OwnedFd, String> {
+    let pidfd = crate::fdstore::pidfd_open(pid).ok_or_else(|| format!("pid {pid} is gone"))?;
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    let fd = i32::try_from(fd).unwrap_or(-1);
+    if fd < 0 {
+        return Err(format!("cannot take fd {target} of pid {pid}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by pidfd_getfd and is ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Copies the console from cprd's end of the socket pair into the console log until every
+/// QEMU end is closed.
+fn pump_console(name: &str, serial_cprd: &OwnedFd, log: &Path) {
+    let Ok(fd) = serial_cprd.try_clone() else { return };
+    let log = log.to_path_buf();
+    let _ = std::thread::Builder::new().name(format!("console-{name}")).spawn(move || {
+        let mut sock = std::fs::File::from(fd);
+        let Ok(mut out) = std::fs::OpenOptions::new().create(true).append(true).open(&log) else { return };
+        let mut buf = [0u8; 8192];
+        loop {
+            match sock.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let _ = out.write_all(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+fn fault_from_env() -> Option<Fault> {
+    // Fault injection for tests (named as such): real SIGKILLs of the real new QEMU, aimed at
+    // points a test cannot hit from outside.
+    match std::env::var("CPRD_FAULT").as_deref() {
+        Ok("qemu-kill-new-after-start") => Some(Fault::KillNewAfterStart),
+        Ok("qemu-kill-new-after-migrate") => Some(Fault::KillNewAfterMigrate),
+        _ => None,
+    }
+}
+
+fn paths(dir: &Path, name: &str, generation: u64) -> (PathBuf, PathBuf) {
+    (dir.join(format!("{name}.{generation}.main.sock")), dir.join(format!("{name}.{generation}.cpr.sock")))
+}
+
+impl Qemu {
+    fn spawn(&self, held: &Held, binary: &Path, qmp: &Path, extra: &[String], log: &Path) -> Result<Child, String> {
+        let listener = cpr_qemu::spawn::listen_at(qmp).map_err(|e| format!("cannot bind {}: {e}", qmp.display()))?;
+        let mut fds = held.fds();
+        fds.push((cmdline::QMP_FD, listener.as_fd()));
+        let mut args = held.args.clone();
+        args.extend_from_slice(extra);
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        cpr_qemu::spawn::spawn(binary, &args, &fds, Some(stderr))
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))
+    }
+
+    fn probe(&self, binary: &Path, machine: &str, scratch: &Path) -> Result<String, CprdError> {
+        let key = crate::engine::binary_build_id(binary).unwrap_or_default();
+        if let Some((_, _, d)) =
+            lock(&self.probed).iter().find(|(b, k, _)| b == binary && *k == format!("{key}/{machine}"))
+        {
+            return Ok(d.clone());
+        }
+        let report = cpr_qemu::probe::probe(binary, machine, scratch, Duration::from_secs(20))
+            .map_err(|e| CprdError::Incompatible(format!("{e}; nothing was changed")))?;
+        let d = report.describe();
+        lock(&self.probed).push((binary.to_path_buf(), format!("{key}/{machine}"), d.clone()));
+        Ok(d)
+    }
+
+    fn record_for(def: &VmDef, binary: &Path, control: PathBuf, pid: u32, dir: &Path) -> VmRecord {
+        VmRecord {
+            generation: 0,
+            main_pid: pid,
+            control,
+            vmm_binary: binary.to_path_buf(),
+            vmm_version: crate::engine::binary_build_id(binary).unwrap_or_default(),
+            last_downtime_usec: 0,
+            console: def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name))),
+            upgrading: None,
+            launch_args: Vec::new(),
+        }
+    }
+}
+
+impl VmmBackend for Qemu {
+    fn preflight(&self, binary: &Path, def: &VmDef, scratch: &Path) -> Result<(), CprdError> {
+        self.probe(binary, &def.machine, scratch).map(drop)
+    }
+
+    fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+        let start_failed = |m: String| CprdError::StartFailed(format!("{}: {m}", def.name));
+        let spec = spec_of(def)?;
+        let version = self.probe(binary, &def.machine, dir)?;
+        let memfd = cpr_vmm::memory::create_memfd(def.memory_bytes)
+            .map_err(|e| start_failed(format!("cannot create guest RAM: {e}")))?;
+        let (serial_qemu, serial_cprd) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| start_failed(format!("cannot create the console socket pair: {e}")))?;
+        let taps = def.nics.iter().map(open_tap).collect::<Result<Vec<_>, _>>().map_err(start_failed)?;
+        let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps };
+        let control = dir.join(format!("{}.0.sock", def.name));
+        let log = dir.join(format!("{}.log", def.name));
+        let mut record = Self::record_for(def, binary, control.clone(), 0, dir);
+        record.launch_args.clone_from(&held.args);
+        pump_console(&def.name, &held.serial_cprd, &record.console);
+        let mut child = self.spawn(&held, binary, &control, &[], &log).map_err(start_failed)?;
+        let ready = Qmp::connect(&control, START_TIMEOUT)
+            .map_err(|e| e.to_string())
+            .and_then(|mut q| q.status().map_err(|e| e.to_string()));
+        match ready {
+            Ok(s) if s == "running" => {}
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let last = tail.lines().last().unwrap_or("").to_string();
+                return Err(start_failed(format!("QEMU did not come up running ({other:?}): {last}")));
+            }
+        }
+        tracing::info!(CPRD_VM = def.name, "QEMU {version} runs {} (pid {})", def.name, child.id());
+        let memfd = held.memfd.try_clone().map_err(|e| start_failed(e.to_string()))?;
+        lock(&self.held).insert(def.name.clone(), held);
+        let record = VmRecord { main_pid: child.id(), ..record };
+        Ok((record, memfd, child))
+    }
+
+    fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError> {
+        let name = req.name.to_string();
+        let generation = req.record.generation + 1;
+        let dir = req.new_control.parent().map(Path::to_path_buf).unwrap_or_default();
+        let (main, cpr) = paths(&dir, &name, generation);
+        let mut old = Qmp::connect(&req.record.control, Duration::from_secs(5))
+            .map_err(|e| UpgradeError::RolledBack(format!("cannot reach the old QEMU's QMP: {e}")))?;
+        let mut child = {
+            let held = lock(&self.held);
+            let Some(h) = held.get(&name) else {
+                return Err(UpgradeError::RolledBack(format!("cprd holds no descriptors for {name}")));
+            };
+            let mut extra = cmdline::incoming_args(&main, &cpr);
+            extra.shrink_to_fit();
+            self.spawn(h, req.binary, &req.new_control, &extra, &req.log).map_err(UpgradeError::RolledBack)?
+        };
+        let _ = req.on_spawn.send(child.id());
+        let result = transfer::transfer(Transfer {
+            old: &mut old,
+            new_child: &mut child,
+            new_qmp: &req.new_control,
+            main: &main,
+            cpr: &cpr,
+            timeout: Duration::from_millis(req.timeout_ms),
+            fault: fault_from_env(),
+        });
+        let _ = std::fs::remove_file(&main);
+        let _ = std::fs::remove_file(&cpr);
+        match result {
+            Ok(report) => {
+                drop(report.new);
+                let _ = old.execute("quit", None);
+                let downtime_usec = report.downtime_ms * 1000;
+                tracing::info!(
+                    CPRD_VM = name,
+                    "cpr-transfer of {name}: QMP downtime {} ms, STOP->RESUME {:?} us, total {} ms",
+                    report.downtime_ms,
+                    report.stop_to_resume_us,
+                    report.total_ms
+                );
+                Ok(Upgraded {
+                    generation,
+                    child,
+                    downtime_usec,
+                    version: crate::engine::binary_build_id(req.binary).unwrap_or_default(),
+                })
+            }
+            Err(TransferError::RolledBack(m)) => Err(UpgradeError::RolledBack(m)),
+            Err(TransferError::RollbackFailed(m)) => Err(UpgradeError::RollbackFailed(m)),
+        }
+    }
+
+    fn stop(&self, record: &VmRecord, force: bool) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(record.main_pid).unwrap_or(0));
+        let graceful = !force
+            && Qmp::connect(&record.control, Duration::from_secs(5)).is_ok_and(|mut q| q.execute("quit", None).is_ok());
+        if !graceful {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !crate::backend::process_gone(record.main_pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !crate::backend::process_gone(record.main_pid) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_file(&record.control);
+    }
+
+    fn forget(&self, name: &str) {
+        lock(&self.held).remove(name);
+    }
+
+    fn reattach(&self, name: &str, def: &VmDef, record: &mut VmRecord) -> Result<OwnedFd, String> {
+        let mut qmp = Qmp::connect(&record.control, Duration::from_secs(5)).map_err(|e| format!("QMP: {e}"))?;
+        let status = qmp.status().map_err(|e| format!("QMP: {e}"))?;
+        if status != "running" && status != "paused" {
+            return Err(format!("QEMU is {status}"));
+        }
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", record.main_pid)).unwrap_or_default();
+        let marker = format!("{name},debug-threads=on");
+        if !cmdline.split(|b| *b == 0).any(|arg| arg == marker.as_bytes()) {
+            return Err(format!("pid {} is not the QEMU of {name}", record.main_pid));
+        }
+        let pid = record.main_pid;
+        // The command line it started with (definition edits apply at the next start).
+        let args = if record.launch_args.is_empty() {
+            spec_of(def).map_err(|e| e.to_string())?.args()
+        } else {
+            record.launch_args.clone()
+        };
+        let nics = args.iter().filter(|a| *a == "-netdev").count();
+        let taps = (0..nics)
+            .map(|i| fd_of_process(pid, cmdline::TAP_FD_BASE + RawFd::try_from(i).unwrap_or(0)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let held = Held {
+            args,
+            memfd: fd_of_process(pid, cmdline::MEMORY_FD)?,
+            serial_qemu: fd_of_process(pid, cmdline::SERIAL_FD)?,
+            serial_cprd: fd_of_process(pid, CONSOLE_KEEP_FD)?,
+            taps,
+        };
+        pump_console(name, &held.serial_cprd, &record.console);
+        let memfd = held.memfd.try_clone().map_err(|e| e.to_string())?;
+        lock(&self.held).insert(name.to_string(), held);
+        Ok(memfd)
+    }
+
+    fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64) {
+        let Ok(mut old) = Qmp::connect(&record.control, Duration::from_secs(5)) else {
+            // The old QEMU is gone: the new one has the guest if it runs.
+            record.control = inflight.control.clone();
+            record.main_pid = inflight.pid;
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms * 3 + 1000);
+        let status = loop {
+            let s = old
+                .execute("query-migrate", None)
+                .ok()
+                .and_then(|i| i.get("status").and_then(serde_json::Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| "none".into());
+            if !matches!(s.as_str(), "setup" | "active" | "device") || Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let new_running = status == "completed"
+            && Qmp::connect(&inflight.control, Duration::from_secs(5))
+                .is_ok_and(|mut q| q.status().is_ok_and(|s| s == "running"));
+        if new_running {
+            tracing::info!("interrupted handoff had completed; the new QEMU runs the guest");
+            let _ = old.execute("quit", None);
+            record.control = inflight.control.clone();
+            record.main_pid = inflight.pid;
+            record.generation += 1;
+            return;
+        }
+        if let Ok(raw) = i32::try_from(inflight.pid)
+            && raw > 0
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
+        }
+        match transfer::resume_old(&mut old) {
+            Ok(()) => tracing::warn!("interrupted handoff had not completed ({status}); new QEMU killed, old one runs"),
+            Err(e) => tracing::error!("interrupted handoff: the old QEMU did not resume: {e}"),
+        }
+    }
+}

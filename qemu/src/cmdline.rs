@@ -1,0 +1,186 @@
+//! The QEMU command line of one VM. Every generation gets the same arguments (cpr-transfer
+//! needs an identical machine), and the file descriptors cprd holds arrive at fixed numbers:
+//! guest RAM at [`MEMORY_FD`], the QMP listening socket at [`QMP_FD`], cprd's end-point of the
+//! serial console at [`SERIAL_FD`], and tap devices from [`TAP_FD_BASE`] on.
+
+use std::path::{Path, PathBuf};
+
+/// Guest RAM: cprd's memfd, mapped shared through `/proc/self/fd/3`.
+pub const MEMORY_FD: i32 = 3;
+/// The QMP socket, listening (created and bound by cprd).
+pub const QMP_FD: i32 = 4;
+/// QEMU's end of the serial console's socket pair (cprd holds the other end).
+pub const SERIAL_FD: i32 = 5;
+/// The first tap device; NIC `i` is at `TAP_FD_BASE + i`.
+pub const TAP_FD_BASE: i32 = 10;
+
+/// One network card, backed by a tap device cprd opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    /// QEMU device model (`virtio-net-pci`, `e1000`, ...).
+    pub model: String,
+    /// MAC address.
+    pub mac: String,
+}
+
+/// One disk image, opened by QEMU by path (the incoming QEMU opens it inactive, so image
+/// locking lets both generations have it open; nothing writes between pause and resume).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Image path.
+    pub path: PathBuf,
+    /// Image format (`raw`, `qcow2`).
+    pub format: String,
+    /// Read-only.
+    pub readonly: bool,
+}
+
+/// Everything that shapes a VM's QEMU command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// VM name (QEMU's `-name`).
+    pub name: String,
+    /// Versioned machine type, e.g. `pc-q35-10.0` (never an alias that moves between QEMUs).
+    pub machine: String,
+    /// Accelerator: `kvm` or `tcg`.
+    pub accel: String,
+    /// CPU model (`None`: `host` with KVM, QEMU's default with TCG).
+    pub cpu: Option<String>,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Network cards.
+    pub nics: Vec<NicSpec>,
+    /// Disks.
+    pub disks: Vec<DiskSpec>,
+}
+
+impl VmSpec {
+    /// The arguments every generation of this VM's QEMU is started with.
+    pub fn args(&self) -> Vec<String> {
+        let mib = self.memory_bytes >> 20;
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("{},debug-threads=on", self.name),
+            "-machine".into(),
+            format!("{},accel={},aux-ram-share=on,memory-backend=ram0", self.machine, self.accel),
+            "-object".into(),
+            format!("memory-backend-file,id=ram0,size={mib}M,share=on,mem-path=/proc/self/fd/{MEMORY_FD}"),
+            "-m".into(),
+            format!("{mib}M"),
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+            "-chardev".into(),
+            format!("socket,id=serial0,fd={SERIAL_FD}"),
+            "-serial".into(),
+            "chardev:serial0".into(),
+        ];
+        match (&self.cpu, self.accel.as_str()) {
+            (Some(cpu), _) => a.extend(["-cpu".into(), cpu.clone()]),
+            (None, "kvm") => a.extend(["-cpu".into(), "host".into()]),
+            (None, _) => {}
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            a.push("-netdev".into());
+            a.push(format!("tap,id=net{i},fd={}", TAP_FD_BASE + i32::try_from(i).unwrap_or(0)));
+            a.push("-device".into());
+            a.push(format!("{},netdev=net{i},mac={}", nic.model, nic.mac));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            a.push("-drive".into());
+            a.push(format!(
+                "if=virtio,id=disk{i},file={},format={},readonly={}",
+                d.path.display(),
+                d.format,
+                if d.readonly { "on" } else { "off" }
+            ));
+        }
+        a.push("-kernel".into());
+        a.push(self.kernel.display().to_string());
+        if let Some(i) = &self.initrd {
+            a.push("-initrd".into());
+            a.push(i.display().to_string());
+        }
+        a.push("-append".into());
+        a.push(self.cmdline.clone());
+        a
+    }
+}
+
+/// The two `-incoming` options of a new generation: the main channel and the cpr channel,
+/// both UNIX sockets the new QEMU binds itself. (QEMU 10.0.2 rejects an fd-type cpr channel,
+/// "bad cpr channel socket type; must be unix", and fails to load from an inherited fd-type
+/// main listener, "Not a migration stream"; so cprd waits for the cpr socket's LISTEN state
+/// instead, see [`crate::transfer`].)
+pub fn incoming_args(main: &Path, cpr: &Path) -> Vec<String> {
+    let channel = |kind: &str, path: &Path| {
+        serde_json::json!({
+            "channel-type": kind,
+            "addr": { "transport": "socket", "type": "unix", "path": path.display().to_string() }
+        })
+        .to_string()
+    };
+    vec!["-incoming".into(), channel("main", main), "-incoming".into(), channel("cpr", cpr)]
+}
+
+/// The `migrate` arguments that send a guest to a new QEMU listening on `main` and `cpr`.
+pub fn migrate_channels(main: &Path, cpr: &Path) -> serde_json::Value {
+    let addr = |p: &Path| serde_json::json!({ "transport": "socket", "type": "unix", "path": p.display().to_string() });
+    serde_json::json!({ "channels": [
+        { "channel-type": "main", "addr": addr(main) },
+        { "channel-type": "cpr", "addr": addr(cpr) },
+    ]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "vm1".into(),
+            machine: "pc-q35-10.0".into(),
+            accel: "tcg".into(),
+            cpu: None,
+            memory_bytes: 256 << 20,
+            vcpus: 2,
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            cmdline: "console=ttyS0".into(),
+            nics: vec![NicSpec { model: "e1000".into(), mac: "52:54:00:00:00:01".into() }],
+            disks: vec![],
+        }
+    }
+
+    #[test]
+    fn guest_ram_is_cprds_memfd_and_shared() {
+        let a = spec().args().join(" ");
+        assert!(a.contains("memory-backend-file,id=ram0,size=256M,share=on,mem-path=/proc/self/fd/3"), "{a}");
+        assert!(a.contains("pc-q35-10.0,accel=tcg,aux-ram-share=on,memory-backend=ram0"), "{a}");
+        assert!(a.contains("-netdev tap,id=net0,fd=10 -device e1000,netdev=net0,mac=52:54:00:00:00:01"), "{a}");
+        assert!(!a.contains("-cpu"), "TCG keeps QEMU's default CPU: {a}");
+    }
+
+    #[test]
+    fn incoming_names_both_channels() {
+        let a = incoming_args(Path::new("/r/m.sock"), Path::new("/r/c.sock"));
+        assert_eq!(a.len(), 4);
+        assert!(a[1].contains("\"channel-type\":\"main\"") && a[1].contains("/r/m.sock"));
+        assert!(a[3].contains("\"channel-type\":\"cpr\"") && a[3].contains("/r/c.sock"));
+    }
+}

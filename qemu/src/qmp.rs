@@ -1,0 +1,194 @@
+//! A blocking QMP client over a UNIX socket. One command in flight at a time; events that
+//! arrive meanwhile are kept, with QEMU's timestamps, until [`Qmp::take_events`].
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A QMP failure.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The socket failed.
+    #[error("QMP I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// QEMU closed the connection.
+    #[error("QEMU closed the QMP connection")]
+    Closed,
+    /// Nothing came back in time.
+    #[error("QMP timed out waiting for {0}")]
+    Timeout(String),
+    /// A line was not the JSON QMP promises.
+    #[error("QMP protocol error: {0}")]
+    Protocol(String),
+    /// QEMU answered a command with an error.
+    #[error("QEMU refused {command}: {desc} ({class})")]
+    Command {
+        /// The command.
+        command: String,
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+}
+
+/// One QMP event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Its name (`STOP`, `RESUME`, `MIGRATION`, ...).
+    pub name: String,
+    /// Its data.
+    pub data: Value,
+    /// QEMU's timestamp, µs since the epoch.
+    pub timestamp_us: u64,
+}
+
+/// QEMU's version from the greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    /// Major.
+    pub major: u64,
+    /// Minor.
+    pub minor: u64,
+    /// Micro.
+    pub micro: u64,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// A negotiated QMP connection.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: Vec<Event>,
+    /// QEMU's version, from the greeting.
+    pub version: Version,
+    /// QEMU's package string, from the greeting.
+    pub package: String,
+}
+
+impl Qmp {
+    /// Connects to a QMP socket and negotiates capabilities, waiting at most `timeout` for the
+    /// greeting (a new QEMU greets only once its monitor runs).
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let stream = UnixStream::connect(path)?;
+        Self::negotiate(stream, timeout)
+    }
+
+    /// Negotiates capabilities on a connected stream.
+    pub fn negotiate(stream: UnixStream, timeout: Duration) -> Result<Self, QmpError> {
+        let writer = stream.try_clone()?;
+        let mut qmp = Self {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+            version: Version { major: 0, minor: 0, micro: 0 },
+            package: String::new(),
+        };
+        let greeting = qmp.read_message(Instant::now() + timeout, "the QMP greeting")?;
+        let v = greeting
+            .pointer("/QMP/version/qemu")
+            .ok_or_else(|| QmpError::Protocol(format!("not a QMP greeting: {greeting}")))?;
+        let num = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        qmp.version = Version { major: num("major"), minor: num("minor"), micro: num("micro") };
+        qmp.package =
+            greeting.pointer("/QMP/version/package").and_then(Value::as_str).unwrap_or_default().trim().to_string();
+        qmp.execute_timeout("qmp_capabilities", None, timeout)?;
+        Ok(qmp)
+    }
+
+    fn read_message(&mut self, deadline: Instant, what: &str) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QmpError::Timeout(what.to_string()));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return Err(QmpError::Closed),
+                Ok(_) if line.ends_with('\n') => break,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("{e} in {:?}", line.trim_end())))
+    }
+
+    fn keep_event(&mut self, msg: &Value) -> bool {
+        let Some(name) = msg.get("event").and_then(Value::as_str) else { return false };
+        let ts = msg.get("timestamp");
+        let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_u64).unwrap_or(0);
+        let micros = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_u64).unwrap_or(0);
+        self.events.push(Event {
+            name: name.to_string(),
+            data: msg.get("data").cloned().unwrap_or(Value::Null),
+            timestamp_us: secs * 1_000_000 + micros,
+        });
+        true
+    }
+
+    /// Runs a command, waiting at most 10 s for its answer.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_timeout(command, arguments, Duration::from_secs(10))
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub fn execute_timeout(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let reply = self.read_message(deadline, command)?;
+            if self.keep_event(&reply) {
+                continue;
+            }
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = reply.get("error") {
+                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: field("class"),
+                    desc: field("desc"),
+                });
+            }
+            return Err(QmpError::Protocol(format!("unexpected reply to {command}: {reply}")));
+        }
+    }
+
+    /// The run state (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
+    pub fn status(&mut self) -> Result<String, QmpError> {
+        let s = self.execute("query-status", None)?;
+        s.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| QmpError::Protocol(format!("query-status answered {s}")))
+    }
+
+    /// Events received so far, oldest first; the buffer is emptied.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+}

@@ -1,0 +1,74 @@
+//! Starting a QEMU with cprd's descriptors at fixed numbers, in its own session.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Descriptors above this are scratch space while placing the targets.
+const SCRATCH_FD: RawFd = 1000;
+
+/// Starts `binary args...` with each `(target, fd)` at `target`, stdin/stdout on /dev/null and
+/// stderr to `stderr`, in a new session (signals to cprd's process group never reach it).
+pub fn spawn(
+    binary: &Path,
+    args: &[String],
+    fds: &[(RawFd, BorrowedFd<'_>)],
+    stderr: Option<File>,
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(binary);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.stderr(stderr.map_or_else(Stdio::null, Stdio::from));
+    let plan: Vec<(RawFd, RawFd)> = fds.iter().map(|(t, fd)| (*t, fd.as_raw_fd())).collect();
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid, fcntl, dup2, close)
+    // on descriptor numbers computed before the fork; no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // First copy every source above all targets, so that placing one target can never
+            // overwrite a source still to be placed; then move the copies into place.
+            let mut scratch = [0 as RawFd; 64];
+            for (i, (_, src)) in plan.iter().enumerate().take(scratch.len()) {
+                let s = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
+                if s < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                scratch[i] = s;
+            }
+            for (i, (target, _)) in plan.iter().enumerate().take(scratch.len()) {
+                if libc::dup2(scratch[i], *target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(scratch[i]);
+            }
+            Ok(())
+        });
+    }
+    if fds.len() > 64 {
+        return Err(std::io::Error::other("at most 64 descriptors can be handed to a VMM"));
+    }
+    cmd.spawn()
+}
+
+/// A listening UNIX socket at `path` (a stale file there is replaced).
+pub fn listen_at(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::net::UnixListener::bind(path)
+}
+
+/// Whether some process listens on the UNIX socket bound at `path` (from /proc/net/unix, so
+/// that no connect() consumes the listener's single accept).
+pub fn is_listening(path: &Path) -> bool {
+    const SO_ACCEPTCON: u64 = 0x10000;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return false };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() >= 8 && f[7] == want && u64::from_str_radix(f[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+    })
+}

@@ -1,0 +1,148 @@
+//! The Linux test guest for the QEMU tests: Debian's stock kernel (extracted by
+//! `scripts/setup-host`, never installed) and an initramfs built here from busybox-static, the
+//! probe (`tests/guest/probe.c`) and the kernel's e1000 module. Under QEMU with `accel=tcg` on
+//! the development machines (their `/dev/kvm` cannot boot a stock kernel); the same guest runs
+//! under `accel=kvm` on hardware-assisted hosts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The cache directory of `scripts/setup-host`.
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from(std::env::var("CPRD_CACHE").unwrap_or_else(|_| "/var/cache/cprd-ci".into()))
+}
+
+/// The guest kernel (`CPRD_TEST_KERNEL`, else the cached stock Debian kernel).
+pub fn kernel() -> PathBuf {
+    let k = std::env::var("CPRD_TEST_KERNEL").map_or_else(|_| cache_dir().join("kernel/vmlinuz"), PathBuf::from);
+    assert!(k.exists(), "{} is missing: run scripts/setup-host", k.display());
+    k
+}
+
+/// The probe initramfs, built once per test process into the target directory.
+pub fn initramfs() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = crate::bin_dir().join(format!("probe-initramfs-{}.cpio.gz", std::process::id()));
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build-initramfs");
+            let ko = cache_dir().join("kernel/e1000.ko");
+            assert!(ko.exists(), "{} is missing: run scripts/setup-host", ko.display());
+            let o = Command::new(script).arg(&out).arg(&ko).output().expect("run build-initramfs");
+            assert!(o.status.success(), "build-initramfs failed: {}", String::from_utf8_lossy(&o.stderr));
+            out
+        })
+        .clone()
+}
+
+/// QEMU's binary for the tests.
+pub fn qemu() -> PathBuf {
+    let q = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    assert!(q.exists(), "{} is missing: run scripts/setup-host (QEMU >= 10.0 from bookworm-backports)", q.display());
+    q
+}
+
+/// A VM definition (`vms/NAME.toml` body) for the probe guest under QEMU with TCG.
+pub fn vm_definition(memory: &str, extra: &str) -> String {
+    format!(
+        "backend = \"qemu\"\nmemory = {memory:?}\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\n\
+         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n{extra}",
+        kernel().display().to_string(),
+        initramfs().display().to_string()
+    )
+}
+
+/// One line of the probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeLine {
+    /// The guest's boot id.
+    pub boot: String,
+    /// Sequence number (one per 20 ms of guest time).
+    pub seq: u64,
+    /// The longest gap the guest saw on its own clock so far, µs.
+    pub maxgap_us: u64,
+    /// Checksum of the probe's RAM region.
+    pub sum: String,
+}
+
+/// Parses the probe's periodic lines out of console text.
+pub fn probe_lines(text: &str) -> Vec<ProbeLine> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim_end_matches('\r');
+            let rest = l.strip_prefix("PROBE boot=")?;
+            let mut f = rest.split_whitespace();
+            let boot = f.next()?.to_string();
+            let mut get = |k: &str| f.next().and_then(|x| x.strip_prefix(k)).map(str::to_string);
+            let seq = get("seq=")?.parse().ok()?;
+            let _up = get("up_ms=")?;
+            let _gap = get("gap_us=")?;
+            let maxgap_us = get("maxgap_us=")?.parse().ok()?;
+            let sum = get("sum=")?;
+            Some(ProbeLine { boot, seq, maxgap_us, sum })
+        })
+        .collect()
+}
+
+/// Checks probe lines: one boot, sequence numbers without a hole, one checksum.
+pub fn check_probe(lines: &[ProbeLine]) -> Result<(), String> {
+    let first = lines.first().ok_or("no probe lines")?;
+    for w in lines.windows(2) {
+        if w[1].boot != first.boot {
+            return Err(format!("boot id changed: {} then {} (the guest rebooted)", first.boot, w[1].boot));
+        }
+        if w[1].seq != w[0].seq + 1 {
+            return Err(format!("sequence jumps from {} to {}", w[0].seq, w[1].seq));
+        }
+        if w[1].sum != first.sum {
+            return Err(format!("RAM checksum changed at seq {}: {} then {}", w[1].seq, first.sum, w[1].sum));
+        }
+    }
+    Ok(())
+}
+
+/// A network namespace the test created (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    /// Its name.
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates `cprdtest-<pid>-<tag>`.
+    pub fn create(tag: &str) -> Self {
+        let name = format!("cprdtest-{}-{tag}", std::process::id());
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name} failed");
+        Self { name }
+    }
+
+    /// Its path, for cprd's `nic.netns`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip ...` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> bool {
+        Command::new("ip").args(["-n", &self.name]).args(args).status().is_ok_and(|s| s.success())
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it creates stay there).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}

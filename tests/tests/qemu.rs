@@ -1,0 +1,243 @@
+//! cprd driving real QEMU (>= 10.0, cpr-transfer) with a real Linux guest: Debian's stock
+//! kernel and the probe initramfs (`tests/src/linux_guest.rs`). `accel=tcg` on the development
+//! machines, whose `/dev/kvm` (kvm_pvm) cannot boot a stock kernel; cpr-transfer itself is the
+//! same code path with `accel=kvm`.
+#![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, text, write_config};
+use cpr_tests::linux_guest::{NetNs, check_probe, probe_lines, qemu, vm_definition};
+use cpr_tests::wait_until;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    _bus: PrivateBus,
+    cprd: Cprd,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        kill_vmms(&self.cprd.runtime_dir);
+    }
+}
+
+fn setup(vms: &[(&str, String)], env: &[(&str, &str)]) -> Setup {
+    let _ = qemu();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let extra = format!("{}/fake-*", dir.path().display());
+    let config = write_config(dir.path(), &["/usr/bin/qemu-system-*", &extra]);
+    for (name, body) in vms {
+        define_vm(&config, name, body);
+    }
+    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, env);
+    Setup { dir, _bus: bus, cprd }
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(out));
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+fn console(s: &Setup, vm: &str) -> String {
+    std::fs::read_to_string(s.cprd.runtime_dir.join("vms").join(format!("{vm}.console"))).unwrap_or_default()
+}
+
+fn last_seq(s: &Setup, vm: &str) -> u64 {
+    probe_lines(&console(s, vm)).last().map_or(0, |l| l.seq)
+}
+
+/// Starts `vm` and waits until the probe prints.
+fn start_and_wait(s: &Setup, vm: &str) {
+    let out = s.cprd.cprctl(&["start", vm]);
+    assert!(out.status.success(), "start {vm}: {}\n{}", text(&out), s.cprd.log_text());
+    assert!(wait_until(Duration::from_secs(90), || last_seq(s, vm) >= 3), "{vm} never printed: {}", console(s, vm));
+}
+
+/// Waits until the probe has printed `n` more lines, then checks the whole console.
+fn still_running(s: &Setup, vm: &str, n: u64) {
+    let seq = last_seq(s, vm);
+    assert!(wait_until(Duration::from_secs(30), || last_seq(s, vm) >= seq + n), "{vm} went silent after seq {seq}");
+    check_probe(&probe_lines(&console(s, vm))).unwrap_or_else(|e| panic!("{vm}: {e}"));
+}
+
+fn status(s: &Setup, vm: &str) -> serde_json::Value {
+    json(&s.cprd.cprctl(&["--json", "status", vm]))
+}
+
+fn pid_gone(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty() || stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+}
+
+#[test]
+fn twenty_chained_upgrades_keep_guest_ram_and_console() {
+    let s = setup(&[("lin", vm_definition("256M", ""))], &[]);
+    start_and_wait(&s, "lin");
+    // A console client attached before the first upgrade.
+    let mut client = s.cprd.cprctl_command(&["console", "lin"]).stdout(Stdio::piped()).spawn().expect("cprctl console");
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let (out, seen) = (client.stdout.take().expect("stdout"), Arc::clone(&seen));
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut s = seen.lock().expect("lock");
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
+    assert!(wait_until(Duration::from_secs(20), || !probe_lines(&seen.lock().expect("lock")).is_empty()));
+    let first_seq = probe_lines(&seen.lock().expect("lock"))[0].seq;
+    let mut pids = vec![status(&s, "lin")["main_pid"].as_u64().expect("pid")];
+    for generation in 1..=20 {
+        let up = json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]));
+        assert_eq!(up["generation"], generation, "{up}");
+        pids.push(status(&s, "lin")["main_pid"].as_u64().expect("pid"));
+    }
+    still_running(&s, "lin", 5);
+    let st = status(&s, "lin");
+    assert_eq!(st["generation"], 20);
+    assert_eq!(st["state"], "running");
+    let mut distinct = pids.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 21, "every generation is a new QEMU: {pids:?}");
+    for old in &pids[..20] {
+        assert!(wait_until(Duration::from_secs(10), || pid_gone(*old)), "old QEMU {old} still runs");
+    }
+    // The attached client read every line from before the first upgrade to after the last.
+    let last = last_seq(&s, "lin");
+    assert!(wait_until(Duration::from_secs(10), || probe_lines(&seen.lock().expect("lock"))
+        .last()
+        .is_some_and(|l| l.seq >= last)));
+    let _ = client.kill();
+    let _ = client.wait();
+    let _ = reader.join();
+    let got = probe_lines(&seen.lock().expect("lock"));
+    check_probe(&got).unwrap_or_else(|e| panic!("console client: {e}"));
+    assert!(got[0].seq <= first_seq && got.last().map_or(0, |l| l.seq) >= last);
+    let history = json(&s.cprd.cprctl(&["--json", "history"]));
+    let ok = history.as_array().expect("array").iter().filter(|r| r["ok"] == true && r["vm"] == "lin").count();
+    assert_eq!(ok, 20, "{history}");
+    let out = s.cprd.cprctl(&["stop", "lin"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(10), || pid_gone(pids[20])));
+}
+
+#[test]
+fn tcp_connection_to_the_guest_survives_ten_upgrades() {
+    let ns = NetNs::create("tcp");
+    let nic = format!("[[nic]]\ntap = \"cprt0\"\nnetns = {:?}\nmodel = \"e1000\"\n", ns.path().display().to_string());
+    let s = setup(&[("net", vm_definition("256M", &nic))], &[]);
+    start_and_wait(&s, "net");
+    assert!(ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "cprt0"]) && ns.ip(&["link", "set", "cprt0", "up"]));
+    assert!(
+        wait_until(Duration::from_secs(30), || console(&s, "net").contains("ECHO listening")),
+        "{}",
+        console(&s, "net")
+    );
+    let mut conn = ns.run(|| {
+        let mut last = None;
+        for _ in 0..100 {
+            match std::net::TcpStream::connect_timeout(&"10.0.2.15:7".parse().expect("addr"), Duration::from_secs(2)) {
+                Ok(c) => return c,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("cannot connect to the guest: {last:?}");
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut echo = |n: u32| {
+        let msg = format!("ping {n} {}\n", "x".repeat(1000));
+        conn.write_all(msg.as_bytes()).expect("send");
+        let mut back = vec![0u8; msg.len()];
+        conn.read_exact(&mut back).unwrap_or_else(|e| panic!("echo {n}: {e}"));
+        assert_eq!(back, msg.as_bytes(), "echo {n}");
+    };
+    echo(0);
+    for generation in 1..=10 {
+        let up = json(&s.cprd.cprctl(&["--json", "upgrade", "net"]));
+        assert_eq!(up["generation"], generation);
+        echo(generation);
+    }
+    still_running(&s, "net", 3);
+    let out = s.cprd.cprctl(&["stop", "net"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // cprd held the tap: it is gone with the VM.
+    assert!(wait_until(Duration::from_secs(10), || !ns.ip(&["link", "show", "cprt0"])), "tap outlived the VM");
+}
+
+fn upgrade_fails_and_guest_runs_on(s: &Setup, vm: &str, binary: &str, error: &str) {
+    let before = status(s, vm);
+    let mut args = vec!["upgrade", vm];
+    if !binary.is_empty() {
+        args.extend(["--binary", binary]);
+    }
+    let out = s.cprd.cprctl(&args);
+    assert!(!out.status.success(), "upgrade should fail: {}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(error), "expected {error}: {err}");
+    eprintln!("refused as expected: {}", err.trim());
+    let after = status(s, vm);
+    assert_eq!(
+        (&after["main_pid"], &after["generation"], &after["state"]),
+        (&before["main_pid"], &before["generation"], &serde_json::json!("running"))
+    );
+    still_running(s, vm, 5);
+}
+
+#[test]
+fn a_binary_that_is_not_qemu_10_is_refused_before_anything_changes() {
+    let s = setup(&[("lin", vm_definition("128M", ""))], &[]);
+    start_and_wait(&s, "lin");
+    let fake = s.dir.path().join("fake-qemu");
+    std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 9.2.0'\nexit 1\n").expect("fake");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    upgrade_fails_and_guest_runs_on(&s, "lin", &fake.display().to_string(), "Incompatible");
+    // Still upgradable afterwards.
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 1);
+    still_running(&s, "lin", 3);
+}
+
+#[test]
+fn new_qemu_killed_right_after_start_rolls_back() {
+    let s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", "qemu-kill-new-after-start")]);
+    start_and_wait(&s, "lin");
+    upgrade_fails_and_guest_runs_on(&s, "lin", "", "UpgradeFailed");
+    upgrade_fails_and_guest_runs_on(&s, "lin", "", "UpgradeFailed");
+}
+
+#[test]
+fn new_qemu_killed_after_migrate_rolls_back() {
+    let s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", "qemu-kill-new-after-migrate")]);
+    start_and_wait(&s, "lin");
+    upgrade_fails_and_guest_runs_on(&s, "lin", "", "UpgradeFailed");
+    upgrade_fails_and_guest_runs_on(&s, "lin", "", "UpgradeFailed");
+}
+
+#[test]
+fn one_upgrade_all_moves_a_cpr_vmm_guest_and_a_qemu_guest() {
+    cpr_tests::require_kvm();
+    let s = setup(&[("lin", vm_definition("128M", "")), ("cpl3", "memory = \"64M\"\n".to_string())], &[]);
+    start_and_wait(&s, "lin");
+    let out = s.cprd.cprctl(&["start", "cpl3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let all = json(&s.cprd.cprctl(&["--json", "upgrade", "--all"]));
+    let rows = all.as_array().expect("array");
+    assert_eq!(rows.len(), 2, "{all}");
+    assert!(rows.iter().all(|r| r["ok"] == true), "{all}");
+    assert_eq!(status(&s, "lin")["generation"], 1);
+    assert_eq!(status(&s, "cpl3")["generation"], 1);
+    still_running(&s, "lin", 3);
+    let hb = cpr_tests::heartbeats(&s.cprd.runtime_dir.join("vms/cpl3.console"));
+    cpr_tests::check_heartbeats(&hb).expect("cpl3 guest continuous");
+    let _ = Path::new("");
+    let _ = Command::new("true");
+}
