@@ -92,9 +92,13 @@ pub fn probe(binary: &Path, machine: &str, scratch: &Path, timeout: Duration) ->
                 Ok(s) => match Qmp::negotiate(s, deadline.saturating_duration_since(Instant::now())) {
                     Ok(q) => break q,
                     Err(e) => {
-                        std::thread::sleep(Duration::from_millis(50));
-                        let how =
-                            child.try_wait().ok().flatten().map(|s| format!(", it exited ({s})")).unwrap_or_default();
+                        let end = Instant::now() + Duration::from_secs(1);
+                        let mut exit = None;
+                        while exit.is_none() && Instant::now() < end {
+                            exit = child.try_wait().ok().flatten();
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        let how = exit.map(|s| format!(", it exited ({s})")).unwrap_or_default();
                         return Err(not_qemu(format!("{e}{how}{}", said())));
                     }
                 },

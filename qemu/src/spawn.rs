@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 /// Descriptors above this are scratch space while placing the targets.
 const SCRATCH_FD: RawFd = 1000;
 
-/// Starts `binary args...` with each `(target, fd)` at `target`, stdin/stdout on /dev/null and
-/// stderr to `stderr`, in a new session (signals to cprd's process group never reach it).
+/// Starts `binary args...` with each `(target, fd)` at `target`, stdin on /dev/null and
+/// stdout and stderr to `stderr` (else /dev/null), in a new session (signals to cprd's process group never reach it).
 pub fn spawn(
     binary: &Path,
     args: &[String],
@@ -19,6 +19,9 @@ pub fn spawn(
 ) -> std::io::Result<Child> {
     let mut cmd = Command::new(binary);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+    if let Some(out) = stderr.as_ref().and_then(|f| f.try_clone().ok()) {
+        cmd.stdout(out);
+    }
     cmd.stderr(stderr.map_or_else(Stdio::null, Stdio::from));
     let plan: Vec<(RawFd, RawFd)> = fds.iter().map(|(t, fd)| (*t, fd.as_raw_fd())).collect();
     // SAFETY: between fork and exec only async-signal-safe calls (setsid, fcntl, dup2, close)
