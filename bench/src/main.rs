@@ -35,6 +35,164 @@ struct Args {
     /// Restarts to measure (with --systemd).
     #[arg(long, default_value_t = 10)]
     restarts: usize,
+    /// Instead: QEMU (TCG, probe guest), cprd-driven cpr-transfer vs hand-driven QMP
+    /// cpr-transfer vs precopy migration, per RAM size.
+    #[arg(long)]
+    qemu: bool,
+    /// RAM sizes for --qemu.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+    qemu_ram: Vec<String>,
+    /// Hops per driver and RAM size (with --qemu).
+    #[arg(long, default_value_t = 10)]
+    hops: usize,
+}
+
+/// One hop of a QEMU guest.
+#[derive(Debug, Clone, Copy)]
+struct Hop {
+    downtime_ms: f64,
+    total_ms: f64,
+    guest_gap_ms: f64,
+    host_gap_ms: f64,
+    wall_ms: f64,
+}
+
+/// Probe lines as they arrive from `cprctl console`: (seq, guest gap µs, arrival).
+type Arrivals = std::sync::Arc<std::sync::Mutex<Vec<(u64, u64, std::time::Instant)>>>;
+
+/// The longest gaps around a hop that started after probe line `before`: guest clock, host arrivals (ms).
+fn gaps_after(lines: &Arrivals, before: u64) -> (f64, f64) {
+    let done =
+        wait_until(Duration::from_secs(10), || lines.lock().expect("lock").last().is_some_and(|l| l.0 >= before + 3));
+    assert!(done, "the guest went quiet after a hop");
+    let all = lines.lock().expect("lock");
+    let near: Vec<_> = all.iter().filter(|l| l.0 >= before && l.0 <= before + 3).collect();
+    let host = near.windows(2).map(|w| w[1].2.duration_since(w[0].2).as_secs_f64() * 1e3).fold(0.0, f64::max);
+    let guest = near.iter().skip(1).map(|l| l.1 as f64 / 1e3).fold(0.0, f64::max);
+    (guest, host)
+}
+
+/// `hops` cprd-driven upgrades (D-Bus) of a QEMU probe guest with `ram`.
+fn cprd_qemu_hops(ram: &str, hops: usize) -> Vec<Hop> {
+    use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, write_config};
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &["/usr/bin/qemu-system-*"]);
+    define_vm(&config, "q", &cpr_tests::linux_guest::vm_definition(ram, ""));
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let out = cprd.cprctl(&["start", "q"]);
+    assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
+    let mut console =
+        cprd.cprctl_command(&["console", "q"]).stdout(std::process::Stdio::piped()).spawn().expect("cprctl console");
+    let lines: Arrivals = Arrivals::default();
+    {
+        let (out, lines) = (console.stdout.take().expect("stdout"), std::sync::Arc::clone(&lines));
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(p) = cpr_tests::linux_guest::probe_lines(&line).first() {
+                    let gap =
+                        line.split_whitespace().find_map(|f| f.strip_prefix("gap_us=")).and_then(|g| g.parse().ok());
+                    lines.lock().expect("lock").push((p.seq, gap.unwrap_or(0), std::time::Instant::now()));
+                }
+            }
+        });
+    }
+    assert!(wait_until(Duration::from_secs(120), || lines.lock().expect("lock").len() >= 5), "the guest did not print");
+    let mut result = Vec::new();
+    for i in 0..hops {
+        let before = lines.lock().expect("lock").last().map_or(0, |l| l.0);
+        let t = std::time::Instant::now();
+        let out = cprd.cprctl(&["--json", "upgrade", "q"]);
+        let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+        assert!(out.status.success(), "upgrade {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let (guest_gap_ms, host_gap_ms) = gaps_after(&lines, before);
+        result.push(Hop {
+            downtime_ms: v["downtime_usec"].as_f64().unwrap_or(0.0) / 1e3,
+            total_ms: f64::NAN,
+            guest_gap_ms,
+            host_gap_ms,
+            wall_ms,
+        });
+    }
+    let _ = console.kill();
+    let _ = console.wait();
+    let _ = cprd.cprctl(&["stop", "q"]);
+    kill_vmms(&cprd.runtime_dir);
+    result
+}
+
+/// The hand-driven baselines of `bench/qmp-baseline.py`: (cpr-transfer hops, precopy hops).
+fn baseline_hops(ram: &str, hops: usize) -> (Vec<Hop>, Vec<Hop>) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("qmp-baseline.py");
+    let out = std::process::Command::new(script)
+        .arg("--kernel")
+        .arg(cpr_tests::linux_guest::kernel())
+        .arg("--initrd")
+        .arg(cpr_tests::linux_guest::initramfs())
+        .args(["--memory", ram, "--hops", &hops.to_string()])
+        .output()
+        .expect("run qmp-baseline.py");
+    assert!(out.status.success(), "qmp-baseline.py: {}", String::from_utf8_lossy(&out.stderr));
+    let (mut cpr, mut precopy) = (Vec::new(), Vec::new());
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let hop = Hop {
+            downtime_ms: f("downtime_ms"),
+            total_ms: f("total_ms"),
+            guest_gap_ms: f("gap_us") / 1e3,
+            host_gap_ms: f("host_gap_us") / 1e3,
+            wall_ms: f("wall_ms"),
+        };
+        if v["mode"] == "precopy" { precopy.push(hop) } else { cpr.push(hop) }
+    }
+    (cpr, precopy)
+}
+
+/// cprd-driven vs hand-driven cpr-transfer vs precopy, for each RAM size.
+fn qemu_bench(args: &Args) {
+    println!("guest: Debian's stock kernel + probe initramfs under QEMU 10 with accel=tcg, 1 vCPU");
+    println!("QMP downtime = the old QEMU's query-migrate `downtime` (ms resolution); total = its `total-time`");
+    println!(
+        "guest gap = longest gap between two 20 ms probe ticks on the guest's clock (TCG stops that clock while paused)"
+    );
+    println!("host gap = longest gap between probe lines arriving on the host (includes post-resume TCG warm-up)");
+    println!("wall = one hop as its driver sees it (cprctl upgrade round trip / the script's migrate..running)");
+    println!();
+    println!(
+        "| RAM | driver | n | QMP downtime ms median (min-max) | mean | guest gap ms median | host gap ms median | total ms median | wall ms median |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for ram in &args.qemu_ram {
+        let by_cprd = cprd_qemu_hops(ram, args.hops);
+        let (by_hand, precopy) = baseline_hops(ram, args.hops);
+        for (driver, hops) in [("cprd (D-Bus)", &by_cprd), ("hand QMP script", &by_hand), ("precopy, hand", &precopy)] {
+            let col = |f: fn(&Hop) -> f64| summarize(&hops.iter().map(f).filter(|x| !x.is_nan()).collect::<Vec<_>>());
+            let d = col(|h| h.downtime_ms);
+            let mean = hops.iter().map(|h| h.downtime_ms).sum::<f64>() / hops.len().max(1) as f64;
+            let total = col(|h| h.total_ms);
+            let total = if total.n == 0 { "n/a".to_string() } else { format!("{:.0}", total.median) };
+            println!(
+                "| {ram} | {driver} | {} | {:.0} ({:.0}-{:.0}) | {mean:.2} | {:.1} | {:.1} | {total} | {:.1} |",
+                d.n,
+                d.median,
+                d.min,
+                d.max,
+                col(|h| h.guest_gap_ms).median,
+                col(|h| h.host_gap_ms).median,
+                col(|h| h.wall_ms).median
+            );
+        }
+        let mean = |v: &[Hop]| v.iter().map(|h| h.downtime_ms).sum::<f64>() / v.len().max(1) as f64;
+        ratios.push((ram.clone(), mean(&by_cprd) / mean(&by_hand)));
+    }
+    println!();
+    for (ram, r) in ratios {
+        println!("{ram}: cprd-driven / hand-driven mean QMP downtime = {r:.2}");
+    }
 }
 
 /// Control-plane gap and guest-visible pause across `systemctl restart cprd`, under real systemd.
@@ -244,6 +402,12 @@ fn main() {
         let cmd: Vec<String> = std::env::args().collect();
         println!("# cprd restart benchmark (real systemd 254 in systemd-nspawn)\ncommand: {}\n", cmd.join(" "));
         systemd_bench(&args, tsc_ticks_per_us());
+        return;
+    }
+    if args.qemu {
+        let cmd: Vec<String> = std::env::args().collect();
+        println!("# QEMU cpr-transfer benchmark\ncommand: {}\n", cmd.join(" "));
+        qemu_bench(&args);
         return;
     }
     if args.daemon {

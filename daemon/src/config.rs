@@ -393,6 +393,53 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configuration_and_examples_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let s = load_settings(&root).expect("config/cprd.toml");
+        assert_eq!(s.default_qemu, PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        let vms = load_vms(&root.join("vms")).expect("config/vms");
+        let q = &vms["qemu-example"];
+        assert_eq!(
+            (q.backend, q.machine.as_str(), q.nics.len(), q.disks.len()),
+            (BackendKind::Qemu, DEFAULT_MACHINE, 1, 1)
+        );
+        assert_eq!(vms["example"].backend, BackendKind::CprVmm);
+    }
+
+    #[test]
+    fn qemu_keys_are_checked() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let bad = write(d.path(), "vms/a.toml", "memory = \"256M\"\n[[nic]]\ntap = \"t0\"\n");
+        assert!(
+            load_vm(&bad).expect_err("nic on cpr-vmm").to_string().contains("nic: only VMs with backend = \"qemu\"")
+        );
+        let bad = write(d.path(), "vms/b.toml", "backend = \"qemu\"\nmemory = \"256M\"\n");
+        assert!(load_vm(&bad).expect_err("no kernel").to_string().contains("set kernel"));
+        let bad = write(
+            d.path(),
+            "vms/c.toml",
+            "backend = \"qemu\"\nmemory = \"256M\"\nkernel = \"/k\"\nmachine = \"q35\"\n",
+        );
+        assert!(load_vm(&bad).expect_err("alias").to_string().contains("is an alias"));
+        let bad = write(
+            d.path(),
+            "vms/d.toml",
+            "backend = \"qemu\"\nmemory = \"256M\"\nkernel = \"/k\"\n[[nic]]\ntap = \"much-too-long-name\"\n",
+        );
+        assert!(load_vm(&bad).expect_err("tap").to_string().contains("nic[0].tap"));
+        let bad =
+            write(d.path(), "vms/e.toml", "backend = \"qemu\"\nmemory = \"256M\"\nkernel = \"/k\"\naccel = \"hvf\"\n");
+        assert!(load_vm(&bad).expect_err("accel").to_string().contains("accel"));
+        let ok = write(
+            d.path(),
+            "vms/f.toml",
+            "backend = \"qemu\"\nmemory = \"256M\"\nkernel = \"/k\"\naccel = \"tcg\"\n[[nic]]\ntap = \"t0\"\nmac = \"52:54:00:00:00:01\"\n",
+        );
+        let def = load_vm(&ok).expect("valid");
+        assert_eq!((def.accel.as_str(), def.nics[0].model.as_str()), ("tcg", "virtio-net-pci"));
+    }
+
+    #[test]
     fn vm_definitions_are_validated() {
         let d = tempfile::tempdir().expect("tempdir");
         let ok = write(d.path(), "vms/vm1.toml", "memory = \"256M\"\nvcpus = 2\nautostart = true\n");
