@@ -90,13 +90,16 @@ class Qmp:
                 time.sleep(0.002)
         self.f = self.s.makefile("rwb")
         self.events = []
-        self.f.readline()
+        while "QMP" not in json.loads(self.f.readline() or '{"QMP": "eof"}'):
+            pass
         self.cmd("qmp_capabilities")
 
     def cmd(self, name, arguments=None):
         msg = {"execute": name}
         if arguments:
             msg["arguments"] = arguments
+        if name == "migrate":
+            self.events.clear()
         self.f.write(json.dumps(msg).encode() + b"\n")
         self.f.flush()
         while True:
@@ -106,7 +109,9 @@ class Qmp:
                 continue
             if "error" in r:
                 raise RuntimeError(f"{name}: {r['error']}")
-            return r["return"]
+            if "return" in r:
+                return r["return"]
+            sys.stderr.write(f"ignored QMP message {r}\n")
 
 
 def listening(path):
@@ -114,12 +119,13 @@ def listening(path):
         return any(l.split()[-1] == path and int(l.split()[3], 16) & 0x10000 for l in list(t)[1:] if len(l.split()) >= 8)
 
 
-def gaps(before):
-    """Longest gap around a hop: on the guest's clock, and between console lines' arrivals here."""
+def gaps(before, after):
+    """Longest gap from the last line before a hop to 3 lines after it: on the guest's clock,
+    and between console lines' arrivals here."""
     end = time.time() + 10
-    while time.time() < end and (not lines or lines[-1][0] < before + 3):
+    while time.time() < end and (not lines or lines[-1][0] < after + 3):
         time.sleep(0.005)
-    near = [l for l in lines if before <= l[0] <= before + 3]
+    near = [l for l in lines if before <= l[0] <= after + 3]
     host = max((b[2] - a[2] for a, b in zip(near, near[1:])), default=0)
     return max((l[1] for l in near[1:]), default=0), round(host * 1e6)
 
@@ -156,24 +162,32 @@ try:
                 q.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
                 q.cmd("migrate", {"channels": [ch("main", main), ch("cpr", cpr)]})
             else:
-                mem = memfd()
+                old_mem, mem = mem, memfd()
                 new, new_qmp = spawn(mem, ["-incoming", f"unix:{main}"])
                 while not listening(main):
                     time.sleep(0.0005)
                 q.cmd("migrate-set-parameters", {"mode": "normal", "max-bandwidth": 68719476736})
                 q.cmd("migrate", {"uri": f"unix:{main}"})
+            nq = Qmp(new_qmp)  # negotiated while migrating, so that its RESUME event arrives here
             info = wait_done(q)
             if info.get("status") != "completed":
                 sys.exit(f"{mode} hop {hop} failed: {info}")
-            nq = Qmp(new_qmp)
             while nq.cmd("query-status")["status"] != "running":
                 time.sleep(0.0005)
             wall_ms = (time.monotonic() - t0) * 1000
+            after = lines[-1][0]
+            ts = lambda ev, conn: next((e["timestamp"]["seconds"] * 1000000 + e["timestamp"]["microseconds"]
+                                        for e in conn.events if e["event"] == ev), None)
+            stop, resume = ts("STOP", q), ts("RESUME", nq)
+            stop_resume_us = resume - stop if stop is not None and resume is not None else None
             q.cmd("quit")
             cur.wait()
+            if mode == "precopy":
+                os.close(old_mem)  # the old guest RAM, now copied; keeping it would pile up
             cur, q = new, nq
             print(json.dumps({"mode": mode, "downtime_ms": info.get("downtime", 0), "total_ms": info.get("total-time", 0),
-                              "gap_us": gaps(before)[0], "host_gap_us": gaps(before)[1],
+                              "stop_resume_us": stop_resume_us,
+                              "gap_us": gaps(before, after)[0], "host_gap_us": gaps(before, after)[1],
                               "wall_ms": round(wall_ms, 1)}), flush=True)
 finally:
     for p in children:

@@ -51,6 +51,7 @@ struct Args {
 #[derive(Debug, Clone, Copy)]
 struct Hop {
     downtime_ms: f64,
+    stop_resume_us: f64,
     total_ms: f64,
     guest_gap_ms: f64,
     host_gap_ms: f64,
@@ -60,13 +61,14 @@ struct Hop {
 /// Probe lines as they arrive from `cprctl console`: (seq, guest gap µs, arrival).
 type Arrivals = std::sync::Arc<std::sync::Mutex<Vec<(u64, u64, std::time::Instant)>>>;
 
-/// The longest gaps around a hop that started after probe line `before`: guest clock, host arrivals (ms).
-fn gaps_after(lines: &Arrivals, before: u64) -> (f64, f64) {
+/// The longest gaps from probe line `before` (the last one before a hop) to 3 lines after
+/// `after` (the last one when the hop returned): guest clock, host arrivals (ms).
+fn gaps_around(lines: &Arrivals, before: u64, after: u64) -> (f64, f64) {
     let done =
-        wait_until(Duration::from_secs(10), || lines.lock().expect("lock").last().is_some_and(|l| l.0 >= before + 3));
+        wait_until(Duration::from_secs(10), || lines.lock().expect("lock").last().is_some_and(|l| l.0 >= after + 3));
     assert!(done, "the guest went quiet after a hop");
     let all = lines.lock().expect("lock");
-    let near: Vec<_> = all.iter().filter(|l| l.0 >= before && l.0 <= before + 3).collect();
+    let near: Vec<_> = all.iter().filter(|l| l.0 >= before && l.0 <= after + 3).collect();
     let host = near.windows(2).map(|w| w[1].2.duration_since(w[0].2).as_secs_f64() * 1e3).fold(0.0, f64::max);
     let guest = near.iter().skip(1).map(|l| l.1 as f64 / 1e3).fold(0.0, f64::max);
     (guest, host)
@@ -107,9 +109,20 @@ fn cprd_qemu_hops(ram: &str, hops: usize) -> Vec<Hop> {
         let wall_ms = t.elapsed().as_secs_f64() * 1e3;
         assert!(out.status.success(), "upgrade {i}: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        let (guest_gap_ms, host_gap_ms) = gaps_after(&lines, before);
+        let after = lines.lock().expect("lock").last().map_or(0, |l| l.0);
+        let (guest_gap_ms, host_gap_ms) = gaps_around(&lines, before, after);
+        // cprd logs QEMU's own downtime figure next to the STOP->RESUME it reports on D-Bus.
+        let qmp_ms = cprd
+            .log_text()
+            .lines()
+            .filter_map(|l| l.split("QMP downtime ").nth(1))
+            .nth(i)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(f64::NAN);
         result.push(Hop {
-            downtime_ms: v["downtime_usec"].as_f64().unwrap_or(0.0) / 1e3,
+            downtime_ms: qmp_ms,
+            stop_resume_us: v["downtime_usec"].as_f64().unwrap_or(f64::NAN),
             total_ms: f64::NAN,
             guest_gap_ms,
             host_gap_ms,
@@ -141,6 +154,7 @@ fn baseline_hops(ram: &str, hops: usize) -> (Vec<Hop>, Vec<Hop>) {
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let hop = Hop {
             downtime_ms: f("downtime_ms"),
+            stop_resume_us: f("stop_resume_us"),
             total_ms: f("total_ms"),
             guest_gap_ms: f("gap_us") / 1e3,
             host_gap_ms: f("host_gap_us") / 1e3,
@@ -149,6 +163,12 @@ fn baseline_hops(ram: &str, hops: usize) -> (Vec<Hop>, Vec<Hop>) {
         if v["mode"] == "precopy" { precopy.push(hop) } else { cpr.push(hop) }
     }
     (cpr, precopy)
+}
+
+/// Mean of the values that are numbers.
+fn mean_of(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.filter(|x| !x.is_nan()).collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// cprd-driven vs hand-driven cpr-transfer vs precopy, for each RAM size.
@@ -162,22 +182,29 @@ fn qemu_bench(args: &Args) {
     println!("wall = one hop as its driver sees it (cprctl upgrade round trip / the script's migrate..running)");
     println!();
     println!(
-        "| RAM | driver | n | QMP downtime ms median (min-max) | mean | guest gap ms median | host gap ms median | total ms median | wall ms median |"
+        "STOP->RESUME = old QEMU's STOP event to the new QEMU's RESUME event, QMP timestamps (us); cprd reports it as downtime"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!();
+    println!(
+        "| RAM | driver | n | STOP->RESUME us median (min-max) | mean | QMP downtime ms median (min-max) | guest gap ms median | host gap ms median | total ms median | wall ms median |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     for ram in &args.qemu_ram {
         let by_cprd = cprd_qemu_hops(ram, args.hops);
         let (by_hand, precopy) = baseline_hops(ram, args.hops);
         for (driver, hops) in [("cprd (D-Bus)", &by_cprd), ("hand QMP script", &by_hand), ("precopy, hand", &precopy)] {
             let col = |f: fn(&Hop) -> f64| summarize(&hops.iter().map(f).filter(|x| !x.is_nan()).collect::<Vec<_>>());
-            let d = col(|h| h.downtime_ms);
-            let mean = hops.iter().map(|h| h.downtime_ms).sum::<f64>() / hops.len().max(1) as f64;
+            let (sr, d) = (col(|h| h.stop_resume_us), col(|h| h.downtime_ms));
+            let mean = mean_of(hops.iter().map(|h| h.stop_resume_us));
             let total = col(|h| h.total_ms);
             let total = if total.n == 0 { "n/a".to_string() } else { format!("{:.0}", total.median) };
             println!(
-                "| {ram} | {driver} | {} | {:.0} ({:.0}-{:.0}) | {mean:.2} | {:.1} | {:.1} | {total} | {:.1} |",
-                d.n,
+                "| {ram} | {driver} | {} | {:.0} ({:.0}-{:.0}) | {mean:.0} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.1} | {total} | {:.1} |",
+                sr.n,
+                sr.median,
+                sr.min,
+                sr.max,
                 d.median,
                 d.min,
                 d.max,
@@ -186,12 +213,13 @@ fn qemu_bench(args: &Args) {
                 col(|h| h.wall_ms).median
             );
         }
-        let mean = |v: &[Hop]| v.iter().map(|h| h.downtime_ms).sum::<f64>() / v.len().max(1) as f64;
-        ratios.push((ram.clone(), mean(&by_cprd) / mean(&by_hand)));
+        let sr = |v: &[Hop]| mean_of(v.iter().map(|h| h.stop_resume_us));
+        let qmp = |v: &[Hop]| mean_of(v.iter().map(|h| h.downtime_ms));
+        ratios.push((ram.clone(), sr(&by_cprd) / sr(&by_hand), qmp(&by_cprd) / qmp(&by_hand)));
     }
     println!();
-    for (ram, r) in ratios {
-        println!("{ram}: cprd-driven / hand-driven mean QMP downtime = {r:.2}");
+    for (ram, sr, qmp) in ratios {
+        println!("{ram}: cprd-driven / hand-driven: mean STOP->RESUME {sr:.2}, mean QMP downtime {qmp:.2}");
     }
 }
 

@@ -117,6 +117,26 @@ enum Cmd {
         /// VM name.
         name: String,
     },
+    /// Write cprctl's man page and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory.
+        dir: std::path::PathBuf,
+    },
+}
+
+/// Writes `DIR/cprctl.1` and completions for bash, zsh and fish.
+fn generate_docs(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    std::fs::write(dir.join("cprctl.1"), page)?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "cprctl", dir)?;
+    }
+    Ok(())
 }
 
 /// Maps a D-Bus error to cprctl's exit code.
@@ -301,28 +321,72 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Reload => m.reload().await?,
         Cmd::Ping { .. } => {}
+        Cmd::GenerateDocs { .. } => {}
         Cmd::Console { name } => {
             let vm = vm_proxy(&conn, &m, &name).await?;
             let path = vm.console_log().await?;
-            let mut pos = 0usize;
-            loop {
-                if let Ok(bytes) = std::fs::read(&path)
-                    && bytes.len() > pos
-                {
-                    use std::io::Write;
-                    let _ = std::io::stdout().write_all(&bytes[pos..]);
-                    let _ = std::io::stdout().flush();
-                    pos = bytes.len();
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+            tokio::task::spawn_blocking(move || follow(std::path::Path::new(&path)))
+                .await
+                .map_err(|e| Failure { code: 1, message: e.to_string() })?;
         }
     }
     Ok(())
 }
 
+/// Prints a console log and then what is appended to it, woken by inotify as soon as cprd
+/// writes (with a 1 s fallback poll, and starting over if the file is truncated or replaced).
+fn follow(path: &std::path::Path) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsFd;
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok();
+    let mut watching = false;
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if !watching && let Some(i) = &inotify {
+            watching = i.add_watch(path, AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ATTRIB).is_ok();
+        }
+        if let Ok(mut f) = std::fs::File::open(path) {
+            let len = f.metadata().map_or(0, |m| m.len());
+            if len < pos {
+                pos = 0;
+            }
+            if f.seek(std::io::SeekFrom::Start(pos)).is_ok() {
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if std::io::stdout().write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    pos += n as u64;
+                }
+                let _ = std::io::stdout().flush();
+            }
+        }
+        match &inotify {
+            Some(i) if watching => {
+                let mut fds = [nix::poll::PollFd::new(i.as_fd(), nix::poll::PollFlags::POLLIN)];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+                let _ = i.read_events();
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::GenerateDocs { dir } = &cli.command {
+        return match generate_docs(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cprctl: error: cannot write {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

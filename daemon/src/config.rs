@@ -77,23 +77,25 @@ fn parse_table(file: &Path) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>().map_err(|e| err(file, e.to_string().trim_end().to_string()))
 }
 
-/// Loads `DIR/cprd.toml` and `DIR/config.d/*.toml` (in name order), merged, then validated.
-pub fn load_settings(dir: &Path) -> Result<Settings, ConfigError> {
+/// `DIR/config.d/*.toml` in name order.
+fn fragments(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir.join("config.d")) else { return Vec::new() };
+    let mut frags: Vec<PathBuf> =
+        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    frags.sort();
+    frags
+}
+
+/// Loads the distribution's defaults `VENDOR/config.d/*.toml` (packages ship them under
+/// `/usr/lib/cprd`), then the operator's `DIR/cprd.toml` and `DIR/config.d/*.toml` over them.
+pub fn load_layered(vendor: Option<&Path>, dir: &Path) -> Result<Settings, ConfigError> {
     let main = dir.join("cprd.toml");
     let mut merged = toml::Table::new();
-    let mut files = Vec::new();
+    let mut files = vendor.map(fragments).unwrap_or_default();
     if main.exists() {
         files.push(main.clone());
     }
-    let frag_dir = dir.join("config.d");
-    if let Ok(rd) = std::fs::read_dir(&frag_dir) {
-        let mut frags: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        frags.sort();
-        files.extend(frags);
-    }
+    files.extend(fragments(dir));
     for f in &files {
         merge(&mut merged, parse_table(f)?);
     }
@@ -302,7 +304,11 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
         return Err(err(file, format!("accel: {accel:?} is not \"kvm\" or \"tcg\"")));
     }
     let machine = input.machine.unwrap_or_else(|| DEFAULT_MACHINE.into());
-    if !machine.chars().any(|c| c.is_ascii_digit()) {
+    let versioned = machine.rsplit_once('-').is_some_and(|(_, v)| {
+        let parts: Vec<&str> = v.split('.').collect();
+        parts.len() == 2 && parts.iter().all(|p| p.parse::<u32>().is_ok())
+    });
+    if !versioned {
         return Err(err(
             file,
             format!("machine: {machine:?} is an alias; name a versioned type such as {DEFAULT_MACHINE}"),
@@ -372,10 +378,26 @@ mod tests {
         write(d.path(), "cprd.toml", "[vmm]\nallowed = [\"/opt/a/*\"]\ndefault = \"/opt/a/cpr-vmm\"\n");
         write(d.path(), "config.d/50-b.toml", "[handoff]\ntimeout_ms = 2000\n");
         write(d.path(), "config.d/60-c.toml", "[vmm]\nallowed = [\"/opt/c/*\"]\n");
-        let s = load_settings(d.path()).expect("valid");
+        let s = load_layered(None, d.path()).expect("valid");
         assert_eq!(s.handoff_timeout_ms, 2000);
         assert_eq!(s.allowed_vmm, vec![glob::Pattern::new("/opt/c/*").expect("glob")]);
         assert_eq!(s.default_vmm, PathBuf::from("/opt/a/cpr-vmm"));
+    }
+
+    #[test]
+    fn operator_configuration_overrides_the_vendor_defaults() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write(
+            d.path(),
+            "vendor/config.d/00-defaults.toml",
+            "[vmm]\ndefault = \"/usr/libexec/cprd/cpr-vmm\"\n[handoff]\ntimeout_ms = 5000\n",
+        );
+        write(d.path(), "etc/cprd.toml", "[handoff]\ntimeout_ms = 7000\n");
+        let s = load_layered(Some(&d.path().join("vendor")), &d.path().join("etc")).expect("valid");
+        assert_eq!((s.handoff_timeout_ms, s.default_vmm.as_path()), (7000, Path::new("/usr/libexec/cprd/cpr-vmm")));
+        write(d.path(), "vendor/config.d/10-bad.toml", "[handoff]\ntimeout = 1\n");
+        let e = load_layered(Some(&d.path().join("vendor")), &d.path().join("etc")).expect_err("bad vendor file");
+        assert!(e.file.ends_with("vendor/config.d/10-bad.toml"), "{e}");
     }
 
     #[test]
@@ -383,19 +405,19 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write(d.path(), "cprd.toml", "[vmm]\ndefault = \"/x\"\n");
         let frag = write(d.path(), "config.d/10-bad.toml", "[handoff]\n\ntimeout_msec = 5\n");
-        let e = load_settings(d.path()).expect_err("unknown key");
+        let e = load_layered(None, d.path()).expect_err("unknown key");
         assert_eq!(e.file, frag);
         let text = e.to_string();
         assert!(text.contains("line 3"), "{text}");
         assert!(text.contains("timeout_msec"), "{text}");
         write(d.path(), "config.d/10-bad.toml", "[handoff\n");
-        assert!(load_settings(d.path()).expect_err("syntax").to_string().contains("line 1"));
+        assert!(load_layered(None, d.path()).expect_err("syntax").to_string().contains("line 1"));
     }
 
     #[test]
     fn the_shipped_configuration_and_examples_validate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-        let s = load_settings(&root).expect("config/cprd.toml");
+        let s = load_layered(None, &root).expect("config/cprd.toml");
         assert_eq!(s.default_qemu, PathBuf::from("/usr/bin/qemu-system-x86_64"));
         let vms = load_vms(&root.join("vms")).expect("config/vms");
         let q = &vms["qemu-example"];

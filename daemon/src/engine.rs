@@ -153,6 +153,7 @@ pub enum Event {
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
+    vendor_dir: Option<PathBuf>,
     config_dir: PathBuf,
     runtime_dir: PathBuf,
     settings: RwLock<Settings>,
@@ -187,13 +188,18 @@ pub fn binary_build_id(path: &Path) -> Option<String> {
 
 impl Engine {
     /// An engine over `config_dir` and `runtime_dir`, with its configuration loaded.
-    pub fn new(config_dir: PathBuf, runtime_dir: PathBuf) -> Result<Arc<Self>, config::ConfigError> {
-        let settings = config::load_settings(&config_dir)?;
+    pub fn new(
+        vendor_dir: Option<PathBuf>,
+        config_dir: PathBuf,
+        runtime_dir: PathBuf,
+    ) -> Result<Arc<Self>, config::ConfigError> {
+        let settings = config::load_layered(vendor_dir.as_deref(), &config_dir)?;
         let defs = config::load_vms(&settings.vms_dir)?;
         let vms = defs.keys().map(|n| (n.clone(), Vm { state: VmState::Stopped, record: None, memfd: None })).collect();
         let _ = std::fs::create_dir_all(runtime_dir.join("vms"));
         let (events, _) = tokio::sync::broadcast::channel(1024);
         Ok(Arc::new(Self {
+            vendor_dir,
             config_dir,
             runtime_dir,
             settings: RwLock::new(settings),
@@ -606,7 +612,8 @@ impl Engine {
     /// VM whose configured VMM binary changed on disk (content id) to that binary. Returns the
     /// upgrade results.
     pub fn reload(self: &Arc<Self>) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
-        let settings = config::load_settings(&self.config_dir).map_err(|e| self.bad_config(e))?;
+        let settings =
+            config::load_layered(self.vendor_dir.as_deref(), &self.config_dir).map_err(|e| self.bad_config(e))?;
         let defs = config::load_vms(&settings.vms_dir).map_err(|e| self.bad_config(e))?;
         {
             let mut vms = lock(&self.vms);

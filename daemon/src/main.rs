@@ -26,9 +26,16 @@ struct Cli {
     /// Use the session bus (development).
     #[arg(long)]
     user: bool,
-    /// Configuration directory.
+    /// Configuration directory (the operator's).
     #[arg(long, default_value = "/etc/cprd")]
     config_dir: PathBuf,
+    /// The distribution's defaults: `DIR/config.d/*.toml`, read before the configuration
+    /// directory ("" for none).
+    #[arg(long, default_value = "/usr/lib/cprd")]
+    vendor_config_dir: PathBuf,
+    /// Write the man page cprd.8 into DIR and exit (for packaging).
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_man: Option<PathBuf>,
     /// Runtime directory (control sockets, records, console logs).
     #[arg(long, default_value = "/run/cprd")]
     runtime_dir: PathBuf,
@@ -53,7 +60,9 @@ async fn run(
     mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
     reexeced: bool,
 ) -> Result<(), String> {
-    let engine = engine::Engine::new(cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
+    let vendor = Some(cli.vendor_config_dir.clone()).filter(|d| !d.as_os_str().is_empty());
+    let engine =
+        engine::Engine::new(vendor, cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
     let control = control::listener(&mut stored, &cli.runtime_dir)
         .map_err(|e| format!("cannot open the control socket in {}: {e}", cli.runtime_dir.display()))?;
     {
@@ -128,6 +137,20 @@ async fn run(
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_man {
+        use clap::CommandFactory;
+        let mut page = Vec::new();
+        let written = clap_mangen::Man::new(Cli::command())
+            .section("8")
+            .render(&mut page)
+            .and_then(|()| std::fs::create_dir_all(dir))
+            .and_then(|()| std::fs::write(dir.join("cprd.8"), page));
+        if let Err(e) = written {
+            eprintln!("cprd: cannot write the man page into {}: {e}", dir.display());
+            return std::process::ExitCode::FAILURE;
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
     init_logging();
     // Still single-threaded: take what systemd passed, then clear the variables that described
     // it, so that a re-executed image does not take the same fd numbers again.

@@ -325,7 +325,9 @@ impl VmmBackend for Qemu {
             Ok(report) => {
                 drop(report.new);
                 let _ = old.execute("quit", None);
-                let downtime_usec = report.downtime_ms * 1000;
+                // QEMU's STOP (old) to RESUME (new), from QMP timestamps on this host's clock (µs);
+                // QEMU's own `downtime` (ms resolution) when an event was missed.
+                let downtime_usec = report.stop_to_resume_us.unwrap_or(report.downtime_ms * 1000);
                 tracing::info!(
                     CPRD_VM = name,
                     "cpr-transfer of {name}: QMP downtime {} ms, STOP->RESUME {:?} us, total {} ms",

@@ -167,7 +167,16 @@ pub fn transfer(t: Transfer<'_>) -> Result<Report, TransferError> {
     if fault == Some(Fault::KillNewAfterMigrate) {
         kill(new_child);
     }
-    // 3. Wait for the old side to finish.
+    // 3. The new QEMU's monitor comes up once it has read the cpr channel. Negotiating now, while
+    //    the main channel still streams, lets its RESUME event (with QEMU's timestamp) reach us.
+    let mut new = match Qmp::connect(new_qmp, deadline.saturating_duration_since(Instant::now())) {
+        Ok(q) => q,
+        Err(e) => {
+            let how = exited(new_child).map(|s| format!(", it exited: {s}")).unwrap_or_default();
+            return Err(fail(old, new_child, format!("no QMP from the new QEMU ({e}{how})")));
+        }
+    };
+    // 4. Wait for the old side to finish.
     let info = loop {
         let (status, info) = match migration_status(old) {
             Ok(x) => x,
@@ -187,15 +196,7 @@ pub fn transfer(t: Transfer<'_>) -> Result<Report, TransferError> {
         }
         std::thread::sleep(Duration::from_micros(500));
     };
-    // 4. The new QEMU's monitor comes up once it has read the cpr channel; it resumes the
-    //    guest by itself when the migration completes.
-    let mut new = match Qmp::connect(new_qmp, deadline.saturating_duration_since(Instant::now())) {
-        Ok(q) => q,
-        Err(e) => {
-            let how = exited(new_child).map(|s| format!(", it exited: {s}")).unwrap_or_default();
-            return Err(fail(old, new_child, format!("no QMP from the new QEMU ({e}{how})")));
-        }
-    };
+    // 5. The new QEMU resumes the guest by itself when the migration completes.
     loop {
         match new.status() {
             Ok(s) if s == "running" => break,

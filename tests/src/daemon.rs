@@ -120,6 +120,8 @@ impl Cprd {
             .arg(config_dir)
             .arg("--runtime-dir")
             .arg(&runtime_dir)
+            .arg("--vendor-config-dir")
+            .arg("")
             .env("CPRD_STDERR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
