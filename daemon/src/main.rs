@@ -30,7 +30,7 @@ struct Cli {
     #[arg(long, default_value = "/etc/cprd")]
     config_dir: PathBuf,
     /// The distribution's defaults: `DIR/config.d/*.toml`, read before the configuration
-    /// directory ("" for none).
+    /// directory.
     #[arg(long, default_value = "/usr/lib/cprd")]
     vendor_config_dir: PathBuf,
     /// Write the man page cprd.8 into DIR and exit (for packaging).
@@ -60,7 +60,7 @@ async fn run(
     mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
     reexeced: bool,
 ) -> Result<(), String> {
-    let vendor = Some(cli.vendor_config_dir.clone()).filter(|d| !d.as_os_str().is_empty());
+    let vendor = Some(cli.vendor_config_dir.clone());
     let engine =
         engine::Engine::new(vendor, cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
     let control = control::listener(&mut stored, &cli.runtime_dir)

@@ -121,7 +121,7 @@ impl Cprd {
             .arg("--runtime-dir")
             .arg(&runtime_dir)
             .arg("--vendor-config-dir")
-            .arg("")
+            .arg(dir.join("vendor"))
             .env("CPRD_STDERR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
