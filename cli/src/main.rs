@@ -54,9 +54,16 @@ trait Vm {
     fn console_log(&self) -> zbus::Result<String>;
 }
 
+/// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
+/// else the crate's. Packages of different versions thus carry binaries with different build ids.
+const VERSION: &str = match option_env!("CPRD_BUILD_STAMP") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// cprctl: list, start, stop and upgrade the VMs that cprd owns.
 #[derive(Debug, Parser)]
-#[command(name = "cprctl", version, about)]
+#[command(name = "cprctl", version = VERSION, about)]
 struct Cli {
     /// Bus address (default: DBUS_SYSTEM_BUS_ADDRESS, then the system bus).
     #[arg(long, global = true)]

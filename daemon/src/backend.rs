@@ -71,7 +71,16 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     /// Stops the VMM (asks it, or kills it with `force`) and waits until it is gone.
     fn stop(&self, record: &VmRecord, force: bool);
     /// Takes a running VMM back after a cprd restart: refreshes `record`, returns the memfd.
-    fn reattach(&self, name: &str, def: &VmDef, record: &mut VmRecord) -> Result<OwnedFd, String>;
+    /// `stored_memfd` and `stored` are what systemd's fd store (or the image before a re-exec)
+    /// handed back; a backend takes the entries it pushed.
+    fn reattach(
+        &self,
+        name: &str,
+        def: &VmDef,
+        record: &mut VmRecord,
+        stored_memfd: Option<&OwnedFd>,
+        stored: &mut std::collections::HashMap<String, OwnedFd>,
+    ) -> Result<OwnedFd, String>;
     /// Drops whatever the backend holds for a VM whose VMM is gone.
     fn forget(&self, _name: &str) {}
     /// Finishes or rolls back a handoff that a dead cprd left in flight.
@@ -214,7 +223,14 @@ impl VmmBackend for CprVmm {
         }
     }
 
-    fn reattach(&self, _name: &str, _def: &VmDef, record: &mut VmRecord) -> Result<OwnedFd, String> {
+    fn reattach(
+        &self,
+        _name: &str,
+        _def: &VmDef,
+        record: &mut VmRecord,
+        _stored_memfd: Option<&OwnedFd>,
+        _stored: &mut std::collections::HashMap<String, OwnedFd>,
+    ) -> Result<OwnedFd, String> {
         let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
         let describe = match client.call(&Request::Describe, &[]) {
             Ok(Response::Describe(d)) => d,

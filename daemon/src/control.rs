@@ -59,7 +59,7 @@ pub fn serve(engine: Arc<Engine>, listener: OwnedFd) {
                 let fd = OwnedFd::from(conn);
                 while let Ok(req) = cpr_proto::wire::recv::<serde_json::Value>(fd.as_fd(), None) {
                     let answer = match req.msg["request"].as_str() {
-                        Some("ping") => json!({"response": "pong", "version": env!("CARGO_PKG_VERSION")}),
+                        Some("ping") => json!({"response": "pong", "version": crate::VERSION}),
                         Some("list") => {
                             let vms: Vec<_> = engine
                                 .list()

@@ -190,7 +190,7 @@ impl Manager {
     /// cprd's version.
     #[zbus(property, name = "Version")]
     async fn version(&self) -> String {
-        env!("CARGO_PKG_VERSION").to_string()
+        crate::VERSION.to_string()
     }
 
     /// A VM changed state.

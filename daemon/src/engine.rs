@@ -689,7 +689,7 @@ impl Engine {
         for (name, record, path) in records {
             let memfd = stored.remove(&crate::fdstore::mem_name(&name));
             let pidfd = stored.remove(&crate::fdstore::pid_name(&name));
-            match self.reattach_one(&name, record, memfd, pidfd) {
+            match self.reattach_one(&name, record, memfd, pidfd, &mut stored) {
                 Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
                 Err(why) => self.quarantine(&name, path.as_deref(), &why),
             }
@@ -715,13 +715,14 @@ impl Engine {
         mut record: VmRecord,
         stored_memfd: Option<OwnedFd>,
         stored_pidfd: Option<OwnedFd>,
+        stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<u32, String> {
         let def = self.def(name).map_err(|e| e.to_string())?;
         let backend = backend::for_kind(def.backend).map_err(|e| e.to_string())?;
         if let Some(inflight) = record.upgrading.take() {
             backend.finish_interrupted(&mut record, &inflight, self.settings().handoff_timeout_ms);
         }
-        let from_vmm = backend.reattach(name, &def, &mut record)?;
+        let from_vmm = backend.reattach(name, &def, &mut record, stored_memfd.as_ref(), stored)?;
         // The VMM's memfd is the truth; the stored one must be the same file.
         let same = |a: &OwnedFd, b: &OwnedFd| {
             use std::os::unix::fs::MetadataExt;

@@ -54,12 +54,55 @@ fn active() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
+/// cprd's own copy of every entry it pushed, by name: what a re-executed image gets handed
+/// (systemd passes the store only at start), whether or not systemd keeps a store.
+static HELD: std::sync::Mutex<std::collections::BTreeMap<String, OwnedFd>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn held() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, OwnedFd>> {
+    HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Environment variable carrying `name=fd;...` of the held entries into a re-executed image.
+pub const REEXEC_FDS_ENV: &str = "CPRD_HELD_FDS";
+
+/// Clears close-on-exec on every held entry and describes them for [`REEXEC_FDS_ENV`].
+pub fn keep_across_exec() -> String {
+    held()
+        .iter()
+        .filter(|(_, fd)| nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).is_ok())
+        .map(|(name, fd)| format!("{name}={}", std::os::fd::AsRawFd::as_raw_fd(fd)))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Takes the entries a re-executing image handed over (see [`keep_across_exec`]).
+pub fn take_from_previous_image() -> HashMap<String, OwnedFd> {
+    let Ok(list) = std::env::var(REEXEC_FDS_ENV) else { return HashMap::new() };
+    list.split(';')
+        .filter_map(|e| e.split_once('='))
+        .filter_map(|(name, raw)| Some((name.to_string(), raw.parse::<i32>().ok()?)))
+        .filter(|(_, raw)| *raw > 2)
+        .map(|(name, raw)| {
+            // SAFETY: the image before the exec left this fd open for this image alone.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            (name, fd)
+        })
+        .collect()
+}
+
 /// Stores `fd` under `name`, replacing an older entry of that name.
 pub fn push(name: &str, fd: BorrowedFd<'_>) {
+    if name != STATE
+        && let Ok(copy) = fd.try_clone_to_owned()
+    {
+        held().insert(name.to_string(), copy);
+    }
     if !active() {
         return;
     }
-    remove(name);
+    remove_from_systemd(name);
     let r = sd_notify::notify_with_fds(
         &[NotifyState::FdStore, NotifyState::FdName(name), NotifyState::Custom("FDPOLL=0")],
         &[fd],
@@ -71,6 +114,11 @@ pub fn push(name: &str, fd: BorrowedFd<'_>) {
 
 /// Removes the entry `name` from the store.
 pub fn remove(name: &str) {
+    held().remove(name);
+    remove_from_systemd(name);
+}
+
+fn remove_from_systemd(name: &str) {
     if active() {
         let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
     }

@@ -16,9 +16,16 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+/// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
+/// else the crate's. Packages of different versions thus carry binaries with different build ids.
+const VERSION: &str = match option_env!("CPRD_BUILD_STAMP") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// cprd: keeps VMs running while their VMM is upgraded under them.
 #[derive(Debug, Parser)]
-#[command(name = "cprd", version, about)]
+#[command(name = "cprd", version = VERSION, about)]
 struct Cli {
     /// Bus address to use instead of the system bus (also DBUS_SYSTEM_BUS_ADDRESS).
     #[arg(long)]
@@ -93,13 +100,13 @@ async fn run(
     }
     if reexeced {
         // Re-executed in the middle of a reload: finish it; that says READY=1.
-        tracing::info!("cprd {} re-executed; finishing the reload", env!("CARGO_PKG_VERSION"));
+        tracing::info!("cprd {} re-executed; finishing the reload", VERSION);
         let _ = dbus::finish_reload(&conn, &engine).await;
     } else {
         let status = format!("STATUS={}", engine.status_line());
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)]);
     }
-    tracing::info!("cprd {} ready: {}", env!("CARGO_PKG_VERSION"), engine.status_line());
+    tracing::info!("cprd {} ready: {}", VERSION, engine.status_line());
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let period = interval / 2;
         tokio::spawn(async move {
@@ -155,6 +162,8 @@ fn main() -> std::process::ExitCode {
     // Still single-threaded: take what systemd passed, then clear the variables that described
     // it, so that a re-executed image does not take the same fd numbers again.
     let mut stored = fdstore::take();
+    // After a re-exec, systemd passes nothing: the previous image handed its held fds over.
+    stored.extend(fdstore::take_from_previous_image());
     let reexeced = std::env::var_os(reexec::ENV).is_some();
     if let Some(raw) = std::env::var(reexec::CONTROL_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
         // SAFETY: the image before the re-exec left this listening socket open for us alone.
@@ -162,7 +171,9 @@ fn main() -> std::process::ExitCode {
         let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
         stored.insert(control::FD_NAME.to_string(), fd);
     }
-    for var in ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", reexec::ENV, reexec::CONTROL_FD_ENV] {
+    for var in
+        ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", reexec::ENV, reexec::CONTROL_FD_ENV, fdstore::REEXEC_FDS_ENV]
+    {
         // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
         unsafe { std::env::remove_var(var) };
     }

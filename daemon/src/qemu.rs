@@ -6,9 +6,11 @@
 //! the tap devices (one fd each, handed to every generation, so guest connections survive).
 //! Each generation gets its own QMP listening socket, bound by cprd before QEMU starts.
 //!
-//! A restarted cprd takes everything back from the running QEMU itself with pidfd_getfd(2):
-//! the memfd, QEMU's serial end, the taps, and cprd's own serial end, which every QEMU
-//! generation is handed at [`CONSOLE_KEEP_FD`] for exactly this purpose and never uses.
+//! All of them live in systemd's fd store too (`vm-NAME-mem`, `vm-NAME-qemu-serial`,
+//! `vm-NAME-cprd-serial`, `vm-NAME-tapN`), and a re-executing cprd hands them to its new image.
+//! A cprd restarted without an fd store takes them from the running QEMU with pidfd_getfd(2),
+//! cprd's own console end included: every QEMU generation is handed it at [`CONSOLE_KEEP_FD`]
+//! for exactly this purpose and never uses it.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -45,7 +47,41 @@ struct Held {
     taps: Vec<OwnedFd>,
 }
 
+/// Fd-store name of QEMU's end of a VM's console socket pair.
+fn qemu_serial_name(vm: &str) -> String {
+    format!("vm-{vm}-qemu-serial")
+}
+
+/// Fd-store name of cprd's end of a VM's console socket pair.
+fn cprd_serial_name(vm: &str) -> String {
+    format!("vm-{vm}-cprd-serial")
+}
+
+/// Fd-store name of a VM's tap device `i`.
+fn tap_name(vm: &str, i: usize) -> String {
+    format!("vm-{vm}-tap{i}")
+}
+
 impl Held {
+    /// Keeps the console ends and taps in systemd's fd store (and cprd's own list, which a
+    /// re-executed image gets), so a restarted cprd takes them back from there.
+    fn push_to_store(&self, vm: &str) {
+        crate::fdstore::push(&qemu_serial_name(vm), self.serial_qemu.as_fd());
+        crate::fdstore::push(&cprd_serial_name(vm), self.serial_cprd.as_fd());
+        for (i, tap) in self.taps.iter().enumerate() {
+            crate::fdstore::push(&tap_name(vm, i), tap.as_fd());
+        }
+    }
+
+    /// Removes them from the store.
+    fn remove_from_store(&self, vm: &str) {
+        crate::fdstore::remove(&qemu_serial_name(vm));
+        crate::fdstore::remove(&cprd_serial_name(vm));
+        for i in 0..self.taps.len() {
+            crate::fdstore::remove(&tap_name(vm, i));
+        }
+    }
+
     /// The descriptors every generation gets, at their fixed numbers (QMP's is added by the caller).
     fn fds(&self) -> Vec<(RawFd, BorrowedFd<'_>)> {
         let mut v = vec![
@@ -288,6 +324,7 @@ impl VmmBackend for Qemu {
         }
         tracing::info!(CPRD_VM = def.name, "QEMU {version} runs {} (pid {})", def.name, child.id());
         let memfd = held.memfd.try_clone().map_err(|e| start_failed(e.to_string()))?;
+        held.push_to_store(&def.name);
         lock(&self.held).insert(def.name.clone(), held);
         let record = VmRecord { main_pid: child.id(), ..record };
         Ok((record, memfd, child))
@@ -365,10 +402,19 @@ impl VmmBackend for Qemu {
     }
 
     fn forget(&self, name: &str) {
-        lock(&self.held).remove(name);
+        if let Some(held) = lock(&self.held).remove(name) {
+            held.remove_from_store(name);
+        }
     }
 
-    fn reattach(&self, name: &str, def: &VmDef, record: &mut VmRecord) -> Result<OwnedFd, String> {
+    fn reattach(
+        &self,
+        name: &str,
+        def: &VmDef,
+        record: &mut VmRecord,
+        stored_memfd: Option<&OwnedFd>,
+        stored: &mut HashMap<String, OwnedFd>,
+    ) -> Result<OwnedFd, String> {
         let mut qmp = Qmp::connect(&record.control, Duration::from_secs(5)).map_err(|e| format!("QMP: {e}"))?;
         let status = qmp.status().map_err(|e| format!("QMP: {e}"))?;
         if status != "running" && status != "paused" {
@@ -387,16 +433,29 @@ impl VmmBackend for Qemu {
             record.launch_args.clone()
         };
         let nics = args.iter().filter(|a| *a == "-netdev").count();
+        // What the fd store (or the image before a re-exec) kept, else a copy from QEMU itself.
+        let mut take = |entry: String, target: RawFd| match stored.remove(&entry) {
+            Some(fd) => Ok(fd),
+            None => fd_of_process(pid, target),
+        };
         let taps = (0..nics)
-            .map(|i| fd_of_process(pid, cmdline::TAP_FD_BASE + RawFd::try_from(i).unwrap_or(0)))
+            .map(|i| {
+                let target = cmdline::TAP_FD_BASE + RawFd::try_from(i).unwrap_or(0);
+                take(tap_name(name, i), target)
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        let memfd = match stored_memfd.map(OwnedFd::try_clone) {
+            Some(Ok(fd)) => fd,
+            _ => fd_of_process(pid, cmdline::MEMORY_FD)?,
+        };
         let held = Held {
             args,
-            memfd: fd_of_process(pid, cmdline::MEMORY_FD)?,
-            serial_qemu: fd_of_process(pid, cmdline::SERIAL_FD)?,
-            serial_cprd: fd_of_process(pid, CONSOLE_KEEP_FD)?,
+            memfd,
+            serial_qemu: take(qemu_serial_name(name), cmdline::SERIAL_FD)?,
+            serial_cprd: take(cprd_serial_name(name), CONSOLE_KEEP_FD)?,
             taps,
         };
+        held.push_to_store(name);
         pump_console(name, &held.serial_cprd, &record.console);
         let memfd = held.memfd.try_clone().map_err(|e| e.to_string())?;
         lock(&self.held).insert(name.to_string(), held);

@@ -34,6 +34,8 @@ pub const CONTROL_FD_ENV: &str = "CPRD_CONTROL_FD";
 pub fn exec(path: &PathBuf) -> std::io::Error {
     let mut cmd = std::process::Command::new(path);
     cmd.args(std::env::args_os().skip(1)).env(ENV, "reload");
+    // Everything cprd holds (guest-RAM memfds, QEMU console ends, tap devices) stays open.
+    cmd.env(crate::fdstore::REEXEC_FDS_ENV, crate::fdstore::keep_across_exec());
     let raw = crate::control::RAW_FD.load(std::sync::atomic::Ordering::SeqCst);
     if raw >= 0 {
         // SAFETY: F_SETFD on our own listening socket only clears its close-on-exec flag.

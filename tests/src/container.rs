@@ -38,6 +38,26 @@ fn write(root: &Path, to: &str, text: &str) {
     std::fs::write(dest, text).expect("write");
 }
 
+/// Unpacks the rootfs `scripts/container-rootfs` builds (with `env`) into a fresh directory.
+fn unpack(env: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+    let out = Command::new(repo().join("scripts/container-rootfs"))
+        .envs(env.iter().copied())
+        .output()
+        .expect("container-rootfs");
+    assert!(out.status.success(), "rootfs: {}", String::from_utf8_lossy(&out.stderr));
+    let tarball = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let dir = tempfile::Builder::new().prefix("cprd-ct").tempdir_in("/var/tmp").expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let st = Command::new("tar").arg("-C").arg(&root).args(["--zstd", "-xpf", &tarball]).status().expect("tar");
+    assert!(st.success(), "extracting {tarball}");
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.path(), root.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    (dir, root)
+}
+
 impl Container {
     /// Boots a fresh container with cprd installed (not started) and `vms` defined
     /// (name, TOML body).
@@ -48,21 +68,7 @@ impl Container {
     /// [`Container::boot`] with systemd `sd_version` ("254" or "252") and extra files from the
     /// repository installed (repo-relative source, absolute destination).
     pub fn boot_with(sd_version: &str, vms: &[(&str, &str)], extra: &[(&str, &str)]) -> Self {
-        let out = Command::new(repo().join("scripts/container-rootfs"))
-            .env("SD_VERSION", sd_version)
-            .output()
-            .expect("container-rootfs");
-        assert!(out.status.success(), "rootfs: {}", String::from_utf8_lossy(&out.stderr));
-        let tarball = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let dir = tempfile::Builder::new().prefix("cprd-ct").tempdir_in("/var/tmp").expect("tempdir");
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).expect("mkdir root");
-        let st = Command::new("tar").arg("-C").arg(&root).args(["--zstd", "-xpf", &tarball]).status().expect("tar");
-        assert!(st.success(), "extracting {tarball}");
-        use std::os::unix::fs::PermissionsExt;
-        for d in [dir.path(), root.as_path()] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
+        let (dir, root) = unpack(&[("SD_VERSION", sd_version)]);
         install(&root, &bin("cprd"), "/usr/libexec/cprd/cprd", 0o755);
         install(&root, &bin("cpr-vmm"), "/usr/libexec/cprd/cpr-vmm", 0o755);
         install(&root, &bin("cprctl"), "/usr/bin/cprctl", 0o755);
@@ -90,6 +96,18 @@ impl Container {
         for (name, body) in vms {
             write(&root, &format!("/etc/cprd/vms/{name}.toml"), body);
         }
+        Self::start(dir, root, &[])
+    }
+
+    /// Boots a container with systemd 254 and QEMU >= 10.0 and nothing of cprd's: for
+    /// installing its packages. `binds` are host paths bound read-only at the same paths.
+    pub fn boot_for_packages(binds: &[&Path]) -> Self {
+        let (dir, root) = unpack(&[("WITH_QEMU", "1")]);
+        let binds: Vec<String> = binds.iter().map(|p| format!("--bind-ro={}", p.display())).collect();
+        Self::start(dir, root, &binds)
+    }
+
+    fn start(dir: tempfile::TempDir, root: PathBuf, extra_args: &[String]) -> Self {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let name = format!("cprd{}x{}", std::process::id(), COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
         let log = std::fs::File::create(dir.path().join("nspawn.log")).expect("log");
@@ -97,6 +115,7 @@ impl Container {
         cmd.arg("-D")
             .arg(&root)
             .args(["-b", "-M", &name, "--register=no", "--keep-unit", "--console=pipe", "--bind=/dev/kvm"])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

@@ -131,7 +131,7 @@ fn nobody_may_read_but_not_change() {
 
 #[test]
 fn bad_requests_get_named_errors_and_change_nothing() {
-    let s = setup(&["vm1"], &[]);
+    let s = setup(&["vm1"], &["/usr/bin/qemu-system-*"]);
     let c = &s.cprd;
     assert!(c.cprctl(&["start", "vm1"]).status.success());
     let before = json(&c.cprctl(&["--json", "status", "vm1"]));
@@ -148,12 +148,18 @@ fn bad_requests_get_named_errors_and_change_nothing() {
     // malformed arguments
     let out = c.busctl(None, &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "UpgradeVM", "s", "vm1"]);
     assert!(!out.status.success(), "{}", text(&out));
-    // a backend this cprd does not have yet: refused with a named error, nothing started
-    define_vm(&c.config_dir, "q", "backend = \"qemu\"\nmemory = \"64M\"\n");
+    // a QEMU VM whose machine type the installed QEMU lacks: refused at pre-flight, nothing started
+    define_vm(
+        &c.config_dir,
+        "q",
+        "backend = \"qemu\"\nmemory = \"64M\"\nkernel = \"/nonexistent\"\nmachine = \"pc-q35-99.0\"\n\
+         vmm_binary = \"/usr/bin/qemu-system-x86_64\"\n",
+    );
     assert!(c.cprctl(&["reload"]).status.success());
     let out = c.cprctl(&["start", "q"]);
-    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("backend \"qemu\" is not available"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no machine type pc-q35-99.0"), "{}", text(&out));
+    assert_eq!(json(&c.cprctl(&["--json", "status", "q"]))["state"], "stopped");
     std::fs::remove_file(c.config_dir.join("vms/q.toml")).expect("remove");
     assert!(c.cprctl(&["reload"]).status.success());
     // bad TOML: reload refuses it, names file and line, and keeps the last good configuration

@@ -15,9 +15,16 @@ use cpr_vmm::handoff::{HandoffRequest, hand_off};
 use cpr_vmm::memory::{GuestRam, create_memfd, parse_size};
 use cpr_vmm::vm::{ExitReason, VmCore, VmParts, check_vcpus, open_kvm, spawn_vcpu_threads};
 
+/// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
+/// else the crate's. Packages of different versions thus carry binaries with different build ids.
+const VERSION: &str = match option_env!("CPRD_BUILD_STAMP") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// cprd's minimal KVM VMM.
 #[derive(Debug, Parser)]
-#[command(name = "cpr-vmm", version, about, args_conflicts_with_subcommands = true)]
+#[command(name = "cpr-vmm", version = VERSION, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
