@@ -90,6 +90,7 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     // Install: the service is enabled, started and healthy.
     c.sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}", v1.display()));
     c.sh("systemctl is-active cprd.service && systemctl status cprd.service >/dev/null");
+    c.sh("getent group cprd && test -d /run/cprd/vms");
     assert!(c.sh("cprctl --version").contains("0.1.0"));
     // Three VMs: two cpr-vmm test guests, one QEMU guest under TCG.
     c.sh("printf 'memory = \"64M\"\\n' > /etc/cprd/vms/a.toml && cp /etc/cprd/vms/a.toml /etc/cprd/vms/b.toml");
