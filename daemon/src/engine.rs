@@ -462,7 +462,13 @@ impl Engine {
         let def = self.def(name)?;
         let binary = self.binary_for(&def, binary)?;
         let backend = backend::for_kind(def.backend)?;
-        backend.preflight(&binary, &def, &self.runtime_dir.join("vms"))?;
+        if let Err(e) = backend.preflight(&binary, &def, &self.runtime_dir.join("vms")) {
+            // Refused before anything was touched; still an upgrade attempt for the history.
+            if self.view(name).is_ok_and(|v| v.state == VmState::Running) {
+                return self.finish_upgrade(name, now_usec(), Err(e));
+            }
+            return Err(e);
+        }
         self.claim(name, &[VmState::Running], VmState::Upgrading)?;
         let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
         let Some(mut record) = record else {
@@ -543,6 +549,16 @@ impl Engine {
             }
         };
         self.persist(name);
+        self.finish_upgrade(name, id, outcome)
+    }
+
+    /// Logs an upgrade's outcome, adds it to the history and signals it.
+    fn finish_upgrade(
+        &self,
+        name: &str,
+        id: u64,
+        outcome: Result<(u64, u64), CprdError>,
+    ) -> Result<(u64, u64), CprdError> {
         let rec = UpgradeRecord {
             id,
             vm: name.to_string(),

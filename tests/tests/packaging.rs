@@ -51,24 +51,31 @@ fn guests_continuous(c: &Container) {
 }
 
 /// A package that puts a new binary at QEMU's path: the real QEMU with one byte appended (it
-/// runs the same, its build id differs), as a QEMU security update would.
-fn qemu_update_package(c: &Container, dir: &Path) -> PathBuf {
-    let tree = dir.join("qemu-update");
+/// runs the same, its build id differs), as a QEMU security update would; with `broken`, a
+/// script that is no QEMU at all.
+fn qemu_update_package(c: &Container, dir: &Path, broken: bool) -> PathBuf {
+    let version = if broken { "2.0" } else { "1.0" };
+    let tree = dir.join(format!("qemu-update-{version}"));
     std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
     std::fs::create_dir_all(tree.join("usr/bin")).expect("mkdir");
     std::fs::write(
         tree.join("DEBIAN/control"),
-        "Package: cprd-test-qemu-update\nVersion: 1.0\nArchitecture: amd64\nMaintainer: cprd tests <t@example.invalid>\n\
-         Description: test: a new binary at /usr/bin/qemu-system-x86_64\n",
+        format!(
+        "Package: cprd-test-qemu-update\nVersion: {version}\nArchitecture: amd64\nMaintainer: cprd tests <t@example.invalid>\n\
+         Description: test: a new binary at /usr/bin/qemu-system-x86_64\n"
+        ),
     )
     .expect("control");
     let mut qemu = std::fs::read(c.root.join("usr/bin/qemu-system-x86_64")).expect("container's QEMU");
     qemu.push(0);
+    if broken {
+        qemu = b"#!/bin/sh\necho 'not QEMU' >&2\nexit 1\n".to_vec();
+    }
     let bin = tree.join("usr/bin/qemu-system-x86_64");
     std::fs::write(&bin, qemu).expect("write");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let deb = dir.join("cprd-test-qemu-update_1.0_amd64.deb");
+    let deb = dir.join(format!("cprd-test-qemu-update_{version}_amd64.deb"));
     let o = std::process::Command::new("dpkg-deb")
         .args(["--root-owner-group", "--build"])
         .arg(&tree)
@@ -133,11 +140,31 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     assert!(ups.iter().all(|r| r["downtime_usec"].as_u64().is_some_and(|d| d > 0)), "{history}");
 
     // A new binary at QEMU's path fires the trigger: the QEMU guest moves to it, live.
-    let update = qemu_update_package(&c, scratch.path());
+    let update = qemu_update_package(&c, scratch.path(), false);
     c.sh(&format!("dpkg -i --force-overwrite {}", update.display()));
     let st = status(&c, "q");
-    assert_eq!(st["generation"], 1, "the trigger did not upgrade the QEMU VM: {st}");
+    assert_eq!(st["generation"], 1, "the trigger did not upgrade the QEMU VM: {st}\n{}", journal(&c));
     guests_continuous(&c);
+    // A broken binary at QEMU's path: the transaction still succeeds (c.sh checks the exit
+    // status), the VM stays on its QEMU, and the failed upgrade is in the history.
+    let q_pid = status(&c, "q")["main_pid"].clone();
+    let broken = qemu_update_package(&c, scratch.path(), true);
+    c.sh(&format!("dpkg -i --force-overwrite {}", broken.display()));
+    let st = status(&c, "q");
+    assert_eq!(
+        (&st["generation"], &st["main_pid"], st["state"].as_str()),
+        (&serde_json::json!(1), &q_pid, Some("running")),
+        "{st}"
+    );
+    guests_continuous(&c);
+    let history: serde_json::Value = serde_json::from_str(&c.sh("cprctl --json history")).expect("history");
+    let last = history.as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
+    assert!(
+        last["vm"] == "q"
+            && last["ok"] == false
+            && last["error"].as_str().is_some_and(|e| e.contains("not a working QEMU")),
+        "{history}"
+    );
 
     // Purge: VMs stopped, service gone, files and state removed, no units left behind.
     let pids: Vec<u64> = ["a", "b", "q"].iter().filter_map(|v| status(&c, v)["main_pid"].as_u64()).collect();
