@@ -464,9 +464,11 @@ impl VmmBackend for Qemu {
 
     fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64) {
         let Ok(mut old) = Qmp::connect(&record.control, Duration::from_secs(5)) else {
-            // The old QEMU is gone: the new one has the guest if it runs.
+            // The old QEMU is gone (quit after the handoff): the new one has the guest.
+            tracing::info!("interrupted handoff had completed; the new QEMU runs the guest");
             record.control = inflight.control.clone();
             record.main_pid = inflight.pid;
+            record.generation += 1;
             return;
         };
         let deadline = Instant::now() + Duration::from_millis(timeout_ms * 3 + 1000);

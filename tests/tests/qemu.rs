@@ -297,3 +297,25 @@ fn a_restarted_cprd_takes_its_qemu_guest_back() {
     still_running(&s, "lin", 5);
     assert!(ns.ip(&["link", "show", "cprr0"]), "the tap device is still there");
 }
+
+#[test]
+fn a_cprd_that_dies_right_after_a_handoff_is_finished_by_the_next_one() {
+    let mut s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", "die-after-handoff")]);
+    start_and_wait(&s, "lin");
+    let old = status(&s, "lin")["main_pid"].as_u64().expect("pid");
+    // cprd aborts between the handoff and recording it (fault injection: no real crash can be
+    // aimed there); the call fails, the guest runs on in the new QEMU.
+    let out = s.cprd.cprctl(&["upgrade", "lin"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let _ = s.cprd.child.wait();
+    let config = s.cprd.config_dir.clone();
+    let restarted = Cprd::start(s.dir.path(), &s.bus, &config);
+    s.cprd = restarted;
+    let st = status(&s, "lin");
+    assert_eq!((st["state"].as_str(), st["generation"].as_u64()), (Some("running"), Some(1)), "{st}");
+    assert_ne!(st["main_pid"].as_u64(), Some(old), "{st}");
+    assert!(wait_until(Duration::from_secs(10), || pid_gone(old)), "old QEMU {old} still runs");
+    still_running(&s, "lin", 5);
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 2);
+    still_running(&s, "lin", 3);
+}
