@@ -419,6 +419,9 @@ impl Engine {
         if let Ok(b) = self.def(name).and_then(|d| backend::for_kind(d.backend)) {
             b.forget(name);
         }
+        // The guest is gone: its memory must not outlive it in the fd store.
+        crate::fdstore::remove(&crate::fdstore::mem_name(name));
+        crate::fdstore::remove(&crate::fdstore::pid_name(name));
         if !expected {
             tracing::error!(CPRD_VM = name, "VMM of {name} (pid {pid}) died unexpectedly: {how}");
         }
