@@ -268,17 +268,18 @@ impl Qemu {
         Ok(d)
     }
 
-    fn record_for(def: &VmDef, binary: &Path, control: PathBuf, pid: u32, dir: &Path) -> VmRecord {
+    /// The runtime record of a VM's first QEMU (`pid` filled in once it runs).
+    fn record_for(def: &VmDef, binary: &Path, control: PathBuf, launch_args: Vec<String>, dir: &Path) -> VmRecord {
         VmRecord {
             generation: 0,
-            main_pid: pid,
+            main_pid: 0,
             control,
             vmm_binary: binary.to_path_buf(),
             vmm_version: crate::engine::binary_build_id(binary).unwrap_or_default(),
             last_downtime_usec: 0,
             console: def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name))),
             upgrading: None,
-            launch_args: Vec::new(),
+            launch_args,
         }
     }
 }
@@ -305,8 +306,7 @@ impl VmmBackend for Qemu {
         let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps };
         let control = dir.join(format!("{}.0.sock", def.name));
         let log = dir.join(format!("{}.log", def.name));
-        let mut record = Self::record_for(def, binary, control.clone(), 0, dir);
-        record.launch_args.clone_from(&held.args);
+        let record = Self::record_for(def, binary, control.clone(), held.args.clone(), dir);
         pump_console(&def.name, &held.serial_cprd, &record.console);
         let mut child = self.spawn(&held, binary, &control, &[], &log).map_err(start_failed)?;
         let ready = Qmp::connect(&control, START_TIMEOUT)
@@ -342,9 +342,8 @@ impl VmmBackend for Qemu {
             let Some(h) = held.get(&name) else {
                 return Err(UpgradeError::RolledBack(format!("cprd holds no descriptors for {name}")));
             };
-            let mut extra = cmdline::incoming_args(&main, &cpr);
-            extra.shrink_to_fit();
-            self.spawn(h, req.binary, &req.new_control, &extra, &req.log).map_err(UpgradeError::RolledBack)?
+            let incoming = cmdline::incoming_args(&main, &cpr);
+            self.spawn(h, req.binary, &req.new_control, &incoming, &req.log).map_err(UpgradeError::RolledBack)?
         };
         let _ = req.on_spawn.send(child.id());
         let result = transfer::transfer(Transfer {
