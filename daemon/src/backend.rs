@@ -207,20 +207,10 @@ impl VmmBackend for CprVmm {
     }
 
     fn stop(&self, record: &VmRecord, force: bool) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(record.main_pid).unwrap_or(0));
         let graceful = !force
             && ControlClient::connect(&record.control)
                 .is_ok_and(|c| matches!(c.call(&Request::Stop, &[]), Ok(Response::Ok)));
-        if !graceful {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !process_gone(record.main_pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !process_gone(record.main_pid) {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
+        end_process(record.main_pid, graceful);
     }
 
     fn reattach(
@@ -303,6 +293,26 @@ impl VmmBackend for CprVmm {
     }
 }
 
+/// Waits up to 10 s for a VMM that was asked to stop (`asked`) to exit, killing it right away
+/// when it was not asked, or when it does not exit in time.
+pub fn end_process(pid: u32, asked: bool) {
+    let kill = || {
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
+        }
+    };
+    if !asked {
+        kill();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process_gone(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !process_gone(pid) {
+        kill();
+    }
+}
+
 /// Whether process `pid` has exited (gone, or a zombie waiting for its parent).
 pub fn process_gone(pid: u32) -> bool {
     i32::try_from(pid).map_or(true, |p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err())
@@ -316,15 +326,13 @@ fn proc_is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// Binaries that passed pre-flight, by (path, size, mtime, inode): asked once per build.
-static PREFLIGHT_OK: Mutex<Vec<(PathBuf, u64, i64, u64)>> = Mutex::new(Vec::new());
+/// Binaries that passed pre-flight, by path and build id: asked once per build.
+static PREFLIGHT_OK: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
 
 /// Asks a candidate VMM binary which state formats it reads, before anything is touched.
 fn preflight(binary: &Path) -> Result<(), CprdError> {
-    use std::os::unix::fs::MetadataExt;
-    let key = std::fs::metadata(binary).ok().map(|m| (binary.to_path_buf(), m.size(), m.mtime(), m.ino()));
-    let lock =
-        |m: &'static Mutex<Vec<(PathBuf, u64, i64, u64)>>| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let key = crate::engine::binary_build_id(binary).map(|id| (binary.to_path_buf(), id));
+    let lock = |m: &'static Mutex<Vec<(PathBuf, String)>>| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if key.as_ref().is_some_and(|k| lock(&PREFLIGHT_OK).contains(k)) {
         return Ok(());
     }

@@ -181,9 +181,23 @@ fn write_atomic(path: &Path, bytes: &[u8]) {
     }
 }
 
-/// The content id of a binary, as cpr-vmm reports its own (`Describe.build_id`).
+/// The content id of a binary, as cpr-vmm reports its own (`Describe.build_id`). Remembered
+/// per (path, inode, size, mtime): hashing a QEMU binary reads tens of MiB, and pre-flight,
+/// records and reloads ask for it on every upgrade. Packages replace binaries by rename (a new
+/// inode), so an upgraded binary is always hashed anew.
 pub fn binary_build_id(path: &Path) -> Option<String> {
-    cpr_proto::build_id_of(path)
+    type Key = (PathBuf, u64, u64, i64, i64);
+    static KNOWN: Mutex<Vec<(Key, String)>> = Mutex::new(Vec::new());
+    let m = std::fs::metadata(path).ok()?;
+    let key: Key = (path.to_path_buf(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+    if let Some((_, id)) = lock(&KNOWN).iter().find(|(k, _)| *k == key) {
+        return Some(id.clone());
+    }
+    let id = cpr_proto::build_id_of(path)?;
+    let mut known = lock(&KNOWN);
+    known.retain(|(k, _)| k.0 != key.0);
+    known.push((key, id.clone()));
+    Some(id)
 }
 
 impl Engine {

@@ -384,19 +384,9 @@ impl VmmBackend for Qemu {
     }
 
     fn stop(&self, record: &VmRecord, force: bool) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(record.main_pid).unwrap_or(0));
         let graceful = !force
             && Qmp::connect(&record.control, Duration::from_secs(5)).is_ok_and(|mut q| q.execute("quit", None).is_ok());
-        if !graceful {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !crate::backend::process_gone(record.main_pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !crate::backend::process_gone(record.main_pid) {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
+        crate::backend::end_process(record.main_pid, graceful);
         let _ = std::fs::remove_file(&record.control);
     }
 
