@@ -279,6 +279,12 @@ fn print_row(label: &str, s: &Summary, decimals: usize) {
     println!("| {label} | {} | {:.d$} | {:.d$} | {:.d$} | {:.d$} |", s.n, s.min, s.median, s.p99, s.max, d = decimals);
 }
 
+/// The report's title and the command line that reproduces it.
+fn print_title(title: &str) {
+    let cmd: Vec<String> = std::env::args().collect();
+    println!("# {title}\ncommand: {}", cmd.join(" "));
+}
+
 /// Resident set size of a process in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -427,28 +433,26 @@ fn main() {
     let args = Args::parse();
     cpr_tests::require_kvm();
     if args.systemd {
-        let cmd: Vec<String> = std::env::args().collect();
-        println!("# cprd restart benchmark (real systemd 254 in systemd-nspawn)\ncommand: {}\n", cmd.join(" "));
+        print_title("cprd restart benchmark (real systemd 254 in systemd-nspawn)");
+        println!();
         systemd_bench(&args, tsc_ticks_per_us());
         return;
     }
     if args.qemu {
-        let cmd: Vec<String> = std::env::args().collect();
-        println!("# QEMU cpr-transfer benchmark\ncommand: {}\n", cmd.join(" "));
+        print_title("QEMU cpr-transfer benchmark");
+        println!();
         qemu_bench(&args);
         return;
     }
     if args.daemon {
-        let cmd: Vec<String> = std::env::args().collect();
-        println!("# cprd upgrade benchmark\ncommand: {}\n", cmd.join(" "));
+        print_title("cprd upgrade benchmark");
+        println!();
         daemon_bench(&args);
         return;
     }
     let tpu = tsc_ticks_per_us();
     let kvm = if cpr_tests::hardware_kvm() { "hardware-assisted KVM" } else { "kvm_pvm (shadow paging)" };
-    let cmd: Vec<String> = std::env::args().collect();
-    println!("# cpr-vmm handoff benchmark");
-    println!("command: {}", cmd.join(" "));
+    print_title("cpr-vmm handoff benchmark");
     println!(
         "host: {} CPUs, /dev/kvm = {kvm}, TSC {:.0} MHz",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
