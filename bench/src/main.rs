@@ -93,9 +93,7 @@ fn cprd_qemu_hops(ram: &str, hops: usize) -> Vec<Hop> {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                 if let Some(p) = cpr_tests::linux_guest::probe_lines(&line).first() {
-                    let gap =
-                        line.split_whitespace().find_map(|f| f.strip_prefix("gap_us=")).and_then(|g| g.parse().ok());
-                    lines.lock().expect("lock").push((p.seq, gap.unwrap_or(0), std::time::Instant::now()));
+                    lines.lock().expect("lock").push((p.seq, p.gap_us, std::time::Instant::now()));
                 }
             }
         });

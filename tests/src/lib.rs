@@ -306,6 +306,11 @@ pub fn is_zombie(pid: u32) -> bool {
     proc_state(pid) == Some('Z')
 }
 
+/// Whether process `pid` has exited: gone from /proc, or a zombie not reaped yet.
+pub fn process_gone(pid: u32) -> bool {
+    matches!(proc_state(pid), None | Some('Z'))
+}
+
 /// Whether process `pid` is stopped (state `T` in /proc).
 pub fn is_stopped(pid: u32) -> bool {
     proc_state(pid) == Some('T')

@@ -62,6 +62,8 @@ pub struct ProbeLine {
     pub seq: u64,
     /// The longest gap the guest saw on its own clock so far, µs.
     pub maxgap_us: u64,
+    /// The gap since the previous line on the guest's clock, µs.
+    pub gap_us: u64,
     /// Checksum of the probe's RAM region.
     pub sum: String,
 }
@@ -77,10 +79,10 @@ pub fn probe_lines(text: &str) -> Vec<ProbeLine> {
             let mut get = |k: &str| f.next().and_then(|x| x.strip_prefix(k)).map(str::to_string);
             let seq = get("seq=")?.parse().ok()?;
             let _up = get("up_ms=")?;
-            let _gap = get("gap_us=")?;
+            let gap_us = get("gap_us=")?.parse().ok()?;
             let maxgap_us = get("maxgap_us=")?.parse().ok()?;
             let sum = get("sum=")?;
-            Some(ProbeLine { boot, seq, maxgap_us, sum })
+            Some(ProbeLine { boot, seq, maxgap_us, gap_us, sum })
         })
         .collect()
 }
