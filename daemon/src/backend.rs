@@ -187,11 +187,18 @@ impl VmmBackend for CprVmm {
         h.spawned = Some(req.on_spawn);
         match hand_off(&h) {
             Ok(out) => {
-                let version = ControlClient::connect(&req.new_control)
-                    .ok()
-                    .and_then(|c| match c.call(&Request::Describe, &[]) {
-                        Ok(Response::Describe(d)) => Some(d.build_id),
-                        _ => None,
+                // The build id cprd already knows when the new VMM runs the very file cprd
+                // checked (same inode); asking the VMM would make it hash its binary now.
+                let version = same_file(format!("/proc/{}/exe", out.child.id()), req.binary)
+                    .then(|| crate::engine::binary_build_id(req.binary))
+                    .flatten()
+                    .or_else(|| {
+                        ControlClient::connect(&req.new_control).ok().and_then(|c| {
+                            match c.call(&Request::Describe, &[]) {
+                                Ok(Response::Describe(d)) => Some(d.build_id),
+                                _ => None,
+                            }
+                        })
                     })
                     .unwrap_or_default();
                 Ok(Upgraded {
@@ -364,4 +371,13 @@ fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
         )));
     }
     Ok(())
+}
+
+/// Whether two paths name the same file (device and inode), following symlinks.
+fn same_file(a: impl AsRef<Path>, b: impl AsRef<Path>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
