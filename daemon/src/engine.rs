@@ -161,8 +161,6 @@ pub struct Engine {
     vms: Mutex<BTreeMap<String, Vm>>,
     history: Mutex<Vec<UpgradeRecord>>,
     events: tokio::sync::broadcast::Sender<Event>,
-    /// The nice value VMMs run at: cprd's own when it started, before any handoff raised it.
-    vmm_nice: i32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,7 +221,6 @@ impl Engine {
             vms: Mutex::new(vms),
             history: Mutex::new(Vec::new()),
             events,
-            vmm_nice: cpr_vmm::sched::current_nice(),
         }))
     }
 
@@ -377,8 +374,6 @@ impl Engine {
         let dir = self.runtime_dir.join("vms");
         match backend::for_kind(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
             Ok((record, memfd, child)) => {
-                // Started while an UpgradeAll had raised cprd: the guest must not keep that.
-                cpr_vmm::sched::set_process_nice(record.main_pid, self.vmm_nice);
                 crate::scope::move_to_scope(name, record.generation, record.main_pid);
                 let pid = self.adopt(name, record, memfd);
                 self.supervise_child(name, child);
@@ -398,8 +393,6 @@ impl Engine {
         let engine = Arc::clone(self);
         let name = name.to_string();
         let _ = std::thread::Builder::new().name(format!("reap-{name}")).spawn(move || {
-            // Started by a handoff's raised thread; this one only waits.
-            cpr_vmm::sched::set_current_thread_nice(engine.vmm_nice);
             let pid = child.id();
             let status = child.wait();
             engine.vmm_exited(&name, pid, &format!("{status:?}"));
@@ -483,9 +476,6 @@ impl Engine {
     /// Hands a running VM to a new VMM process of `binary` (empty: the configured one).
     /// Returns (downtime µs, new generation).
     pub fn upgrade(self: &Arc<Self>, name: &str, binary: &str) -> Result<(u64, u64), CprdError> {
-        // The handoff's steps must not queue behind busy guests: this thread, and through fork
-        // the new VMM, run raised until the new VMM runs the guest (cpr_vmm::sched).
-        let _raised = cpr_vmm::sched::Raised::current_thread();
         let def = self.def(name)?;
         let binary = self.binary_for(&def, binary)?;
         let backend = backend::for_kind(def.backend)?;
@@ -544,7 +534,6 @@ impl Engine {
                 let _ = std::fs::remove_file(old_control);
                 record.generation = up.generation;
                 record.main_pid = up.child.id();
-                cpr_vmm::sched::set_process_nice(up.child.id(), self.vmm_nice);
                 record.vmm_binary = binary;
                 record.vmm_version = up.version;
                 record.last_downtime_usec = up.downtime_usec;
@@ -630,9 +619,6 @@ impl Engine {
     pub fn upgrade_all(self: &Arc<Self>, binary: &str) -> Vec<(String, bool, u64, String)> {
         let running: Vec<String> =
             self.list().into_iter().filter(|v| v.state == VmState::Running).map(|v| v.name).collect();
-        // All of cprd runs raised meanwhile, not only the workers: a D-Bus thread holding the
-        // VM table's lock must not sit behind busy guests while the workers wait for it.
-        let raised = cpr_vmm::sched::Raised::process(std::process::id());
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results = Mutex::new(Vec::with_capacity(running.len()));
         std::thread::scope(|scope| {
@@ -650,9 +636,6 @@ impl Engine {
                 });
             }
         });
-        // Threads started meanwhile (VM supervisors) inherited the raise: all go back.
-        drop(raised);
-        cpr_vmm::sched::set_process_nice(std::process::id(), self.vmm_nice);
         let mut rows = results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         rows.sort();
         rows

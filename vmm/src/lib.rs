@@ -19,6 +19,5 @@ pub mod memory;
 pub mod migration;
 pub mod mptable;
 pub mod persist;
-pub mod sched;
 pub mod vcpu;
 pub mod vm;

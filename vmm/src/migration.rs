@@ -170,9 +170,6 @@ pub fn migrate_out(vmm: &Vmm, params: &MigrateParams, fds: Vec<OwnedFd>) -> Resp
         *lock(&vmm.state) = was;
         return error(ErrorKind::BadRequest, "migrate needs two fds: the cpr channel and the main channel", false);
     };
-    // The old side's part of the handoff runs raised too (cpr_vmm::sched); its vCPU threads
-    // only from the pause request on, so a guest never outruns the new VMM's start.
-    let _raised = crate::sched::Raised::current_thread();
     let (response, state) = run_outgoing(vmm, params, cpr, main, was);
     *lock(&vmm.state) = state;
     response
@@ -256,7 +253,6 @@ fn run_outgoing(vmm: &Vmm, params: &MigrateParams, cpr: OwnedFd, main: OwnedFd, 
         let _ = tx.send(SwitchoverOutcome { report, result });
     };
     core.reset_test_guest_gap();
-    let _vcpus_raised = crate::sched::Raised::process(std::process::id());
     let pause_requested_ns = monotonic_ns();
     if was == RunState::Running {
         *lock(&core.switchover) = Some(Box::new(move |c: &VmCore| job(pause_requested_ns, c)));
