@@ -328,8 +328,11 @@ fn daemon_bench(args: &Args) {
     let out = cprd.cprctl(&["--json", "upgrade", "--all"]);
     let all_wall = t.elapsed().as_secs_f64();
     let ok = out.status.success();
+    let all_rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let during_all: Vec<f64> =
+        all_rows.as_array().into_iter().flatten().filter_map(|r| r["downtime_usec"].as_f64()).collect();
     if !ok {
-        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let rows = &all_rows;
         for r in rows.as_array().into_iter().flatten().filter(|r| r["ok"] != true) {
             println!("failed: {} {}", r["name"], r["error"]);
             let name = r["name"].as_str().unwrap_or("");
@@ -345,6 +348,9 @@ fn daemon_bench(args: &Args) {
     print_row("bare handoff downtime (cpr-vmm handoff), us", &b, 0);
     print_row("cprd UpgradeVM downtime (D-Bus), us", &d, 0);
     print_row("cprctl upgrade wall time, ms", &w, 1);
+    if !during_all.is_empty() {
+        print_row(&format!("downtime of each VM during UpgradeAll({}), us", args.vms), &summarize(&during_all), 0);
+    }
     println!();
     println!("cprd-driven / bare median downtime = {:.2}", d.median / b.median);
     println!("UpgradeAll of {} VMs: {all_wall:.2} s wall, {}", args.vms, if ok { "all ok" } else { "FAILURES" });

@@ -504,6 +504,7 @@ impl Engine {
             let (engine, name) = (Arc::clone(self), name.to_string());
             std::thread::spawn(move || {
                 if let Ok(pid) = rx.recv() {
+                    crate::sched::set_session_nice(pid, crate::sched::HANDOFF_NICE);
                     crate::scope::move_to_scope(&name, generation, pid);
                     engine.note_new_pid(&name, pid);
                 }
@@ -528,6 +529,9 @@ impl Engine {
             std::process::abort();
         }
         record.upgrading = None;
+        // The guest runs in one VMM again: it goes back to a VM's share.
+        let runs_in = result.as_ref().map_or(record.main_pid, |up| up.child.id());
+        crate::sched::set_session_nice(runs_in, 0);
         let outcome = match result {
             Ok(up) => {
                 let old_control = std::mem::replace(&mut record.control, new_control);
@@ -771,6 +775,8 @@ impl Engine {
             None => from_vmm,
         };
         let pid = self.adopt(name, record, memfd);
+        // A cprd that died mid-handoff may have left this VMM weighted for it.
+        crate::sched::set_session_nice(pid, 0);
         self.supervise_pid(name, pid, stored_pidfd);
         Ok(pid)
     }

@@ -328,6 +328,79 @@ fn kill_9_of_cprd_mid_upgrade_rolls_back_on_restart() {
     assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "a good upgrade works afterwards");
 }
 
+/// The autogroup of `pid` (its name, e.g. `/autogroup-12`) and that group's nice.
+fn autogroup(pid: u32) -> (String, i32) {
+    let path = format!("/proc/{pid}/autogroup");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e} (kernel without autogroups?)"));
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match words.as_slice() {
+        [group, "nice", nice] => (group.to_string(), nice.parse().unwrap_or_else(|_| panic!("{path}: {text}"))),
+        _ => panic!("{path}: unexpected {text:?}"),
+    }
+}
+
+fn main_pid(status: &serde_json::Value) -> u32 {
+    status["main_pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("main_pid")
+}
+
+#[test]
+fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
+    let wrappers = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let glob = format!("{}/*", wrappers.path().display());
+    let s = setup(&["vm1"], &[&glob]);
+    let c = &s.cprd;
+    let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:after-state exec REAL \"$@\"");
+    // cprd leads a session of its own (not its starter's), weighted for its handoffs.
+    let cprd_pid = c.child.id();
+    // SAFETY: getsid only reads another process's session id.
+    assert_eq!(unsafe { libc::getsid(cprd_pid.cast_signed()) }, cprd_pid.cast_signed(), "cprd leads its own session");
+    let (cprd_group, cprd_nice) = autogroup(cprd_pid);
+    assert_eq!(cprd_nice, -10, "cprd's autogroup is weighted");
+    assert!(c.cprctl(&["start", "vm1"]).status.success());
+    let old_pid = main_pid(&json(&c.cprctl(&["--json", "status", "vm1"])));
+    let (old_group, old_nice) = autogroup(old_pid);
+    assert_ne!(old_group, cprd_group, "a VMM has an autogroup of its own");
+    assert_eq!(old_nice, 0, "a running guest gets a VM's share");
+    // A handoff in flight: the new VMM stops itself once it holds the state; the guest is paused.
+    let mut upgrade = std::process::Command::new(cpr_tests::bin("cprctl"))
+        .args(["--address", &c.address, "upgrade", "vm1", "--binary", &stall])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cprctl upgrade");
+    let record = c.runtime_dir.join("vms/vm1.json");
+    let mut new_pid = 0u32;
+    let stopped = wait_until(Duration::from_secs(20), || {
+        let v: serde_json::Value =
+            std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        new_pid = v["upgrading"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        new_pid > 0 && cpr_tests::is_stopped(new_pid)
+    });
+    assert!(stopped, "the new VMM never reached its stall point");
+    let (new_group, new_nice) = autogroup(new_pid);
+    assert_ne!(new_group, cprd_group);
+    assert_ne!(new_group, old_group);
+    assert_eq!(new_nice, -10, "the new VMM is weighted while the handoff is in flight");
+    assert_eq!(autogroup(old_pid).1, -10, "the old VMM weights itself from the pause (its guest is stopped)");
+    // The new VMM dies: rolled back, the old VMM resumes the guest with a VM's share again.
+    // SAFETY: kill of the stalled VMM this test made cprd start, by pid.
+    assert_eq!(unsafe { libc::kill(new_pid.cast_signed(), libc::SIGKILL) }, 0);
+    let status = upgrade.wait().expect("cprctl upgrade");
+    assert_eq!(status.code(), Some(8), "UpgradeFailed");
+    assert_eq!(autogroup(old_pid).1, 0);
+    // A good handoff: the guest's new VMM is back at a VM's share once it runs the guest.
+    assert!(c.cprctl(&["upgrade", "vm1"]).status.success());
+    let now = json(&c.cprctl(&["--json", "status", "vm1"]));
+    let pid = main_pid(&now);
+    assert_ne!(pid, old_pid);
+    let (group, nice) = autogroup(pid);
+    assert_ne!(group, cprd_group);
+    assert_eq!(nice, 0, "the new VMM runs the guest with a VM's share");
+    assert_eq!(autogroup(cprd_pid).1, -10);
+    console_ok(&s, "vm1");
+}
+
 /// Stands where systemd would: drains cprd's sd_notify datagrams as they come (a sender blocks
 /// when the receiver's queue is full, as it would with a stuck service manager).
 struct NotifyReceiver {
@@ -458,6 +531,7 @@ fn cprd_dying_right_after_a_handoff_adopts_the_new_vmm_on_restart() {
     assert_eq!(after["state"], "running");
     assert_eq!(after["generation"], 1, "the handoff had completed: the new VMM is adopted");
     assert_ne!(after["main_pid"], before["main_pid"]);
+    assert_eq!(autogroup(main_pid(&after)).1, 0, "the adopted VMM is no longer weighted for its handoff");
     let old = before["main_pid"].as_u64().unwrap_or(0);
     assert!(
         wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{old}")).exists()

@@ -187,3 +187,22 @@ fn corrupt_stream_unknown_mandatory_section() {
 fn corrupt_stream_newer_major_format() {
     corrupt("major", "state format 2.0 is not readable by this build");
 }
+
+/// The arbiter weights a new VMM that leads its own session for its start-up; the VMM itself
+/// drops back to a session's default share as soon as it runs the guest (no cprd involved).
+#[test]
+fn a_new_vmm_settles_its_handoff_weight_once_it_runs_the_guest() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &[], &[]);
+    let mut req = chain.request();
+    req.new_session = true;
+    let (tx, rx) = std::sync::mpsc::channel();
+    req.spawned = Some(tx);
+    chain.hand_off(&req).expect("handoff");
+    let pid = rx.recv().expect("new VMM pid");
+    assert_eq!(pid, chain.current.id());
+    assert!(cpr_vmm::sched::leads_own_session(pid), "the new VMM has a session of its own");
+    assert_eq!(cpr_vmm::sched::autogroup_nice(pid), Some(0), "it runs the guest with a VM's share");
+    chain.wait_progress(chain.status().test_guest.map_or(0, |t| t.counter));
+}

@@ -125,6 +125,7 @@ impl Vmm {
                 match *st {
                     RunState::Running | RunState::Paused | RunState::MigrationFailed => {
                         self.core.coord.resume();
+                        crate::sched::settle_self();
                         *st = RunState::Running;
                         Response::Ok
                     }

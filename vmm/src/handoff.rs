@@ -139,6 +139,10 @@ pub fn hand_off(req: &HandoffRequest) -> Result<HandoffOutcome> {
     let (cpr_old, cpr_new) = pair(SockType::SeqPacket)?;
     let (main_old, main_new) = pair(SockType::Stream)?;
     let mut child = spawn_new(req, &cpr_new, &main_new)?;
+    if req.new_session {
+        // Its start-up is the handoff's work; it settles to a VM's share when it runs the guest.
+        crate::sched::set_session_nice(child.id(), crate::sched::HANDOFF_NICE);
+    }
     drop((cpr_new, main_new));
     if let Some(tx) = &req.spawned {
         let _ = tx.send(child.id());

@@ -19,5 +19,6 @@ pub mod memory;
 pub mod migration;
 pub mod mptable;
 pub mod persist;
+pub mod sched;
 pub mod vcpu;
 pub mod vm;

@@ -252,6 +252,8 @@ fn run_outgoing(vmm: &Vmm, params: &MigrateParams, cpr: OwnedFd, main: OwnedFd, 
         })();
         let _ = tx.send(SwitchoverOutcome { report, result });
     };
+    // The switchover is the handoff's work, and the guest stops at the pause request.
+    crate::sched::raise_self();
     core.reset_test_guest_gap();
     let pause_requested_ns = monotonic_ns();
     if was == RunState::Running {
@@ -443,6 +445,7 @@ fn restore_incoming(
     *lock(&vmm.incoming) = Some(report);
     *lock(&vmm.state) = RunState::Running;
     core.coord.resume();
+    crate::sched::settle_incoming();
     Ok(())
 }
 
