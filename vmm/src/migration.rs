@@ -379,6 +379,7 @@ pub fn prepare_incoming(
         }
     }));
     spawn_vcpu_threads(&core)?;
+    crate::sched::ready_incoming();
     fault::stall_point("before-ready");
     wire::send(cpr.as_fd(), &ToOld::Ready, &[])
         .map_err(|e| VmmError::IncomingAborted(format!("cannot say ready: {e}")))?;

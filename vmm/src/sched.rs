@@ -13,6 +13,12 @@
 //! a raised group cannot starve anyone, unlike a real-time policy (which wedged a 2-core host
 //! in testing).
 //!
+//! Inside the downtime (the old VMM from the pause request, the new one from `Ready` until it
+//! runs the guest) every thread also gets a short EEVDF slice, [`HANDOFF_SLICE_NS`] (Linux
+//! 6.12 and later): a woken thread whose slice is shorter than the running one's preempts it at
+//! once, instead of waiting up to a scheduler tick behind a busy guest. A slice changes when a
+//! thread runs, not how much CPU it gets.
+//!
 //! Under systemd each VMM runs in a scope, a cgroup of its own, where autogroups do not apply;
 //! writing the autogroup nice is then harmless and without effect. Lowering a nice needs
 //! `CAP_SYS_NICE`; without it the raise is skipped and the handoff runs unweighted.
@@ -23,6 +29,47 @@ use nix::unistd::{Pid, getsid};
 
 /// Autogroup nice of the work of a handoff (weight 9548, against 1024 for nice 0).
 pub const HANDOFF_NICE: i32 = -10;
+
+/// EEVDF slice of every thread of a VMM inside a handoff's downtime (the kernel's minimum).
+pub const HANDOFF_SLICE_NS: u64 = 100_000;
+
+/// The scheduling attributes of thread `tid` (`sched_getattr`).
+fn sched_attr(tid: i32) -> Option<libc::sched_attr> {
+    // SAFETY: sched_attr is plain data; the kernel fills at most `size` bytes of it.
+    let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
+    let size = u32::try_from(std::mem::size_of::<libc::sched_attr>()).ok()?;
+    // SAFETY: `attr` is a valid, writable sched_attr of `size` bytes for the call's duration.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, tid, &raw mut attr, size, 0) };
+    (rc == 0).then_some(attr)
+}
+
+/// Sets the EEVDF slice of thread `tid` (0 = the kernel's default), keeping its policy and nice.
+/// Only for the fair policies; a real-time or deadline thread is left alone.
+fn set_slice(tid: i32, slice_ns: u64) -> bool {
+    let Some(mut attr) = sched_attr(tid) else { return false };
+    if !matches!(i32::try_from(attr.sched_policy), Ok(libc::SCHED_OTHER | libc::SCHED_BATCH)) {
+        return false;
+    }
+    attr.sched_flags = 0;
+    attr.sched_runtime = slice_ns;
+    // SAFETY: `attr` is a valid sched_attr whose `size` field the kernel filled in.
+    unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &raw const attr, 0) == 0 }
+}
+
+/// Sets the EEVDF slice of every thread of this process (0 = the kernel's default).
+pub fn set_own_slices(slice_ns: u64) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+    for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        set_slice(tid, slice_ns);
+    }
+}
+
+/// The EEVDF slice of thread `tid` of process `pid` in nanoseconds, as `/proc` shows it.
+pub fn thread_slice_ns(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("se.slice"))?;
+    line.split(':').nth(1)?.trim().parse().ok()
+}
 
 /// Whether `pid` leads a session other than the caller's: only then is its autogroup its own,
 /// and weighting it touches no other process.
@@ -55,8 +102,10 @@ pub fn set_session_nice(pid: u32, nice: i32) {
 /// This process's autogroup nice before [`raise_self`], until [`settle_self`].
 static BEFORE_RAISE: Mutex<Option<i32>> = Mutex::new(None);
 
-/// Weights this process's own session for a handoff (the old VMM, at the pause request).
+/// Weights this process's own session for a handoff and shortens its threads' slices (the old
+/// VMM, at the pause request).
 pub fn raise_self() {
+    set_own_slices(HANDOFF_SLICE_NS);
     let me = std::process::id();
     if !leads_own_session(me) {
         return;
@@ -74,15 +123,23 @@ pub fn raise_self() {
 /// Puts this process's session back where [`raise_self`] found it (the old VMM resuming its
 /// guest after a failed handoff).
 pub fn settle_self() {
+    set_own_slices(0);
     let me = std::process::id();
     if let Some(nice) = BEFORE_RAISE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
         write_autogroup_nice(me, nice);
     }
 }
 
-/// Drops a raised weight of this process's own session back to a session's default, nice 0
-/// (the new VMM, once it runs the guest). A nice of 0 or above is left alone.
+/// Readies the new VMM for the downtime: short slices on all its threads (call when they
+/// all exist, before `Ready`).
+pub fn ready_incoming() {
+    set_own_slices(HANDOFF_SLICE_NS);
+}
+
+/// Puts the new VMM, once it runs the guest, back to default slices and drops a raised weight
+/// of its own session back to a session's default, nice 0. A nice of 0 or above is left alone.
 pub fn settle_incoming() {
+    set_own_slices(0);
     let me = std::process::id();
     if leads_own_session(me) && autogroup_nice(me).is_some_and(|n| n < 0) {
         write_autogroup_nice(me, 0);
