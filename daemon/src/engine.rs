@@ -374,7 +374,7 @@ impl Engine {
         let dir = self.runtime_dir.join("vms");
         match backend::for_kind(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
             Ok((record, memfd, child)) => {
-                crate::scope::move_to_scope(name, record.generation, record.main_pid);
+                crate::scope::move_to_scope(name, record.generation, record.main_pid, None);
                 let pid = self.adopt(name, record, memfd);
                 self.supervise_child(name, child);
                 tracing::info!(CPRD_VM = name, "started VM {name} (VMM pid {pid})");
@@ -505,7 +505,7 @@ impl Engine {
             std::thread::spawn(move || {
                 if let Ok(pid) = rx.recv() {
                     crate::sched::set_session_nice(pid, crate::sched::HANDOFF_NICE);
-                    crate::scope::move_to_scope(&name, generation, pid);
+                    crate::scope::move_to_scope(&name, generation, pid, Some(crate::scope::HANDOFF_CPU_WEIGHT));
                     engine.note_new_pid(&name, pid);
                 }
             })
@@ -532,6 +532,9 @@ impl Engine {
         // The guest runs in one VMM again: it goes back to a VM's share.
         let runs_in = result.as_ref().map_or(record.main_pid, |up| up.child.id());
         crate::sched::set_session_nice(runs_in, 0);
+        if result.is_ok() {
+            crate::scope::settle_weight(name, generation);
+        }
         let outcome = match result {
             Ok(up) => {
                 let old_control = std::mem::replace(&mut record.control, new_control);

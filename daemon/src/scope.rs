@@ -32,18 +32,30 @@ pub fn unit_name(vm: &str, generation: u64) -> String {
     format!("cprd-vm-{escaped}-g{generation}.scope")
 }
 
-/// Moves `pid` into a new scope for VM `vm`, generation `generation`. Call from a blocking
-/// thread. A failure is logged, never fatal: the VMM keeps running in its own session.
-pub fn move_to_scope(vm: &str, generation: u64, pid: u32) {
+/// `CPUWeight=` of the scope of a new VMM while its handoff is in flight: the systemd
+/// counterpart of [`crate::sched::HANDOFF_NICE`] (10x a VM's default weight of 100), so that a
+/// new VMM starting up does not wait behind every busy guest in `cprd.slice`.
+pub const HANDOFF_CPU_WEIGHT: u64 = 1000;
+
+/// `CPUWeight=` unset (systemd's "invalid" weight): the slice's default.
+const DEFAULT_CPU_WEIGHT: u64 = u64::MAX;
+
+/// Moves `pid` into a new scope for VM `vm`, generation `generation`; with `cpu_weight`, the
+/// scope starts with that `CPUWeight=`. Call from a blocking thread. A failure is logged, never
+/// fatal: the VMM keeps running in its own session.
+pub fn move_to_scope(vm: &str, generation: u64, pid: u32, cpu_weight: Option<u64>) {
     let Some(s) = SCOPES.get() else { return };
     let unit = unit_name(vm, generation);
     let description = format!("cprd VM {vm}, VMM generation {generation}");
-    let properties: Vec<(&str, zbus::Variant<'_>)> = vec![
+    let mut properties: Vec<(&str, zbus::Variant<'_>)> = vec![
         ("PIDs", zbus::Variant::from(vec![pid])),
         ("Slice", zbus::Variant::from("cprd.slice")),
         ("Description", zbus::Variant::from(description.as_str())),
         ("CollectMode", zbus::Variant::from("inactive-or-failed")),
     ];
+    if let Some(weight) = cpu_weight {
+        properties.push(("CPUWeight", zbus::Variant::from(weight)));
+    }
     let aux: Vec<(&str, Vec<(&str, zbus::Variant<'_>)>)> = Vec::new();
     let body = (unit.as_str(), "fail", properties, aux);
     let call = s.conn.call_method(
@@ -56,5 +68,24 @@ pub fn move_to_scope(vm: &str, generation: u64, pid: u32) {
     match s.runtime.block_on(call) {
         Ok(_) => tracing::info!(CPRD_VM = vm, "VMM pid {pid} runs in {unit}"),
         Err(e) => tracing::warn!(CPRD_VM = vm, "cannot move VMM pid {pid} to {unit}: {e}"),
+    }
+}
+
+/// Puts the scope of VM `vm`, generation `generation` back at the slice's default CPU weight
+/// (its VMM now runs the guest). Call from a blocking thread; a failure is logged.
+pub fn settle_weight(vm: &str, generation: u64) {
+    let Some(s) = SCOPES.get() else { return };
+    let unit = unit_name(vm, generation);
+    let properties: Vec<(&str, zbus::Variant<'_>)> = vec![("CPUWeight", zbus::Variant::from(DEFAULT_CPU_WEIGHT))];
+    let body = (unit.as_str(), true, properties);
+    let call = s.conn.call_method(
+        Some("org.freedesktop.systemd1"),
+        "/org/freedesktop/systemd1",
+        Some("org.freedesktop.systemd1.Manager"),
+        "SetUnitProperties",
+        &body,
+    );
+    if let Err(e) = s.runtime.block_on(call) {
+        tracing::warn!(CPRD_VM = vm, "cannot put {unit} back at the default CPU weight: {e}");
     }
 }

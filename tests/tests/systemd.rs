@@ -245,3 +245,40 @@ fn on_systemd_252_reload_blocks_until_every_vm_is_on_the_new_binary() {
         heartbeats_ok(&c, vm);
     }
 }
+
+#[test]
+fn a_handoff_in_flight_runs_in_a_weighted_scope_and_the_guest_goes_back_to_the_default() {
+    require_kvm();
+    let c = Container::boot(&[("a", "memory = \"64M\"\n")]);
+    c.sh("systemctl start cprd && cprctl start a");
+    let weight = |unit: &str| c.sh(&format!("systemctl show -P CPUWeight {unit}")).trim().to_string();
+    let unset = weight("cprd-vm-a-g0.scope");
+    assert_ne!(unset, "1000", "a running guest's scope has the default weight");
+    // A new VMM that stops itself once it holds the state (allow-listed: /usr/libexec/cprd/*).
+    c.sh("printf '#!/bin/sh\\nif [ \"$1\" = --state-formats ]; then exec /usr/libexec/cprd/cpr-vmm \"$@\"; fi\\n\
+         CPR_VMM_FAULT=stall:after-state exec /usr/libexec/cprd/cpr-vmm \"$@\"\\n' >/usr/libexec/cprd/stalls.sh \
+         && chmod 755 /usr/libexec/cprd/stalls.sh");
+    c.sh("setsid cprctl upgrade a --binary /usr/libexec/cprd/stalls.sh </dev/null >/dev/null 2>&1 &");
+    let in_flight = cpr_tests::wait_until(std::time::Duration::from_secs(20), || {
+        c.exec(&["systemctl", "show", "-P", "CPUWeight", "cprd-vm-a-g1.scope"]).stdout == b"1000\n"
+    });
+    assert!(
+        in_flight,
+        "the new VMM's scope never had CPUWeight=1000: {}",
+        c.sh("journalctl -u cprd --no-pager | tail")
+    );
+    assert_eq!(weight("cprd-vm-a-g0.scope"), unset, "the old VMM's scope is not raised");
+    // The new VMM dies: rolled back to generation 0, whose scope never changed.
+    c.sh("systemctl kill -s KILL cprd-vm-a-g1.scope");
+    let rolled_back = cpr_tests::wait_until(std::time::Duration::from_secs(20), || {
+        let a = list(&c).as_array().and_then(|l| l.first().cloned()).unwrap_or_default();
+        a["state"] == "running"
+            && a["generation"] == 0
+            && c.exec(&["systemctl", "is-active", "cprd-vm-a-g1.scope"]).stdout != b"active\n"
+    });
+    assert!(rolled_back, "{}", c.sh("cprctl --json list; journalctl -u cprd --no-pager | tail"));
+    // A good upgrade: the new scope is weighted while the handoff runs, then back to the default.
+    c.sh("cprctl upgrade a");
+    assert_eq!(weight("cprd-vm-a-g1.scope"), unset, "the guest runs in a scope of the default weight");
+    heartbeats_ok(&c, "a");
+}
