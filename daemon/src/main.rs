@@ -179,7 +179,7 @@ fn main() -> std::process::ExitCode {
         unsafe { std::env::remove_var(var) };
     }
     reexec::remember();
-    sched::own_session();
+    sched::weight_own_session();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

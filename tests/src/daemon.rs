@@ -113,8 +113,8 @@ impl Cprd {
     pub fn start_with_env(dir: &Path, bus: &PrivateBus, config_dir: &Path, env: &[(&str, &str)]) -> Self {
         let runtime_dir = dir.join("run");
         let log = dir.join("cprd.log");
-        let child = Command::new(bin("cprd"))
-            .arg("--bus-address")
+        let mut cmd = Command::new(bin("cprd"));
+        cmd.arg("--bus-address")
             .arg(&bus.address)
             .arg("--config-dir")
             .arg(config_dir)
@@ -125,9 +125,16 @@ impl Cprd {
             .env("CPRD_STDERR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"))
-            .spawn()
-            .expect("start cprd");
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"));
+        // Started as a service manager starts a daemon: leading a session of its own.
+        // SAFETY: setsid between fork and exec is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start cprd");
         let mut c =
             Self { child, address: bus.address.clone(), config_dir: config_dir.to_path_buf(), runtime_dir, log };
         let up = wait_until(Duration::from_secs(30), || {
