@@ -504,7 +504,6 @@ impl Engine {
             let (engine, name) = (Arc::clone(self), name.to_string());
             std::thread::spawn(move || {
                 if let Ok(pid) = rx.recv() {
-                    crate::sched::set_session_nice(pid, crate::sched::HANDOFF_NICE);
                     crate::scope::move_to_scope(&name, generation, pid, Some(crate::scope::HANDOFF_CPU_WEIGHT));
                     engine.note_new_pid(&name, pid);
                 }

@@ -345,6 +345,8 @@ impl VmmBackend for Qemu {
             let incoming = cmdline::incoming_args(&main, &cpr);
             self.spawn(h, req.binary, &req.new_control, &incoming, &req.log).map_err(UpgradeError::RolledBack)?
         };
+        // Its start-up is the handoff's work (cprd puts it back at a VM's share afterwards).
+        crate::sched::set_session_nice(child.id(), crate::sched::HANDOFF_NICE);
         let _ = req.on_spawn.send(child.id());
         let result = transfer::transfer(Transfer {
             old: &mut old,

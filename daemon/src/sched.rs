@@ -1,7 +1,8 @@
-//! cprd's own CPU share. The weighting of each handoff is [`cpr_vmm::sched`]'s (the arbiter
-//! raises the new VMM, the old VMM raises itself at the pause, the new one settles when it runs
-//! the guest); cprd adds the part only it can do: its own weight, and putting a VMM back at a
-//! VM's share when a handoff ends or when a cprd that died mid-handoff adopts it.
+//! cprd's own CPU share. The weighting of each handoff is [`cpr_vmm::sched`]'s (whoever spawns
+//! the new VMM raises it: the arbiter, or the QEMU backend; the old VMM raises itself at the
+//! pause, a new cpr-vmm settles when it runs the guest); cprd adds the part only it can do: its
+//! own weight, and putting a VMM back at a VM's share when a handoff ends or when a cprd that
+//! died mid-handoff adopts it.
 
 use cpr_vmm::sched::write_autogroup_nice;
 pub use cpr_vmm::sched::{HANDOFF_NICE, set_session_nice};

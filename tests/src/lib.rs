@@ -311,6 +311,15 @@ pub fn process_gone(pid: u32) -> bool {
     matches!(proc_state(pid), None | Some('Z'))
 }
 
+/// The EEVDF slice of every thread of process `pid`, in nanoseconds (`se.slice` in /proc).
+pub fn thread_slices(pid: u32) -> Vec<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
+    tasks
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .map(|tid| cpr_vmm::sched::thread_slice_ns(pid, tid).expect("se.slice"))
+        .collect()
+}
+
 /// Whether process `pid` is stopped (state `T` in /proc).
 pub fn is_stopped(pid: u32) -> bool {
     proc_state(pid) == Some('T')

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, text, write_config};
-use cpr_tests::{check_heartbeats, heartbeats, require_kvm, wait_until};
+use cpr_tests::{check_heartbeats, heartbeats, require_kvm, thread_slices, wait_until};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -339,15 +339,6 @@ fn autogroup(pid: u32) -> (String, i32) {
     }
 }
 
-/// The EEVDF slice of every thread of `pid`, in nanoseconds.
-fn slices(pid: u32) -> Vec<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
-    tasks
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .map(|tid| cpr_vmm::sched::thread_slice_ns(pid, tid).expect("se.slice"))
-        .collect()
-}
-
 fn main_pid(status: &serde_json::Value) -> u32 {
     status["main_pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("main_pid")
 }
@@ -391,8 +382,9 @@ fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
     assert_eq!(new_nice, -10, "the new VMM is weighted while the handoff is in flight");
     assert_eq!(autogroup(old_pid).1, -10, "the old VMM weights itself from the pause (its guest is stopped)");
     let short = cpr_vmm::sched::HANDOFF_SLICE_NS;
-    assert!(slices(old_pid).iter().all(|s| *s == short), "old VMM slices in the downtime: {:?}", slices(old_pid));
-    assert!(slices(new_pid).iter().all(|s| *s == short), "new VMM slices in the downtime: {:?}", slices(new_pid));
+    let (old_slices, new_slices) = (thread_slices(old_pid), thread_slices(new_pid));
+    assert!(old_slices.iter().all(|s| *s == short), "old VMM slices in the downtime: {old_slices:?}");
+    assert!(new_slices.iter().all(|s| *s == short), "new VMM slices in the downtime: {new_slices:?}");
     // The new VMM dies: rolled back, the old VMM resumes the guest with a VM's share again.
     // SAFETY: kill of the stalled VMM this test made cprd start, by pid.
     assert_eq!(unsafe { libc::kill(new_pid.cast_signed(), libc::SIGKILL) }, 0);
@@ -402,7 +394,8 @@ fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
     // cprd never changes its own slices: its main thread shows the kernel's default.
     let default = cpr_vmm::sched::thread_slice_ns(cprd_pid, cprd_pid).expect("cprd's slice");
     assert_ne!(default, short);
-    assert!(slices(old_pid).iter().all(|s| *s == default), "{:?}", slices(old_pid));
+    let old_slices = thread_slices(old_pid);
+    assert!(old_slices.iter().all(|s| *s == default), "old VMM slices after the rollback: {old_slices:?}");
     // A good handoff: the guest's new VMM is back at a VM's share once it runs the guest.
     assert!(c.cprctl(&["upgrade", "vm1"]).status.success());
     let now = json(&c.cprctl(&["--json", "status", "vm1"]));
@@ -411,7 +404,8 @@ fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
     let (group, nice) = autogroup(pid);
     assert_ne!(group, cprd_group);
     assert_eq!(nice, 0, "the new VMM runs the guest with a VM's share");
-    assert!(slices(pid).iter().all(|s| *s == default), "the guest runs with default slices: {:?}", slices(pid));
+    let slices = thread_slices(pid);
+    assert!(slices.iter().all(|s| *s == default), "the guest runs with default slices: {slices:?}");
     assert_eq!(autogroup(cprd_pid).1, -10);
     console_ok(&s, "vm1");
 }

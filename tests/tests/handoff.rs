@@ -207,13 +207,8 @@ fn a_new_vmm_settles_its_handoff_weight_once_it_runs_the_guest() {
     // ... and with the kernel's default slices (the test's own thread never changed its own).
     let me = std::process::id();
     let default = cpr_vmm::sched::thread_slice_ns(me, me).expect("own slice");
-    let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("task dir")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    assert!(tids.len() > 1, "vCPU and control threads exist");
-    for tid in tids {
-        assert_eq!(cpr_vmm::sched::thread_slice_ns(pid, tid), Some(default), "thread {tid}");
-    }
+    let slices = cpr_tests::thread_slices(pid);
+    assert!(slices.len() > 1, "vCPU and control threads exist");
+    assert!(slices.iter().all(|s| *s == default), "{slices:?}");
     chain.wait_progress(chain.status().test_guest.map_or(0, |t| t.counter));
 }
