@@ -2,8 +2,7 @@
 //! owns policy and bookkeeping; a backend owns the mechanics of its VMM. `cpr-vmm` is built;
 //! QEMU (issue 6) plugs in here behind the same trait.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -128,19 +127,9 @@ impl VmmBackend for CprVmm {
             .open(&log)
             .map_err(|e| CprdError::StartFailed(format!("cannot open {}: {e}", log.display())))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
-        let raw = memfd.as_raw_fd();
-        // SAFETY: only async-signal-safe calls between fork and exec: a new session (so that
-        // signals to cprd's process group never reach the VMM), and the memfd placed at fd 3.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setsid();
-                let rc = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // A new session, so that signals to cprd's process group never reach the VMM.
+        cpr_spawn::place_fds(&mut cmd, &[(3, memfd.as_fd())], true)
+            .map_err(|e| CprdError::StartFailed(format!("cannot hand guest RAM to the VMM: {e}")))?;
         let _ = std::fs::remove_file(&control);
         let mut child =
             cmd.spawn().map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.display())))?;

@@ -1,13 +1,9 @@
 //! Starting a QEMU with cprd's descriptors at fixed numbers, in its own session.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-
-/// Descriptors above this are scratch space while placing the targets.
-const SCRATCH_FD: RawFd = 1000;
 
 /// Starts `binary args...` with each `(target, fd)` at `target`, stdin on /dev/null and
 /// stdout and stderr to `stderr` (else /dev/null), in a new session (signals to cprd's process group never reach it).
@@ -23,34 +19,7 @@ pub fn spawn(
         cmd.stdout(out);
     }
     cmd.stderr(stderr.map_or_else(Stdio::null, Stdio::from));
-    let plan: Vec<(RawFd, RawFd)> = fds.iter().map(|(t, fd)| (*t, fd.as_raw_fd())).collect();
-    // SAFETY: between fork and exec only async-signal-safe calls (setsid, fcntl, dup2, close)
-    // on descriptor numbers computed before the fork; no allocation.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            // First copy every source above all targets, so that placing one target can never
-            // overwrite a source still to be placed; then move the copies into place.
-            let mut scratch = [0 as RawFd; 64];
-            for (i, (_, src)) in plan.iter().enumerate().take(scratch.len()) {
-                let s = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
-                if s < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                scratch[i] = s;
-            }
-            for (i, (target, _)) in plan.iter().enumerate().take(scratch.len()) {
-                if libc::dup2(scratch[i], *target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(scratch[i]);
-            }
-            Ok(())
-        });
-    }
-    if fds.len() > 64 {
-        return Err(std::io::Error::other("at most 64 descriptors can be handed to a VMM"));
-    }
+    cpr_spawn::place_fds(&mut cmd, fds, true)?;
     cmd.spawn()
 }
 

@@ -4,8 +4,7 @@
 //! VMM to migrate, and enforces the rollback rule: the old VMM is resumed only after the new
 //! one is known dead (killed and reaped).
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
@@ -93,31 +92,8 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd) -> Result<Chil
             .map_err(|e| VmmError::Handoff(format!("cannot open {}: {e}", path.display())))?;
         cmd.stderr(f);
     }
-    let (cpr_raw, main_raw) = (cpr.as_raw_fd(), main.as_raw_fd());
-    let new_session = req.new_session;
-    // SAFETY: the closure only calls async-signal-safe setsid/dup2/close between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if new_session {
-                libc::setsid();
-            }
-            // Copy both ends above the target numbers first (F_DUPFD picks free numbers, so it
-            // never overwrites one of them, however many fds the caller has open), then
-            // place them at 3 and 4.
-            let cpr_tmp = libc::fcntl(cpr_raw, libc::F_DUPFD, 10);
-            let main_tmp = libc::fcntl(main_raw, libc::F_DUPFD, 10);
-            if cpr_tmp < 0 || main_tmp < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for (from, to) in [(cpr_tmp, CPR_FD), (main_tmp, MAIN_FD)] {
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(from);
-            }
-            Ok(())
-        });
-    }
+    cpr_spawn::place_fds(&mut cmd, &[(CPR_FD, cpr.as_fd()), (MAIN_FD, main.as_fd())], req.new_session)
+        .map_err(|e| VmmError::Handoff(format!("cannot hand the channels to the new VMM: {e}")))?;
     cmd.spawn().map_err(|e| VmmError::Handoff(format!("cannot start {}: {e}", req.binary.display())))
 }
 
