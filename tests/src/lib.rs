@@ -121,9 +121,10 @@ impl VmmProcess {
             .spawn()
             .expect("start cpr-vmm");
         let mut p = Self { child, control, serial, stderr };
-        let up =
-            wait_until(Duration::from_secs(20), || p.control.exists() || p.child.try_wait().ok().flatten().is_some());
-        assert!(up && p.control.exists(), "cpr-vmm did not come up: {}", p.stderr_text());
+        // Up means listening: the socket file appears at bind(), a moment before listen().
+        let listening = |p: &Self| ControlClient::connect(&p.control).is_ok();
+        let up = wait_until(Duration::from_secs(20), || listening(&p) || p.child.try_wait().ok().flatten().is_some());
+        assert!(up && listening(&p), "cpr-vmm did not come up: {}", p.stderr_text());
         p
     }
 

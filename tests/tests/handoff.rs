@@ -117,7 +117,13 @@ fn new_side_killed_before_ready() {
 fn new_side_killed_after_ready() {
     let e = stall("after-ready");
     let err = fault_case(&[], &env(&e), true, 5000);
-    assert!(err.contains("went away while waiting for the new VMM to run the guest"), "{err}");
+    // After Ready the old VMM pauses and sends the state while the test kills the new one: the
+    // kill lands either before the old side's write (a broken pipe) or after it.
+    assert!(
+        err.contains("went away while waiting for the new VMM to run the guest")
+            || err.contains("cannot send the state: Broken pipe"),
+        "{err}"
+    );
     assert!(err.contains("rolled back"), "{err}");
 }
 

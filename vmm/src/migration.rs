@@ -440,11 +440,15 @@ fn restore_incoming(
         generation: decoded.machine.generation,
         ..Default::default()
     };
-    // Commit point: from here on the old side never runs the guest again.
+    *lock(&vmm.incoming) = Some(report);
+    // Commit point: from here on the old side never runs the guest again. The state lock is held
+    // across it, so that nobody who heard of the commit (the old side, then its arbiter) can ask
+    // this VMM for its status and still see `Incoming`.
+    let mut state = lock(&vmm.state);
     wire::send(cpr.as_fd(), &ToOld::Running(report), &[])
         .map_err(|e| VmmError::IncomingAborted(format!("the old VMM went away before the commit: {e}")))?;
-    *lock(&vmm.incoming) = Some(report);
-    *lock(&vmm.state) = RunState::Running;
+    *state = RunState::Running;
+    drop(state);
     core.coord.resume();
     crate::sched::settle_incoming();
     Ok(())
