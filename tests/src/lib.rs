@@ -321,6 +321,19 @@ pub fn thread_slices(pid: u32) -> Vec<u64> {
         .collect()
 }
 
+/// The nice value of every thread of process `pid` (field 19 of each thread's `stat`).
+pub fn thread_nices(pid: u32) -> Vec<i64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
+    tasks
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .map(|tid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("stat");
+            let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            after_comm.split_whitespace().nth(16).and_then(|n| n.parse().ok()).expect("nice field")
+        })
+        .collect()
+}
+
 /// Whether process `pid` is stopped (state `T` in /proc).
 pub fn is_stopped(pid: u32) -> bool {
     proc_state(pid) == Some('T')

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, text, write_config};
-use cpr_tests::{check_heartbeats, heartbeats, require_kvm, thread_slices, wait_until};
+use cpr_tests::{check_heartbeats, heartbeats, require_kvm, thread_nices, thread_slices, wait_until};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -385,6 +385,11 @@ fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
     let (old_slices, new_slices) = (thread_slices(old_pid), thread_slices(new_pid));
     assert!(old_slices.iter().all(|s| *s == short), "old VMM slices in the downtime: {old_slices:?}");
     assert!(new_slices.iter().all(|s| *s == short), "new VMM slices in the downtime: {new_slices:?}");
+    // The slices were set with a momentary nice nudge; every thread's nice ends where it was.
+    for pid in [old_pid, new_pid] {
+        let nices = thread_nices(pid);
+        assert!(nices.iter().all(|n| *n == 0), "thread nices of {pid}: {nices:?}");
+    }
     // The new VMM dies: rolled back, the old VMM resumes the guest with a VM's share again.
     // SAFETY: kill of the stalled VMM this test made cprd start, by pid.
     assert_eq!(unsafe { libc::kill(new_pid.cast_signed(), libc::SIGKILL) }, 0);

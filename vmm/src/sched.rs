@@ -16,8 +16,10 @@
 //! Inside the downtime (the old VMM from the pause request, the new one from `Ready` until it
 //! runs the guest) every thread also gets a short EEVDF slice, [`HANDOFF_SLICE_NS`] (Linux
 //! 6.12 and later): a woken thread whose slice is shorter than the running one's preempts it at
-//! once, instead of waiting up to a scheduler tick behind a busy guest. A slice changes when a
-//! thread runs, not how much CPU it gets.
+//! once, instead of waiting up to a scheduler tick behind a busy guest; and a thread already
+//! queued behind one (the old vCPU at the pause request) is re-checked for preemption through a
+//! momentary nice nudge (see `set_slice`). A slice changes when a thread runs, not how much CPU
+//! it gets.
 //!
 //! Under systemd each VMM runs in a scope, a cgroup of its own, where autogroups do not apply;
 //! writing the autogroup nice is then harmless and without effect. Lowering a nice needs
@@ -43,8 +45,20 @@ fn sched_attr(tid: i32) -> Option<libc::sched_attr> {
     (rc == 0).then_some(attr)
 }
 
+fn sched_setattr(tid: i32, attr: &libc::sched_attr) -> bool {
+    // SAFETY: `attr` is a valid sched_attr whose `size` field the kernel filled in.
+    unsafe { libc::syscall(libc::SYS_sched_setattr, tid, std::ptr::from_ref(attr), 0) == 0 }
+}
+
 /// Sets the EEVDF slice of thread `tid` (0 = the kernel's default), keeping its policy and nice.
 /// Only for the fair policies; a real-time or deadline thread is left alone.
+///
+/// A thread that is runnable but waiting for a CPU (an old VMM's vCPU behind a busy guest at
+/// the pause request) gets no earlier turn from a new slice alone: the kernel re-checks
+/// preemption for a queued thread when its priority changes, not its slice. So a shorter slice
+/// is set with a momentary nudge, one nice step up and straight back (where the caller may raise
+/// a nice; otherwise without), which makes that check happen with the short slice in place. The
+/// thread's nice ends where it was.
 fn set_slice(tid: i32, slice_ns: u64) -> bool {
     let Some(mut attr) = sched_attr(tid) else { return false };
     if !matches!(i32::try_from(attr.sched_policy), Ok(libc::SCHED_OTHER | libc::SCHED_BATCH)) {
@@ -52,8 +66,11 @@ fn set_slice(tid: i32, slice_ns: u64) -> bool {
     }
     attr.sched_flags = 0;
     attr.sched_runtime = slice_ns;
-    // SAFETY: `attr` is a valid sched_attr whose `size` field the kernel filled in.
-    unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &raw const attr, 0) == 0 }
+    if slice_ns != 0 && attr.sched_nice > -20 {
+        let nudged = libc::sched_attr { sched_nice: attr.sched_nice - 1, ..attr };
+        sched_setattr(tid, &nudged);
+    }
+    sched_setattr(tid, &attr)
 }
 
 /// Sets the EEVDF slice of every thread of this process (0 = the kernel's default).
