@@ -186,12 +186,40 @@ fn wrapper(dir: &Path, name: &str, body: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-#[test]
-fn failed_upgrades_roll_back_to_the_old_vmm() {
+/// A directory for wrapper scripts and a setup whose allow-list covers it.
+fn setup_with_wrappers(vms: &[&str]) -> (tempfile::TempDir, Setup) {
     let wrappers = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let glob = format!("{}/*", wrappers.path().display());
-    let s = setup(&["vm1"], &[&glob]);
+    let s = setup(vms, &[&glob]);
+    (wrappers, s)
+}
+
+/// Starts `cprctl upgrade VM --binary BINARY` in the background and waits until the new VMM
+/// (found through cprd's runtime record) has stopped itself at its stall point. Returns the
+/// running cprctl and the new VMM's pid.
+fn upgrade_until_stalled(cprd: &Cprd, vm: &str, binary: &str) -> (std::process::Child, u32) {
+    let upgrade = std::process::Command::new(cpr_tests::bin("cprctl"))
+        .args(["--address", &cprd.address, "upgrade", vm, "--binary", binary])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cprctl upgrade");
+    let record = cprd.runtime_dir.join("vms").join(format!("{vm}.json"));
+    let mut new_pid = 0u32;
+    let stopped = wait_until(Duration::from_secs(20), || {
+        let v: serde_json::Value =
+            std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        new_pid = v["upgrading"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        new_pid > 0 && cpr_tests::is_stopped(new_pid)
+    });
+    assert!(stopped, "the new VMM never reached its stall point");
+    (upgrade, new_pid)
+}
+
+#[test]
+fn failed_upgrades_roll_back_to_the_old_vmm() {
+    let (wrappers, s) = setup_with_wrappers(&["vm1"]);
     let c = &s.cprd;
     let crash = wrapper(wrappers.path(), "crashes.sh", "kill -SEGV $$");
     let reject = wrapper(wrappers.path(), "rejects.sh", "CPR_VMM_FAULT=reject-state exec REAL \"$@\"");
@@ -284,32 +312,13 @@ fn upgrade_all_over_twenty_vms() {
 
 #[test]
 fn kill_9_of_cprd_mid_upgrade_rolls_back_on_restart() {
-    let wrappers = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let glob = format!("{}/*", wrappers.path().display());
-    let mut s = setup(&["vm1"], &[&glob]);
+    let (wrappers, mut s) = setup_with_wrappers(&["vm1"]);
     let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:after-state exec REAL \"$@\"");
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
-    let address = s.cprd.address.clone();
-    let upgrade = std::process::Command::new(cpr_tests::bin("cprctl"))
-        .args(["--address", &address, "upgrade", "vm1", "--binary", &stall])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("cprctl upgrade");
     // Wait until the new VMM has the state and stopped itself, then kill cprd mid-handoff.
-    let record = s.cprd.runtime_dir.join("vms/vm1.json");
-    let mut new_pid = 0u32;
-    let stopped = wait_until(Duration::from_secs(20), || {
-        let v: serde_json::Value =
-            std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        new_pid = v["upgrading"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        new_pid > 0 && cpr_tests::is_stopped(new_pid)
-    });
-    assert!(stopped, "the new VMM never reached its stall point");
+    let (mut upgrade, new_pid) = upgrade_until_stalled(&s.cprd, "vm1", &stall);
     s.cprd.kill9();
-    let mut upgrade = upgrade;
     let _ = upgrade.wait();
     let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
     let config = s.cprd.config_dir.clone();
@@ -345,10 +354,7 @@ fn main_pid(status: &serde_json::Value) -> u32 {
 
 #[test]
 fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
-    let wrappers = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let glob = format!("{}/*", wrappers.path().display());
-    let s = setup(&["vm1"], &[&glob]);
+    let (wrappers, s) = setup_with_wrappers(&["vm1"]);
     let c = &s.cprd;
     let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:after-state exec REAL \"$@\"");
     // cprd, started in a session of its own as a service manager would, weights it.
@@ -361,21 +367,7 @@ fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
     assert_ne!(old_group, cprd_group, "a VMM has an autogroup of its own");
     assert_eq!(old_nice, 0, "a running guest gets a VM's share");
     // A handoff in flight: the new VMM stops itself once it holds the state; the guest is paused.
-    let mut upgrade = std::process::Command::new(cpr_tests::bin("cprctl"))
-        .args(["--address", &c.address, "upgrade", "vm1", "--binary", &stall])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("cprctl upgrade");
-    let record = c.runtime_dir.join("vms/vm1.json");
-    let mut new_pid = 0u32;
-    let stopped = wait_until(Duration::from_secs(20), || {
-        let v: serde_json::Value =
-            std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        new_pid = v["upgrading"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        new_pid > 0 && cpr_tests::is_stopped(new_pid)
-    });
-    assert!(stopped, "the new VMM never reached its stall point");
+    let (mut upgrade, new_pid) = upgrade_until_stalled(c, "vm1", &stall);
     let (new_group, new_nice) = autogroup(new_pid);
     assert_ne!(new_group, cprd_group);
     assert_ne!(new_group, old_group);
