@@ -11,7 +11,12 @@ fn first_cprctl_call_starts_cprd_through_dbus_activation() {
     let c = Container::boot(&[("vm1", "memory = \"64M\"\n")]);
     assert_eq!(c.exec(&["systemctl", "is-active", "cprd"]).stdout, b"inactive\n");
     let out = c.exec(&["cprctl", "--json", "list"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.sh("systemctl status cprd --no-pager; journalctl -b --no-pager | tail -40")
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"vm1\""));
     assert_eq!(c.sh("systemctl is-active cprd").trim(), "active");
     let out = c.exec(&["cprctl", "start", "vm1"]);
