@@ -119,13 +119,7 @@ impl Container {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        // SAFETY: setsid between fork and exec is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                Ok(())
-            });
-        }
+        cpr_spawn::place_fds(&mut cmd, &[], true).expect("a session of its own");
         let nspawn = cmd.spawn().expect("systemd-nspawn");
         // The container's PID 1 is a child of nspawn whose command is `systemd` (nspawn briefly
         // has an intermediate child first).

@@ -127,13 +127,7 @@ impl Cprd {
             .stdout(Stdio::null())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"));
         // Started as a service manager starts a daemon: leading a session of its own.
-        // SAFETY: setsid between fork and exec is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                Ok(())
-            });
-        }
+        cpr_spawn::place_fds(&mut cmd, &[], true).expect("a session of its own");
         let child = cmd.spawn().expect("start cprd");
         let mut c =
             Self { child, address: bus.address.clone(), config_dir: config_dir.to_path_buf(), runtime_dir, log };

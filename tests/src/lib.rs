@@ -312,20 +312,22 @@ pub fn process_gone(pid: u32) -> bool {
     matches!(proc_state(pid), None | Some('Z'))
 }
 
+/// The thread ids of process `pid`, which must exist.
+fn live_thread_ids(pid: u32) -> Vec<u32> {
+    let tids = cpr_vmm::sched::thread_ids(pid);
+    assert!(!tids.is_empty(), "process {pid} has no threads in /proc (gone?)");
+    tids
+}
+
 /// The EEVDF slice of every thread of process `pid`, in nanoseconds (`se.slice` in /proc).
 pub fn thread_slices(pid: u32) -> Vec<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
-    tasks
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .map(|tid| cpr_vmm::sched::thread_slice_ns(pid, tid).expect("se.slice"))
-        .collect()
+    live_thread_ids(pid).into_iter().map(|tid| cpr_vmm::sched::thread_slice_ns(pid, tid).expect("se.slice")).collect()
 }
 
 /// The nice value of every thread of process `pid` (field 19 of each thread's `stat`).
 pub fn thread_nices(pid: u32) -> Vec<i64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
-    tasks
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    live_thread_ids(pid)
+        .into_iter()
         .map(|tid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("stat");
             let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);

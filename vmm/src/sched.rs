@@ -75,10 +75,17 @@ fn set_slice(tid: i32, slice_ns: u64) -> bool {
 
 /// Sets the EEVDF slice of every thread of this process (0 = the kernel's default).
 pub fn set_own_slices(slice_ns: u64) {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
-    for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-        set_slice(tid, slice_ns);
+    for tid in thread_ids(std::process::id()) {
+        if let Ok(tid) = i32::try_from(tid) {
+            set_slice(tid, slice_ns);
+        }
     }
+}
+
+/// The thread ids of process `pid` (empty when it is gone).
+pub fn thread_ids(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// The EEVDF slice of thread `tid` of process `pid` in nanoseconds, as `/proc` shows it.
