@@ -9,16 +9,16 @@ use std::sync::Mutex;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use cpr_proto::control::{Request, Response};
-use cpr_vmm::control::ControlClient;
-use cpr_vmm::handoff::{HandoffRequest, hand_off};
+use cpr_handoff::cpr_vmm::{HandoffRequest, hand_off};
+use cpr_handoff::{HandoffRecord, Journal, Phase};
+use cpr_proto::client::ControlClient;
+use cpr_proto::control::{Request, Response, RunState};
 
 use crate::config::{BackendKind, GuestDef, VmDef};
-use crate::engine::{InFlight, VmRecord};
+use crate::engine::VmRecord;
 use crate::error::CprdError;
 
 /// One upgrade for a backend to carry out.
-#[derive(Debug)]
 pub struct UpgradeRequest<'a> {
     /// The VM.
     pub name: &'a str,
@@ -34,6 +34,14 @@ pub struct UpgradeRequest<'a> {
     pub log: PathBuf,
     /// Told the new VMM's pid as soon as it exists.
     pub on_spawn: Sender<u32>,
+    /// Where the handoff's record is persisted before every step that cannot be undone.
+    pub journal: &'a mut dyn Journal,
+}
+
+impl std::fmt::Debug for UpgradeRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpgradeRequest").field("name", &self.name).field("binary", &self.binary).finish_non_exhaustive()
+    }
 }
 
 /// A completed upgrade.
@@ -54,8 +62,22 @@ pub struct Upgraded {
 pub enum UpgradeError {
     /// The old VMM runs the guest (it never stopped, or it resumed).
     RolledBack(String),
-    /// The old VMM could not be resumed.
-    RollbackFailed(String),
+    /// Neither VMM could be confirmed: both were left as they are (the new one, if it may be
+    /// alive, is handed back so that it is reaped).
+    NeedsAttention(String, Option<Child>),
+    /// No VMM holds the guest any more.
+    Lost(String),
+}
+
+impl UpgradeError {
+    /// Where a failed handoff ended, as the machine says it.
+    pub fn from_phase(phase: &Phase, reason: String, child: Option<Child>) -> Self {
+        match phase {
+            Phase::RolledBack => Self::RolledBack(reason),
+            Phase::Lost(_) => Self::Lost(reason),
+            _ => Self::NeedsAttention(reason, child),
+        }
+    }
 }
 
 /// The mechanics of one kind of VMM.
@@ -82,8 +104,9 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     ) -> Result<OwnedFd, String>;
     /// Drops whatever the backend holds for a VM whose VMM is gone.
     fn forget(&self, _name: &str) {}
-    /// Finishes or rolls back a handoff that a dead cprd left in flight.
-    fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64);
+    /// Finishes or rolls back a handoff that a dead cprd left in flight, from its record, by
+    /// driving the handoff machine from where it stood. Returns the phase it ended in.
+    fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, timeout_ms: u64) -> Phase;
 }
 
 /// The backend for a VM definition's `backend`.
@@ -107,7 +130,7 @@ impl VmmBackend for CprVmm {
         let control = dir.join(format!("{}.0.sock", def.name));
         let console = def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name)));
         let log = dir.join(format!("{}.log", def.name));
-        let memfd = cpr_vmm::memory::create_memfd(def.memory_bytes)
+        let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
         let mut cmd = Command::new(binary);
         cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
@@ -162,7 +185,6 @@ impl VmmBackend for CprVmm {
             vmm_version: version,
             last_downtime_usec: 0,
             console,
-            upgrading: None,
             launch_args: Vec::new(),
         };
         Ok((record, memfd, child))
@@ -170,11 +192,13 @@ impl VmmBackend for CprVmm {
 
     fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError> {
         let mut h = HandoffRequest::new(req.record.control.clone(), req.new_control.clone(), req.binary.to_path_buf());
+        h.vm = req.name.to_string();
+        h.old_pid = Some(req.record.main_pid);
         h.timeout_ms = req.timeout_ms;
         h.new_session = true;
         h.stderr = Some(req.log);
         h.spawned = Some(req.on_spawn);
-        match hand_off(&h) {
+        match hand_off(&h, req.journal, req.record.generation) {
             Ok(out) => {
                 // The build id cprd already knows when the new VMM runs the very file cprd
                 // checked (same inode); asking the VMM would make it hash its binary now.
@@ -197,8 +221,7 @@ impl VmmBackend for CprVmm {
                     version,
                 })
             }
-            Err(cpr_vmm::error::VmmError::Rollback(m)) => Err(UpgradeError::RollbackFailed(m)),
-            Err(e) => Err(UpgradeError::RolledBack(e.to_string())),
+            Err(f) => Err(UpgradeError::from_phase(&f.phase, f.reason, f.child)),
         }
     }
 
@@ -214,7 +237,7 @@ impl VmmBackend for CprVmm {
         _name: &str,
         _def: &VmDef,
         record: &mut VmRecord,
-        _stored_memfd: Option<&OwnedFd>,
+        stored_memfd: Option<&OwnedFd>,
         _stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<OwnedFd, String> {
         let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
@@ -230,62 +253,32 @@ impl VmmBackend for CprVmm {
             Ok(r) if matches!(r.msg, Response::Ok) => r.fds.into_iter().next().ok_or("no memfd came back")?,
             other => return Err(format!("memory fd request answered {other:?}")),
         };
+        // Adopt only the VMM that runs this guest: the generation on record, the memfd cprd
+        // kept, and a guest that runs (not one that was handed off, or waits for a state).
+        if status.generation != record.generation {
+            return Err(format!(
+                "the VMM at {} (pid {}) runs generation {}, the record says {}",
+                record.control.display(),
+                describe.pid,
+                status.generation,
+                record.generation
+            ));
+        }
+        if !matches!(status.state, RunState::Running | RunState::Paused) {
+            return Err(format!("the VMM (pid {}) is {:?}, not running the guest", describe.pid, status.state));
+        }
+        if let Some(stored) = stored_memfd
+            && !crate::engine::same_open_file(stored, &memfd)
+        {
+            return Err(format!("the VMM (pid {}) maps another memfd than the guest's RAM cprd keeps", describe.pid));
+        }
         record.main_pid = describe.pid;
-        record.generation = status.generation;
         record.vmm_version = describe.build_id;
         Ok(memfd)
     }
 
-    /// cprd died during a handoff: decide, from the old VMM's state, who runs the guest now.
-    /// Old side post-migrate (or gone): the new VMM does. Old side waiting after a failure: the
-    /// new VMM is killed, then the old one resumes. Still migrating: wait for it to decide.
-    fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64) {
-        use cpr_proto::control::RunState;
-        let old_state = || {
-            ControlClient::connect(&record.control).ok().and_then(|c| match c.call(&Request::Status, &[]) {
-                Ok(Response::Status(s)) => Some(s.state),
-                _ => None,
-            })
-        };
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms * 3 + 1000);
-        let mut state = old_state();
-        while state == Some(RunState::Migrating) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            state = old_state();
-        }
-        let kill_new = || {
-            if let Ok(raw) = i32::try_from(inflight.pid)
-                && raw > 0
-            {
-                let pid = nix::unistd::Pid::from_raw(raw);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                let end = Instant::now() + Duration::from_secs(5);
-                while nix::sys::signal::kill(pid, None).is_ok() && !proc_is_zombie(inflight.pid) && Instant::now() < end
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        };
-        match state {
-            Some(RunState::PostMigrate) | None => {
-                tracing::info!("interrupted handoff had completed; the new VMM runs the guest");
-                if let Ok(c) = ControlClient::connect(&record.control) {
-                    let _ = c.call(&Request::Quit, &[]);
-                }
-                record.control = inflight.control.clone();
-            }
-            Some(RunState::MigrationFailed) => {
-                kill_new();
-                if let Ok(c) = ControlClient::connect(&record.control) {
-                    let _ = c.call(&Request::Resume, &[]);
-                }
-                tracing::warn!("interrupted handoff had failed; new VMM killed, old VMM resumed");
-            }
-            Some(_) => {
-                kill_new();
-                tracing::warn!("interrupted handoff never paused the guest; new VMM killed");
-            }
-        }
+    fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, timeout_ms: u64) -> Phase {
+        cpr_handoff::cpr_vmm::recover(handoff, journal, Duration::from_millis(timeout_ms)).0
     }
 }
 

@@ -261,15 +261,21 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
     }
     let text = std::fs::read_to_string(file).map_err(|e| err(file, format!("cannot read: {e}")))?;
     let input: VmInput = toml::from_str(&text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
-    let memory_bytes = cpr_vmm::memory::parse_size(&input.memory).map_err(|e| err(file, format!("memory: {e}")))?;
-    if !(cpr_vmm::memory::MIN_MEMORY_BYTES..=cpr_vmm::memory::MAX_MEMORY_BYTES).contains(&memory_bytes) {
+    use cpr_proto::memory::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES, parse_size};
+    let memory_bytes = parse_size(&input.memory).map_err(|e| err(file, format!("memory: {e}")))?;
+    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&memory_bytes) {
         return Err(err(file, format!("memory: {} is outside 16M..1T", input.memory)));
     }
+    // The vCPU limit is cpr-vmm's; a QEMU guest may have up to 255.
+    let max_vcpus = match input.backend.unwrap_or(BackendKind::CprVmm) {
+        BackendKind::CprVmm => cpr_proto::control::CPR_VMM_MAX_VCPUS,
+        BackendKind::Qemu => u8::MAX,
+    };
     let vcpus = input.vcpus.unwrap_or(1);
     let vcpus = u8::try_from(vcpus)
         .ok()
-        .filter(|v| (1..=cpr_vmm::vm::MAX_VCPUS).contains(v))
-        .ok_or_else(|| err(file, format!("vcpus: {vcpus} is outside 1..={}", cpr_vmm::vm::MAX_VCPUS)))?;
+        .filter(|v| (1..=max_vcpus).contains(v))
+        .ok_or_else(|| err(file, format!("vcpus: {vcpus} is outside 1..={max_vcpus}")))?;
     let guest = match (input.guest.as_deref(), input.kernel) {
         (Some("test"), None) | (None, None) => GuestDef::TestGuest,
         (None | Some("linux"), Some(kernel)) => GuestDef::Linux {

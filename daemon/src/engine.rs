@@ -16,6 +16,39 @@ use crate::backend;
 use crate::config::{self, Settings, VmDef};
 use crate::error::CprdError;
 
+/// cprd's handoff journal: one file per VM under the runtime directory, which outlives cprd
+/// (`RuntimeDirectoryPreserve=yes`) and is read back at start before anything else is done.
+#[derive(Debug)]
+pub struct CprdJournal {
+    file: cpr_handoff::FileJournal,
+}
+
+impl CprdJournal {
+    fn read(&self) -> Result<Option<cpr_handoff::HandoffRecord>, String> {
+        self.file.read()
+    }
+
+    fn remove(&self) {
+        self.file.remove();
+    }
+}
+
+impl cpr_handoff::Journal for CprdJournal {
+    fn write(&mut self, record: &cpr_handoff::HandoffRecord) -> Result<(), String> {
+        self.file.write(record)?;
+        // Fault injection for tests: cprd dies right after persisting a phase, a point a real
+        // crash cannot be aimed at (e.g. `die-at:committed`: the decision is on record, the
+        // commit not yet sent). The restarted cprd must finish from the record.
+        if std::env::var("CPRD_FAULT").ok().and_then(|f| f.strip_prefix("die-at:").map(str::to_string)).as_deref()
+            == Some(record.phase.name())
+        {
+            tracing::error!("fault injection: dying at handoff phase {}", record.phase.name());
+            std::process::abort();
+        }
+        Ok(())
+    }
+}
+
 /// How many handoffs `UpgradeAll` runs at once.
 pub const UPGRADE_ALL_PARALLEL: usize = 16;
 
@@ -33,8 +66,12 @@ pub enum VmState {
     Upgrading,
     /// Being stopped.
     Stopping,
-    /// Its VMM died, or a rollback failed.
+    /// Its VMM exited (or the guest was lost in a handoff): nothing is left to keep.
     Failed,
+    /// A VMM may hold the guest but cprd could not confirm which one runs it (a handoff that
+    /// could not be finished or rolled back, or a VMM that did not answer at re-attach): both are
+    /// kept, nothing is killed; `StopVM` ends them, `StartVM` refuses.
+    NeedsAttention,
 }
 
 impl VmState {
@@ -47,6 +84,7 @@ impl VmState {
             Self::Upgrading => "upgrading",
             Self::Stopping => "stopping",
             Self::Failed => "failed",
+            Self::NeedsAttention => "needs-attention",
         }
     }
 }
@@ -68,20 +106,9 @@ pub struct VmRecord {
     pub last_downtime_usec: u64,
     /// Where the serial console is logged.
     pub console: PathBuf,
-    /// A handoff in flight, recorded so that a cprd restart can finish or roll it back.
-    pub upgrading: Option<InFlight>,
     /// The VMM's command line arguments where every generation must get the same (QEMU).
     #[serde(default)]
     pub launch_args: Vec<String>,
-}
-
-/// A handoff in flight.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InFlight {
-    /// The new VMM's control socket.
-    pub control: PathBuf,
-    /// The new VMM's pid, once started (0 before).
-    pub pid: u32,
 }
 
 /// A VM as the engine holds it.
@@ -93,6 +120,17 @@ pub struct Vm {
     pub record: Option<VmRecord>,
     /// cprd's own reference to the guest-RAM memfd.
     pub memfd: Option<OwnedFd>,
+    /// Why the VM needs attention (with [`VmState::NeedsAttention`]).
+    pub attention: Option<String>,
+    /// VMMs besides the record's that may hold the guest (the new VMM of a handoff that ended
+    /// in [`VmState::NeedsAttention`]); stopping the VM ends them too.
+    pub other_pids: Vec<u32>,
+}
+
+impl Vm {
+    fn stopped() -> Self {
+        Self { state: VmState::Stopped, record: None, memfd: None, attention: None, other_pids: Vec::new() }
+    }
 }
 
 /// A snapshot of one VM for readers.
@@ -150,6 +188,41 @@ pub enum Event {
     UpgradeFinished(UpgradeRecord),
 }
 
+/// A VM that re-attach could not take back, but whose VMMs may hold the guest.
+#[derive(Debug)]
+pub struct Attention {
+    why: String,
+    record: VmRecord,
+    other_pid: Option<u32>,
+}
+
+/// Why a VM was not re-attached.
+#[derive(Debug)]
+pub enum ReattachError {
+    /// Its record is of no use (no definition, the guest is gone): quarantined.
+    Unusable(String),
+    /// A VMM may hold the guest: kept, in [`VmState::NeedsAttention`].
+    Attention(Box<Attention>),
+}
+
+impl From<String> for ReattachError {
+    fn from(why: String) -> Self {
+        Self::Unusable(why)
+    }
+}
+
+impl From<Attention> for ReattachError {
+    fn from(a: Attention) -> Self {
+        Self::Attention(Box::new(a))
+    }
+}
+
+/// Whether two open descriptors are the same file (device and inode).
+pub fn same_open_file(a: &OwnedFd, b: &OwnedFd) -> bool {
+    let id = |fd: &OwnedFd| nix::sys::stat::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino));
+    id(a).is_some() && id(a) == id(b)
+}
+
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
@@ -161,6 +234,9 @@ pub struct Engine {
     vms: Mutex<BTreeMap<String, Vm>>,
     history: Mutex<Vec<UpgradeRecord>>,
     events: tokio::sync::broadcast::Sender<Event>,
+    /// Held across a snapshot of the records and its writing, so that writes land in order and
+    /// an older snapshot never overwrites a newer one.
+    persisting: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -209,7 +285,7 @@ impl Engine {
     ) -> Result<Arc<Self>, config::ConfigError> {
         let settings = config::load_layered(vendor_dir.as_deref(), &config_dir)?;
         let defs = config::load_vms(&settings.vms_dir)?;
-        let vms = defs.keys().map(|n| (n.clone(), Vm { state: VmState::Stopped, record: None, memfd: None })).collect();
+        let vms = defs.keys().map(|n| (n.clone(), Vm::stopped())).collect();
         let _ = std::fs::create_dir_all(runtime_dir.join("vms"));
         let (events, _) = tokio::sync::broadcast::channel(1024);
         Ok(Arc::new(Self {
@@ -221,6 +297,7 @@ impl Engine {
             vms: Mutex::new(vms),
             history: Mutex::new(Vec::new()),
             events,
+            persisting: Mutex::new(()),
         }))
     }
 
@@ -285,6 +362,7 @@ impl Engine {
 
     /// Writes a VM's runtime record to `/run/cprd` and every record to the fd store's state memfd.
     fn persist(&self, name: &str) {
+        let _order = lock(&self.persisting);
         let (record, all): (Option<VmRecord>, BTreeMap<String, VmRecord>) = {
             let vms = lock(&self.vms);
             let all = vms.iter().filter_map(|(n, v)| v.record.clone().map(|r| (n.clone(), r))).collect();
@@ -311,6 +389,11 @@ impl Engine {
         self.def(name)?;
         let mut vms = lock(&self.vms);
         let vm = vms.get_mut(name).ok_or_else(|| CprdError::NoSuchVM(format!("no VM named {name:?}")))?;
+        if let (false, Some(why)) = (from.contains(&vm.state), &vm.attention) {
+            return Err(CprdError::Busy(format!(
+                "VM {name} needs attention ({why}); stop it to end every VMM it may have"
+            )));
+        }
         if !from.contains(&vm.state) {
             return Err(CprdError::Busy(format!("VM {name} is {}; try again when it is not", vm.state.as_str())));
         }
@@ -419,6 +502,11 @@ impl Engine {
     fn vmm_exited(&self, name: &str, pid: u32, how: &str) {
         let mut vms = lock(&self.vms);
         let Some(vm) = vms.get_mut(name) else { return };
+        if vm.other_pids.contains(&pid) {
+            vm.other_pids.retain(|p| *p != pid);
+            tracing::warn!(CPRD_VM = name, "a second VMM of {name} (pid {pid}) exited: {how}");
+            return;
+        }
         let current = vm.record.as_ref().is_some_and(|r| r.main_pid == pid);
         // An older generation quitting after its handoff, or the old VMM of a handoff in flight
         // (the upgrade decides what its exit means, and owns the record until it returns).
@@ -450,7 +538,13 @@ impl Engine {
             return Ok(());
         }
         let def_backend = self.def(name)?.backend;
-        self.claim(name, &[VmState::Running, VmState::Failed], VmState::Stopping)?;
+        let was = self.claim(name, &[VmState::Running, VmState::Failed, VmState::NeedsAttention], VmState::Stopping)?;
+        // A VM that needs attention may have two VMMs, neither of which answers for sure: end both.
+        let force = force || was == VmState::NeedsAttention;
+        let others = lock(&self.vms).get_mut(name).map(|vm| std::mem::take(&mut vm.other_pids)).unwrap_or_default();
+        for pid in others {
+            backend::end_process(pid, false);
+        }
         let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
         let Some(record) = record else {
             self.set_state(name, VmState::Stopped);
@@ -464,7 +558,9 @@ impl Engine {
             vm.state = VmState::Stopped;
             vm.record = None;
             vm.memfd = None;
+            vm.attention = None;
         }
+        self.journal(name).remove();
         crate::fdstore::remove(&crate::fdstore::mem_name(name));
         crate::fdstore::remove(&crate::fdstore::pid_name(name));
         self.persist(name);
@@ -494,22 +590,17 @@ impl Engine {
         };
         let generation = record.generation + 1;
         let new_control = self.runtime_dir.join("vms").join(format!("{name}.{generation}.sock"));
-        record.upgrading = Some(InFlight { control: new_control.clone(), pid: 0 });
-        if let Some(vm) = lock(&self.vms).get_mut(name) {
-            vm.record = Some(record.clone());
-        }
-        self.persist(name);
         let (tx, rx) = std::sync::mpsc::channel();
         let recorder = {
-            let (engine, name) = (Arc::clone(self), name.to_string());
+            let name = name.to_string();
             std::thread::spawn(move || {
                 if let Ok(pid) = rx.recv() {
                     crate::scope::move_to_scope(&name, generation, pid, Some(crate::scope::HANDOFF_CPU_WEIGHT));
-                    engine.note_new_pid(&name, pid);
                 }
             })
         };
         let id = now_usec();
+        let mut journal = self.journal(name);
         let req = backend::UpgradeRequest {
             name,
             record: &record,
@@ -518,6 +609,7 @@ impl Engine {
             timeout_ms: self.settings().handoff_timeout_ms,
             log: self.runtime_dir.join("vms").join(format!("{name}.log")),
             on_spawn: tx,
+            journal: &mut journal,
         };
         let result = backend.upgrade(req);
         let _ = recorder.join();
@@ -527,7 +619,6 @@ impl Engine {
             tracing::error!("fault injection: dying after the handoff of {name}");
             std::process::abort();
         }
-        record.upgrading = None;
         // The guest runs in one VMM again: it goes back to a VM's share.
         let runs_in = result.as_ref().map_or(record.main_pid, |up| up.child.id());
         crate::sched::set_session_nice(runs_in, 0);
@@ -552,13 +643,13 @@ impl Engine {
                 self.supervise_child(name, up.child);
                 Ok((up.downtime_usec, generation))
             }
-            Err(backend::UpgradeError::RollbackFailed(m)) => {
-                if let Some(vm) = lock(&self.vms).get_mut(name) {
-                    vm.record = Some(record.clone());
-                    vm.state = VmState::Failed;
-                }
-                Err(CprdError::RollbackFailed(format!(
-                    "upgrade of {name} failed and the old VMM could not resume: {m}"
+            Err(backend::UpgradeError::RolledBack(m)) if backend::process_gone(record.main_pid) => {
+                // Rolled back to a VMM that has died since (it died while the VM was upgrading,
+                // when its exit was the handoff's to interpret): the VM has no VMM.
+                self.set_exited(name);
+                Err(CprdError::UpgradeFailed(format!(
+                    "upgrade of {name} failed and its VMM (pid {}) has exited: {m}",
+                    record.main_pid
                 )))
             }
             Err(backend::UpgradeError::RolledBack(m)) => {
@@ -570,9 +661,56 @@ impl Engine {
                     "upgrade of {name} failed; the guest runs on in the old VMM: {m}"
                 )))
             }
+            Err(backend::UpgradeError::Lost(m)) => {
+                self.set_exited(name);
+                Err(CprdError::RollbackFailed(format!("upgrade of {name} failed and no VMM holds the guest: {m}")))
+            }
+            Err(backend::UpgradeError::NeedsAttention(m, child)) => {
+                let other = child.as_ref().map(Child::id);
+                self.needs_attention(name, &m, other);
+                if let Some(child) = child {
+                    self.supervise_child(name, child);
+                }
+                Err(CprdError::RollbackFailed(format!("upgrade of {name} needs attention: {m}")))
+            }
         };
+        if !self.view(name).is_ok_and(|v| v.state == VmState::NeedsAttention) {
+            journal.remove();
+        }
         self.persist(name);
         self.finish_upgrade(name, id, outcome)
+    }
+
+    /// The journal of VM `name`'s handoffs.
+    fn journal(&self, name: &str) -> CprdJournal {
+        CprdJournal { file: cpr_handoff::FileJournal::new(&self.runtime_dir.join("vms"), name) }
+    }
+
+    /// Marks a VM whose VMM is gone: nothing is left to keep.
+    fn set_exited(&self, name: &str) {
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            vm.state = VmState::Failed;
+            vm.record = None;
+            vm.memfd = None;
+            vm.other_pids.clear();
+        }
+        if let Ok(b) = self.def(name).and_then(|d| backend::for_kind(d.backend)) {
+            b.forget(name);
+        }
+        crate::fdstore::remove(&crate::fdstore::mem_name(name));
+        crate::fdstore::remove(&crate::fdstore::pid_name(name));
+    }
+
+    /// Puts a VM in [`VmState::NeedsAttention`], says why in the journal, and remembers another
+    /// VMM that may hold the guest.
+    fn needs_attention(&self, name: &str, why: &str, other: Option<u32>) {
+        if let Some(vm) = lock(&self.vms).get_mut(name) {
+            vm.state = VmState::NeedsAttention;
+            vm.attention = Some(why.to_string());
+            vm.other_pids.extend(other);
+        }
+        tracing::error!(CPRD_VM = name, "VM {name} needs attention: {why}");
+        self.emit(Event::VmChanged(name.to_string()));
     }
 
     /// Logs an upgrade's outcome, adds it to the history and signals it.
@@ -607,16 +745,6 @@ impl Engine {
         self.emit(Event::UpgradeFinished(rec));
         self.emit(Event::VmChanged(name.to_string()));
         outcome
-    }
-
-    /// Records the new VMM's pid of a handoff in flight (so a restarted cprd can kill it).
-    fn note_new_pid(&self, name: &str, pid: u32) {
-        if let Some(InFlight { pid: p, .. }) =
-            lock(&self.vms).get_mut(name).and_then(|vm| vm.record.as_mut()).and_then(|r| r.upgrading.as_mut())
-        {
-            *p = pid;
-        }
-        self.persist(name);
     }
 
     /// Upgrades every running VM, [`UPGRADE_ALL_PARALLEL`] at a time (each handoff is mostly
@@ -657,7 +785,7 @@ impl Engine {
         {
             let mut vms = lock(&self.vms);
             for name in defs.keys() {
-                vms.entry(name.clone()).or_insert(Vm { state: VmState::Stopped, record: None, memfd: None });
+                vms.entry(name.clone()).or_insert(Vm::stopped());
             }
             vms.retain(|n, vm| defs.contains_key(n) || vm.record.is_some());
         }
@@ -730,7 +858,17 @@ impl Engine {
             let pidfd = stored.remove(&crate::fdstore::pid_name(&name));
             match self.reattach_one(&name, record, memfd, pidfd, &mut stored) {
                 Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
-                Err(why) => self.quarantine(&name, path.as_deref(), &why),
+                Err(ReattachError::Unusable(why)) => self.quarantine(&name, path.as_deref(), &why),
+                Err(ReattachError::Attention(a)) => {
+                    let a = *a;
+                    // A VMM that may hold the guest is never dropped: the VM stays listed with
+                    // its record, so that a human can stop it, and nothing is killed.
+                    if let Some(vm) = lock(&self.vms).get_mut(&name) {
+                        vm.record = Some(a.record);
+                    }
+                    self.needs_attention(&name, &a.why, a.other_pid.filter(|p| *p != 0));
+                    self.persist(&name);
+                }
             }
         }
         for (orphan, _fd) in stored {
@@ -755,26 +893,50 @@ impl Engine {
         stored_memfd: Option<OwnedFd>,
         stored_pidfd: Option<OwnedFd>,
         stored: &mut std::collections::HashMap<String, OwnedFd>,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, ReattachError> {
         let def = self.def(name).map_err(|e| e.to_string())?;
         let backend = backend::for_kind(def.backend).map_err(|e| e.to_string())?;
-        if let Some(inflight) = record.upgrading.take() {
-            backend.finish_interrupted(&mut record, &inflight, self.settings().handoff_timeout_ms);
+        // A handoff that a dead cprd left in flight is finished or rolled back first, from its
+        // journal, by the same machine that ran it.
+        let mut journal = self.journal(name);
+        if let Some(handoff) = journal.read()? {
+            let phase = if handoff.phase.is_terminal() {
+                handoff.phase.clone()
+            } else {
+                tracing::warn!(CPRD_VM = name, "finishing the handoff of {name} left at {}", handoff.phase.name());
+                backend.recover(handoff.clone(), &mut journal, self.settings().handoff_timeout_ms)
+            };
+            tracing::info!(CPRD_VM = name, "interrupted handoff of {name} ended {}", phase.name());
+            match phase {
+                cpr_handoff::Phase::Done => {
+                    record.control = handoff.new.control.clone();
+                    record.main_pid = handoff.new.pid;
+                    record.generation = handoff.from_generation + 1;
+                    record.vmm_version = binary_build_id(&handoff.binary).unwrap_or_default();
+                    record.vmm_binary = handoff.binary;
+                    journal.remove();
+                }
+                cpr_handoff::Phase::RolledBack => journal.remove(),
+                cpr_handoff::Phase::Lost(why) => {
+                    journal.remove();
+                    return Err(format!("the guest was lost in an interrupted handoff: {why}").into());
+                }
+                other => {
+                    let why = match other {
+                        cpr_handoff::Phase::NeedsAttention(why) => why,
+                        other => format!("the interrupted handoff stopped at {}", other.name()),
+                    };
+                    return Err(Attention { why, record, other_pid: Some(handoff.new.pid) }.into());
+                }
+            }
         }
-        let from_vmm = backend.reattach(name, &def, &mut record, stored_memfd.as_ref(), stored)?;
-        // The VMM's memfd is the truth; the stored one must be the same file.
-        let same = |a: &OwnedFd, b: &OwnedFd| {
-            use std::os::unix::fs::MetadataExt;
-            let ino = |fd: &OwnedFd| std::fs::File::from(fd.try_clone().ok()?).metadata().ok().map(|m| m.ino());
-            ino(a).is_some() && ino(a) == ino(b)
+        let from_vmm = match backend.reattach(name, &def, &mut record, stored_memfd.as_ref(), stored) {
+            Ok(fd) => fd,
+            Err(why) => return Err(Attention { why, record, other_pid: None }.into()),
         };
         let memfd = match stored_memfd {
-            Some(m) if same(&m, &from_vmm) => m,
-            Some(_) => {
-                tracing::warn!(CPRD_VM = name, "the stored memfd of {name} is not the VMM's; using the VMM's");
-                from_vmm
-            }
-            None => from_vmm,
+            Some(m) if same_open_file(&m, &from_vmm) => m,
+            _ => from_vmm,
         };
         let pid = self.adopt(name, record, memfd);
         // A cprd that died mid-handoff may have left this VMM weighted for it.

@@ -18,15 +18,16 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use cpr_handoff::{HandoffRecord, Journal, Phase, VmmRef};
 use cpr_qemu::cmdline::{self, DiskSpec, NicSpec, VmSpec};
 use cpr_qemu::qmp::Qmp;
-use cpr_qemu::transfer::{self, Fault, Transfer, TransferError};
+use cpr_qemu::transfer::{self, Fault, Transfer};
 
 use crate::backend::{UpgradeError, UpgradeRequest, Upgraded, VmmBackend};
 use crate::config::{GuestDef, NicDef, VmDef};
-use crate::engine::{InFlight, VmRecord};
+use crate::engine::VmRecord;
 use crate::error::CprdError;
 
 /// Where each QEMU generation keeps a copy of cprd's end of the console socket pair, unused by
@@ -278,7 +279,6 @@ impl Qemu {
             vmm_version: crate::engine::binary_build_id(binary).unwrap_or_default(),
             last_downtime_usec: 0,
             console: def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name))),
-            upgrading: None,
             launch_args,
         }
     }
@@ -293,7 +293,7 @@ impl VmmBackend for Qemu {
         let start_failed = |m: String| CprdError::StartFailed(format!("{}: {m}", def.name));
         let spec = spec_of(def)?;
         let version = self.probe(binary, &def.machine, dir)?;
-        let memfd = cpr_vmm::memory::create_memfd(def.memory_bytes)
+        let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| start_failed(format!("cannot create guest RAM: {e}")))?;
         let (serial_qemu, serial_cprd) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
@@ -348,15 +348,27 @@ impl VmmBackend for Qemu {
         // Its start-up is the handoff's work (cprd puts it back at a VM's share afterwards).
         crate::sched::set_session_nice(child.id(), crate::sched::HANDOFF_NICE);
         let _ = req.on_spawn.send(child.id());
-        let result = transfer::transfer(Transfer {
-            old: &mut old,
-            new_child: &mut child,
-            new_qmp: &req.new_control,
-            main: &main,
-            cpr: &cpr,
-            timeout: Duration::from_millis(req.timeout_ms),
-            fault: fault_from_env(),
-        });
+        let record = HandoffRecord {
+            vm: name.clone(),
+            phase: Phase::Starting,
+            from_generation: req.record.generation,
+            old: VmmRef { pid: req.record.main_pid, control: req.record.control.clone() },
+            new: VmmRef { pid: child.id(), control: req.new_control.clone() },
+            binary: req.binary.to_path_buf(),
+        };
+        let result = transfer::transfer(
+            Transfer {
+                old: &mut old,
+                new_child: &mut child,
+                new_qmp: &req.new_control,
+                main: &main,
+                cpr: &cpr,
+                timeout: Duration::from_millis(req.timeout_ms),
+                fault: fault_from_env(),
+            },
+            record,
+            req.journal,
+        );
         let _ = std::fs::remove_file(&main);
         let _ = std::fs::remove_file(&cpr);
         match result {
@@ -380,8 +392,10 @@ impl VmmBackend for Qemu {
                     version: crate::engine::binary_build_id(req.binary).unwrap_or_default(),
                 })
             }
-            Err(TransferError::RolledBack(m)) => Err(UpgradeError::RolledBack(m)),
-            Err(TransferError::RollbackFailed(m)) => Err(UpgradeError::RollbackFailed(m)),
+            Err(e) => {
+                let alive = !matches!(e.phase, Phase::RolledBack | Phase::Lost(_));
+                Err(UpgradeError::from_phase(&e.phase, e.reason, alive.then_some(child)))
+            }
         }
     }
 
@@ -453,46 +467,7 @@ impl VmmBackend for Qemu {
         Ok(memfd)
     }
 
-    fn finish_interrupted(&self, record: &mut VmRecord, inflight: &InFlight, timeout_ms: u64) {
-        let Ok(mut old) = Qmp::connect(&record.control, Duration::from_secs(5)) else {
-            // The old QEMU is gone (quit after the handoff): the new one has the guest.
-            tracing::info!("interrupted handoff had completed; the new QEMU runs the guest");
-            record.control = inflight.control.clone();
-            record.main_pid = inflight.pid;
-            record.generation += 1;
-            return;
-        };
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms * 3 + 1000);
-        let status = loop {
-            let s = old
-                .execute("query-migrate", None)
-                .ok()
-                .and_then(|i| i.get("status").and_then(serde_json::Value::as_str).map(str::to_string))
-                .unwrap_or_else(|| "none".into());
-            if !matches!(s.as_str(), "setup" | "active" | "device") || Instant::now() > deadline {
-                break s;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let new_running = status == "completed"
-            && Qmp::connect(&inflight.control, Duration::from_secs(5))
-                .is_ok_and(|mut q| q.status().is_ok_and(|s| s == "running"));
-        if new_running {
-            tracing::info!("interrupted handoff had completed; the new QEMU runs the guest");
-            let _ = old.execute("quit", None);
-            record.control = inflight.control.clone();
-            record.main_pid = inflight.pid;
-            record.generation += 1;
-            return;
-        }
-        if let Ok(raw) = i32::try_from(inflight.pid)
-            && raw > 0
-        {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
-        }
-        match transfer::resume_old(&mut old) {
-            Ok(()) => tracing::warn!("interrupted handoff had not completed ({status}); new QEMU killed, old one runs"),
-            Err(e) => tracing::error!("interrupted handoff: the old QEMU did not resume: {e}"),
-        }
+    fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, _timeout_ms: u64) -> Phase {
+        transfer::recover(handoff, journal)
     }
 }

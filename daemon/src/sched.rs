@@ -1,11 +1,11 @@
-//! cprd's own CPU share. The weighting of each handoff is [`cpr_vmm::sched`]'s (whoever spawns
+//! cprd's own CPU share. The weighting of each handoff is [`cpr_spawn::sched`]'s (whoever spawns
 //! the new VMM raises it: the arbiter, or the QEMU backend; the old VMM raises itself at the
 //! pause, a new cpr-vmm settles when it runs the guest); cprd adds the part only it can do: its
 //! own weight, and putting a VMM back at a VM's share when a handoff ends or when a cprd that
 //! died mid-handoff adopts it.
 
-use cpr_vmm::sched::write_autogroup_nice;
-pub use cpr_vmm::sched::{HANDOFF_NICE, set_session_nice};
+use cpr_spawn::sched::write_autogroup_nice;
+pub use cpr_spawn::sched::{HANDOFF_NICE, set_session_nice};
 
 /// Weights cprd's autogroup like a handoff, so that cprd's part of every handoff (and its D-Bus
 /// service) does not wait behind the guests. Only when cprd leads its session, as a service
@@ -13,7 +13,7 @@ pub use cpr_vmm::sched::{HANDOFF_NICE, set_session_nice};
 /// session of whoever ran it by hand, nor leaves that session (Ctrl-C still reaches it).
 pub fn weight_own_session() {
     let me = std::process::id();
-    if !cpr_vmm::sched::leads_own_session(me) {
+    if !cpr_spawn::sched::leads_own_session(me) {
         tracing::debug!("cprd does not lead its session; its CPU share stays that of its starter's session");
         return;
     }

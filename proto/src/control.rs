@@ -7,6 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Most vCPUs a cpr-vmm guest may have (QEMU guests are not bound by it).
+pub const CPR_VMM_MAX_VCPUS: u8 = 8;
+
 /// A request to a VMM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case")]
@@ -24,7 +27,8 @@ pub enum Request {
     /// Hand the guest to a new VMM. Two fds must be attached: the `cpr` channel (seqpacket)
     /// and the `main` channel (stream), in that order.
     Migrate(MigrateParams),
-    /// After a completed migration, exit. Refused in any other state.
+    /// After the state was sent (and the arbiter committed to the new VMM), exit. Refused in
+    /// any other state.
     Quit,
     /// Send back a duplicate of the guest-RAM memfd (answer `Ok` with the fd attached); a
     /// restarted daemon uses it to take the guest's memory back into its own hands.
@@ -34,7 +38,7 @@ pub enum Request {
 /// Parameters of a migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateParams {
-    /// How long each wait on the new side may take (hello, ready, running), in milliseconds.
+    /// How long each wait on the new side may take (hello, ready), in milliseconds.
     pub timeout_ms: u64,
 }
 
@@ -48,7 +52,8 @@ pub enum Response {
     Describe(Description),
     /// Answer to [`Request::Status`].
     Status(VmmStatus),
-    /// Answer to a successful [`Request::Migrate`].
+    /// Answer to a successful [`Request::Migrate`]: the state went out, the guest is paused, and
+    /// the old VMM waits for `quit` or `resume` ([`RunState::StateSent`]).
     Migrated(HandoffReport),
     /// The request failed; nothing changed unless the error says so.
     Error(ControlError),
@@ -83,8 +88,10 @@ pub enum RunState {
     Migrating,
     /// A handoff failed after the guest was paused; waiting for the arbiter's `resume`.
     MigrationFailed,
-    /// The guest now runs in another process; this one holds a stale copy and never runs it.
-    PostMigrate,
+    /// The state went to the new VMM; the guest is paused here and this VMM waits for its
+    /// arbiter's decision: `quit` after the commit (the new VMM runs the guest), `resume` after a
+    /// rollback (the new VMM is dead and never ran it). It never decides by itself.
+    StateSent,
 }
 
 /// Answer to [`Request::Status`].

@@ -1,4 +1,5 @@
-//! The `cpr` channel: the messages between the old VMM (O) and the new VMM (N) during a handoff.
+//! The channels of a handoff between two cpr-vmm processes: `cpr` between the old VMM (O) and
+//! the new VMM (N), and `commit` between the arbiter (A: cprd, or `cpr-vmm handoff`) and N.
 //!
 //! ```text
 //!   N -> O  Hello { reads_formats }        pre-flight: O refuses if its format is not listed
@@ -6,19 +7,23 @@
 //!   N -> O  Ready                           N mapped + pre-faulted RAM, created VM + vCPUs
 //!   O       pause vCPUs, save               (downtime starts)
 //!   O -> N  (main channel) the state stream, see crate::state
-//!   N -> O  Running { report }             N restored; sent just before its vCPUs enter KVM_RUN
-//!   N -> O  Rejected { reason }            N refused the state and exits without running
+//!   N -> A  Loaded                          N restored and checked the state; it has run nothing
+//!   N -> A  Rejected { reason }            N refused the state and exits without running
+//!   A -> N  Commit                          the decision: N runs the guest, O never again
+//!   N -> A  Running { report }             N's vCPUs are in KVM_RUN (downtime ended)
 //! ```
-//! Commit point: `Running` is sent before N's first guest instruction. If O sees the channel
-//! close without `Running`, N has not run the guest, and O may be resumed once N is known dead.
-//! Once O has seen `Running` it never runs the guest again.
+//! The commit point belongs to the arbiter: N runs no guest instruction before it reads
+//! `Commit`. If the commit channel closes first (the arbiter died, or gave up), N exits without
+//! running the guest. O never decides anything: it answers its arbiter once the state is sent
+//! and then waits, paused, for `quit` (after a commit) or `resume` (after a rollback).
 
 use serde::{Deserialize, Serialize};
 
 use crate::control::HandoffReport;
 
-/// Version of this channel protocol; both sides must speak the same one.
-pub const CPR_PROTOCOL_VERSION: u32 = 1;
+/// Version of this channel protocol; both sides must speak the same one. Version 2 moved the
+/// commit from N's `Running` (sent to O as N resumed) to the arbiter's `Commit`.
+pub const CPR_PROTOCOL_VERSION: u32 = 2;
 
 /// What the new side says first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,11 +76,33 @@ pub enum ToOld {
     Hello(Hello),
     /// Prepared; the old side may pause the guest.
     Ready,
-    /// The guest is restored and about to run here; the old side must never run it again.
+}
+
+/// Messages from the new VMM to its arbiter, on the commit channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "kebab-case")]
+pub enum ToArbiter {
+    /// The whole state arrived, checked and restored; the new VMM has run nothing and waits for
+    /// [`FromArbiter::Commit`].
+    Loaded,
+    /// The new VMM runs the guest; the report has both sides' timestamps.
     Running(HandoffReport),
-    /// The state was refused; the new side exits without running the guest.
+    /// The state was refused; the new VMM exits without running the guest.
     Rejected {
         /// What was wrong with it.
+        reason: String,
+    },
+}
+
+/// Messages from the arbiter to the new VMM, on the commit channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "kebab-case")]
+pub enum FromArbiter {
+    /// The decision: run the guest. From here on the old VMM never runs it again.
+    Commit,
+    /// The handoff is off: exit without running the guest.
+    Abort {
+        /// Why.
         reason: String,
     },
 }

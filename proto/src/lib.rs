@@ -3,13 +3,18 @@
 //! - [`wire`]: datagram framing over UNIX `SOCK_SEQPACKET` sockets, with fds passed as `SCM_RIGHTS`.
 //! - [`control`]: the typed messages on a VMM's control socket (`describe`, `status`, `pause`,
 //!   `resume`, `stop`, `migrate`, `quit`).
-//! - [`cpr`]: the messages on the `cpr` channel between the old and the new VMM during a handoff.
+//! - [`cpr`]: the messages on the `cpr` channel between the old and the new VMM during a handoff,
+//!   and on the `commit` channel between the arbiter and the new VMM.
+//! - [`client`]: a control-socket client with a deadline on every answer.
+//! - [`memory`]: guest RAM as a sealed memfd, and the sizes both sides accept.
 //! - [`state`]: the versioned, sectioned, checksummed VM-state format carried on the `main` channel.
 //!
 //! Nothing here touches KVM: the VMM fills the state sections, this crate frames and checks them.
 
+pub mod client;
 pub mod control;
 pub mod cpr;
+pub mod memory;
 pub mod state;
 pub mod wire;
 

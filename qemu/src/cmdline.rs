@@ -135,7 +135,9 @@ pub fn incoming_args(main: &Path, cpr: &Path) -> Vec<String> {
         })
         .to_string()
     };
-    vec!["-incoming".into(), channel("main", main), "-incoming".into(), channel("cpr", cpr)]
+    // `-S`: the new QEMU stays paused when the migration completes; the arbiter's `cont` is
+    // the commit.
+    vec!["-incoming".into(), channel("main", main), "-incoming".into(), channel("cpr", cpr), "-S".into()]
 }
 
 /// The `migrate` arguments that send a guest to a new QEMU listening on `main` and `cpr`.

@@ -1,12 +1,15 @@
-//! One cpr-transfer handoff, as QEMU's docs/devel/migration/CPR.rst lays it down: the new
-//! QEMU is started (by the caller) with the old one's arguments plus [`crate::cmdline::incoming_args`];
-//! once its cpr socket listens, the old QEMU gets `migrate-set-parameters mode=cpr-transfer`
-//! and `migrate` with both channels, before any monitor command goes to the new QEMU. The old
-//! QEMU ends in `postmigrate`, the new one resumes the guest by itself.
+//! One cpr-transfer handoff, as QEMU's docs/devel/migration/CPR.rst lays it down, driven by
+//! cpr-handoff's state machine: the new QEMU is started (by the caller) with the old one's
+//! arguments plus [`crate::cmdline::incoming_args`], which include `-S`; once its cpr socket
+//! listens, the old QEMU gets `migrate-set-parameters mode=cpr-transfer` and `migrate` with both
+//! channels. The old QEMU ends in `postmigrate`, the new one in `paused`: `-S` keeps it from
+//! running the guest when the migration completes (QEMU 10.0 and later).
 //!
-//! The commit point is the new QEMU reporting `running`. Before it, every failure (the new
-//! QEMU dies, times out, or QEMU refuses) ends with the new QEMU killed and the old one running
-//! the guest again (`migrate_cancel` and `cont` as needed).
+//! The commit point is the arbiter's: once the new QEMU is `paused` with the whole state, the
+//! decision is persisted and cprd sends `cont` to the new QEMU. Before it, every failure kills the
+//! new QEMU, waits until it is reaped, and only then makes the old one run the guest again
+//! (`migrate_cancel` and `cont` as needed; `cont` works from `postmigrate`). After it, the old
+//! QEMU is told to quit and is never resumed.
 
 use std::path::Path;
 use std::process::Child;
@@ -14,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+use cpr_handoff::{Event as HandoffEvent, HandoffRecord, Journal, Phase, Sides, run};
 
 use crate::qmp::Qmp;
 
@@ -67,16 +72,23 @@ pub struct Report {
     pub migrate_to_running_us: u64,
 }
 
-/// How a handoff failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TransferError {
-    /// The old QEMU runs the guest again; the new one is gone.
-    #[error("{0}")]
-    RolledBack(String),
-    /// The old QEMU could not be made to run the guest again.
-    #[error("{0}")]
-    RollbackFailed(String),
+/// How a handoff failed, and where the machine left it.
+#[derive(Debug)]
+pub struct TransferError {
+    /// [`Phase::RolledBack`] (the old QEMU runs the guest), [`Phase::NeedsAttention`] (both
+    /// were left as they are) or [`Phase::Lost`].
+    pub phase: Phase,
+    /// What went wrong first, and how it ended.
+    pub reason: String,
 }
+
+impl std::fmt::Display for TransferError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for TransferError {}
 
 fn kill(child: &mut Child) {
     let _ = child.kill();
@@ -122,100 +134,268 @@ pub fn resume_old(old: &mut Qmp) -> Result<(), String> {
     }
 }
 
-/// Carries out one handoff; see the module documentation.
-pub fn transfer(t: Transfer<'_>) -> Result<Report, TransferError> {
-    let Transfer { old, new_child, new_qmp, main, cpr, timeout, fault } = t;
-    let deadline = Instant::now() + timeout;
-    let fail = |old: &mut Qmp, new_child: &mut Child, why: String| -> TransferError {
-        kill(new_child);
-        match resume_old(old) {
-            Ok(()) => TransferError::RolledBack(why),
-            Err(e) => TransferError::RollbackFailed(format!("{why}; then the old QEMU did not resume: {e}")),
-        }
-    };
-    // 1. The new QEMU binds its cpr socket early, then blocks reading it.
-    while !crate::spawn::is_listening(cpr) {
-        if let Some(s) = exited(new_child) {
-            return Err(fail(
-                old,
-                new_child,
-                format!("the new QEMU exited ({s}) before listening for the cpr channel"),
-            ));
-        }
-        if Instant::now() > deadline {
-            return Err(fail(
-                old,
-                new_child,
-                format!("the new QEMU did not listen on its cpr socket within {timeout:?}"),
-            ));
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    if fault == Some(Fault::KillNewAfterStart) {
-        kill(new_child);
-    }
-    // 2. The old QEMU sends its CPR state (fds included), waits for the new one to hang up on
-    //    the cpr channel, stops the guest and streams device state over the main channel.
-    let _ = old.take_events();
-    if let Err(e) = old.execute("migrate-set-parameters", Some(json!({ "mode": "cpr-transfer" }))) {
-        return Err(fail(old, new_child, format!("the old QEMU refused mode cpr-transfer: {e}")));
-    }
-    let sent = Instant::now();
-    if let Err(e) = old.execute("migrate", Some(crate::cmdline::migrate_channels(main, cpr))) {
-        return Err(fail(old, new_child, format!("the old QEMU refused migrate: {e}")));
-    }
-    if fault == Some(Fault::KillNewAfterMigrate) {
-        kill(new_child);
-    }
-    // 3. The new QEMU's monitor comes up once it has read the cpr channel. Negotiating now, while
-    //    the main channel still streams, lets its RESUME event (with QEMU's timestamp) reach us.
-    let mut new = match Qmp::connect(new_qmp, deadline.saturating_duration_since(Instant::now())) {
-        Ok(q) => q,
-        Err(e) => {
-            let how = exited(new_child).map(|s| format!(", it exited: {s}")).unwrap_or_default();
-            return Err(fail(old, new_child, format!("no QMP from the new QEMU ({e}{how})")));
-        }
-    };
-    // 4. Wait for the old side to finish.
-    let info = loop {
-        let (status, info) = match migration_status(old) {
-            Ok(x) => x,
-            Err(e) => return Err(fail(old, new_child, format!("query-migrate on the old QEMU: {e}"))),
-        };
-        match status.as_str() {
-            "completed" => break info,
-            "failed" | "cancelled" => {
-                let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given").to_string();
-                let how = exited(new_child).map(|s| format!(" (the new QEMU exited: {s})")).unwrap_or_default();
-                return Err(fail(old, new_child, format!("migration {status}: {why}{how}")));
+/// Both QEMUs of a handoff, as the machine's actions reach them.
+struct Live<'a> {
+    old: &'a mut Qmp,
+    new_child: &'a mut Child,
+    new: Option<Qmp>,
+    record: HandoffRecord,
+    journal: &'a mut dyn Journal,
+    timeout: Duration,
+    failures: Vec<String>,
+    child_dead: bool,
+}
+
+impl Live<'_> {
+    fn note(&mut self, event: HandoffEvent) -> HandoffEvent {
+        use HandoffEvent as E;
+        match &event {
+            E::NewFailed(w) | E::OldFailed(w) | E::Timeout(w) | E::NewNotConfirmedDead(w) | E::OldResumeFailed(w) => {
+                self.failures.push(w.clone());
             }
+            E::JournalFailed(w) => self.failures.push(w.clone()),
             _ => {}
         }
-        if Instant::now() > deadline {
-            return Err(fail(old, new_child, format!("migration still {status} after {timeout:?}")));
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    };
-    // 5. The new QEMU resumes the guest by itself when the migration completes.
-    loop {
-        match new.status() {
-            Ok(s) if s == "running" => break,
-            Ok(_) => {}
-            Err(e) => {
-                let how = exited(new_child).map(|s| format!(", it exited: {s}")).unwrap_or_default();
-                return Err(fail(old, new_child, format!("query-status on the new QEMU: {e}{how}")));
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(fail(old, new_child, format!("the new QEMU did not run the guest within {timeout:?}")));
-        }
-        std::thread::sleep(Duration::from_micros(500));
+        event
     }
+
+    fn new_failed(&mut self, why: String) -> HandoffEvent {
+        let how = exited(self.new_child).map(|s| format!(" (the new QEMU exited: {s})")).unwrap_or_default();
+        HandoffEvent::NewFailed(format!("{why}{how}"))
+    }
+
+    /// The forward path up to the new QEMU holding the whole state, paused.
+    fn forward(&mut self, new_qmp: &Path, main: &Path, cpr: &Path, fault: Option<Fault>) -> HandoffEvent {
+        let deadline = Instant::now() + self.timeout;
+        let timeout = self.timeout;
+        // 1. The new QEMU binds its cpr socket early, then blocks reading it.
+        while !crate::spawn::is_listening(cpr) {
+            if let Some(s) = exited(self.new_child) {
+                return HandoffEvent::NewFailed(format!(
+                    "the new QEMU exited ({s}) before listening for the cpr channel"
+                ));
+            }
+            if Instant::now() > deadline {
+                return HandoffEvent::Timeout(format!(
+                    "the new QEMU did not listen on its cpr socket within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        if fault == Some(Fault::KillNewAfterStart) {
+            kill(self.new_child);
+        }
+        // 2. The old QEMU sends its CPR state (fds included), waits for the new one to hang up on
+        //    the cpr channel, stops the guest and streams device state over the main channel.
+        let _ = self.old.take_events();
+        if let Err(e) = self.old.execute("migrate-set-parameters", Some(json!({ "mode": "cpr-transfer" }))) {
+            return HandoffEvent::OldFailed(format!("the old QEMU refused mode cpr-transfer: {e}"));
+        }
+        if let Err(e) = self.old.execute("migrate", Some(crate::cmdline::migrate_channels(main, cpr))) {
+            return HandoffEvent::OldFailed(format!("the old QEMU refused migrate: {e}"));
+        }
+        if let Err(e) = self.persist(&Phase::Switching) {
+            return HandoffEvent::JournalFailed(e);
+        }
+        if fault == Some(Fault::KillNewAfterMigrate) {
+            kill(self.new_child);
+        }
+        // 3. The new QEMU's monitor comes up once it has read the cpr channel. Negotiating now,
+        //    while the main channel still streams, lets its RESUME event reach us later.
+        let mut new = match Qmp::connect(new_qmp, deadline.saturating_duration_since(Instant::now())) {
+            Ok(q) => q,
+            Err(e) => return self.new_failed(format!("no QMP from the new QEMU ({e})")),
+        };
+        // 4. Wait for the new QEMU to hold the whole state: `paused` (with -S it never runs by
+        //    itself). The old side's `completed` comes about a millisecond earlier and is not
+        //    enough; its failure is watched now and then.
+        let mut round = 0u32;
+        let event = loop {
+            match new.status() {
+                Ok(s) if s == "paused" => break HandoffEvent::NewLoaded,
+                Ok(s) if s == "running" => break HandoffEvent::NewRunning,
+                Ok(_) => {}
+                Err(e) => break self.new_failed(format!("query-status on the new QEMU: {e}")),
+            }
+            round += 1;
+            if round.is_multiple_of(16) {
+                match migration_status(self.old) {
+                    Ok((status, info)) if matches!(status.as_str(), "failed" | "cancelled") => {
+                        let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                        break self.new_failed(format!("migration {status}: {why}"));
+                    }
+                    Ok(_) => {}
+                    Err(e) => break HandoffEvent::OldFailed(format!("query-migrate on the old QEMU: {e}")),
+                }
+            }
+            if Instant::now() > deadline {
+                break HandoffEvent::Timeout(format!("the new QEMU did not load the state within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        self.new = Some(new);
+        event
+    }
+}
+
+impl Sides for Live<'_> {
+    fn persist(&mut self, phase: &Phase) -> Result<(), String> {
+        self.record.phase = phase.clone();
+        self.journal.write(&self.record)
+    }
+
+    fn commit(&mut self) -> HandoffEvent {
+        let Some(new) = self.new.as_mut() else {
+            return self.note(HandoffEvent::NewFailed("no QMP connection to the new QEMU".into()));
+        };
+        let event = match new.execute("cont", None).and_then(|_| new.status()) {
+            Ok(s) if s == "running" => HandoffEvent::NewRunning,
+            Ok(s) => HandoffEvent::NewFailed(format!("the new QEMU is {s} after cont")),
+            Err(e) => HandoffEvent::NewFailed(format!("cont on the new QEMU: {e}")),
+        };
+        self.note(event)
+    }
+
+    fn kill_new(&mut self) -> HandoffEvent {
+        self.new = None;
+        let _ = self.new_child.kill();
+        let event = match self.new_child.wait() {
+            Ok(_) => {
+                self.child_dead = true;
+                HandoffEvent::NewDead
+            }
+            Err(e) => HandoffEvent::NewNotConfirmedDead(format!("cannot reap the new QEMU: {e}")),
+        };
+        self.note(event)
+    }
+
+    fn resume_old(&mut self) -> HandoffEvent {
+        let event = match resume_old(self.old) {
+            Ok(()) => HandoffEvent::OldResumed,
+            Err(e) if cpr_handoff::process::is_gone(self.record.old.pid) => {
+                self.failures.push(e);
+                HandoffEvent::OldGone
+            }
+            Err(e) => HandoffEvent::OldResumeFailed(format!("the old QEMU did not resume: {e}")),
+        };
+        self.note(event)
+    }
+
+    fn end_old(&mut self) -> HandoffEvent {
+        let _ = self.old.execute("quit", None);
+        HandoffEvent::OldGone
+    }
+
+    fn probe_new(&mut self) -> HandoffEvent {
+        probe(&self.record)
+    }
+}
+
+/// Asks a new QEMU whether it runs the guest of `record`.
+fn probe(record: &HandoffRecord) -> HandoffEvent {
+    match Qmp::connect(&record.new.control, Duration::from_secs(5)) {
+        Ok(mut q) => match q.status() {
+            Ok(s) if s == "running" => HandoffEvent::ProbedNewRunning,
+            Ok(s) => HandoffEvent::ProbedNewNotRunning(format!("the new QEMU is {s}")),
+            Err(e) => HandoffEvent::ProbedUnreachable(format!("query-status: {e}")),
+        },
+        Err(e) if cpr_handoff::process::is_gone(record.new.pid) => {
+            HandoffEvent::ProbedNewNotRunning(format!("the new QEMU is gone ({e})"))
+        }
+        Err(e) => HandoffEvent::ProbedUnreachable(format!("QMP: {e}")),
+    }
+}
+
+/// Carries out one handoff; see the module documentation. `record` has both QEMUs' pids and
+/// QMP sockets; it is persisted in `journal` before every step that cannot be undone.
+pub fn transfer(t: Transfer<'_>, record: HandoffRecord, journal: &mut dyn Journal) -> Result<Report, TransferError> {
+    let Transfer { old, new_child, new_qmp, main, cpr, timeout, fault } = t;
+    let sent = Instant::now();
+    let mut live =
+        Live { old, new_child, new: None, record, journal, timeout, failures: Vec::new(), child_dead: false };
+    let mut phase = Phase::Starting;
+    let first = match live.persist(&Phase::Starting) {
+        Err(e) => HandoffEvent::JournalFailed(e),
+        Ok(()) => {
+            let event = live.forward(new_qmp, main, cpr, fault);
+            if live.record.phase == Phase::Switching {
+                phase = cpr_handoff::step(&Phase::Starting, &HandoffEvent::MigrateSent).0;
+            }
+            event
+        }
+    };
+    let first = live.note(first);
+    let end = run(phase, first, &mut live);
+    let reason = live.failures.first().cloned().unwrap_or_default();
+    if end != Phase::Done {
+        let reason = match &end {
+            Phase::RolledBack => format!("{reason} (rolled back: the old QEMU runs the guest)"),
+            Phase::NeedsAttention(why) | Phase::Lost(why) => format!("{reason}; {why}"),
+            other => format!("{reason}; the handoff stopped at {}", other.name()),
+        };
+        return Err(TransferError { phase: end, reason });
+    }
+    let Some(mut new) = live.new.take() else {
+        return Err(TransferError { phase: end, reason: "no QMP connection to the new QEMU".into() });
+    };
     let migrate_to_running_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let info = migration_status(live.old).map(|(_, i)| i).unwrap_or(Value::Null);
     let num = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or(0);
     let (downtime_ms, total_ms) = (num("downtime"), num("total-time"));
-    let stop = old.take_events().into_iter().find(|e| e.name == "STOP").map(|e| e.timestamp_us);
+    let stop = live.old.take_events().into_iter().find(|e| e.name == "STOP").map(|e| e.timestamp_us);
     let resume = new.take_events().into_iter().find(|e| e.name == "RESUME").map(|e| e.timestamp_us);
     let stop_to_resume_us = stop.zip(resume).map(|(s, r)| r.saturating_sub(s));
     Ok(Report { new, downtime_ms, total_ms, stop_to_resume_us, migrate_to_running_us })
+}
+
+/// Finishes or rolls back a handoff that a dead arbiter left in flight, from its persisted
+/// record. The new QEMU is not the caller's child: it is killed and confirmed dead through a
+/// pidfd. Returns the phase it ended in.
+pub fn recover(record: HandoffRecord, journal: &mut dyn Journal) -> Phase {
+    struct Recovered<'a> {
+        record: HandoffRecord,
+        journal: &'a mut dyn Journal,
+    }
+    impl Sides for Recovered<'_> {
+        fn persist(&mut self, phase: &Phase) -> Result<(), String> {
+            self.record.phase = phase.clone();
+            self.journal.write(&self.record)
+        }
+        fn commit(&mut self) -> HandoffEvent {
+            HandoffEvent::NewFailed("no commit from a restarted arbiter".into())
+        }
+        fn kill_new(&mut self) -> HandoffEvent {
+            match cpr_handoff::process::kill_and_confirm(self.record.new.pid, Duration::from_secs(10)) {
+                Ok(()) => HandoffEvent::NewDead,
+                Err(e) => HandoffEvent::NewNotConfirmedDead(e),
+            }
+        }
+        fn resume_old(&mut self) -> HandoffEvent {
+            let resumed = Qmp::connect(&self.record.old.control, Duration::from_secs(5))
+                .map_err(|e| e.to_string())
+                .and_then(|mut q| resume_old(&mut q));
+            match resumed {
+                Ok(()) => HandoffEvent::OldResumed,
+                Err(_) if cpr_handoff::process::is_gone(self.record.old.pid) => HandoffEvent::OldGone,
+                Err(e) => HandoffEvent::OldResumeFailed(e),
+            }
+        }
+        fn end_old(&mut self) -> HandoffEvent {
+            if let Ok(mut q) = Qmp::connect(&self.record.old.control, Duration::from_secs(5)) {
+                let _ = q.execute("quit", None);
+            }
+            if cpr_handoff::process::is_gone(self.record.old.pid)
+                || cpr_handoff::process::kill_and_confirm(self.record.old.pid, Duration::from_secs(10)).is_ok()
+            {
+                HandoffEvent::OldGone
+            } else {
+                HandoffEvent::OldFailed("the old QEMU did not quit".into())
+            }
+        }
+        fn probe_new(&mut self) -> HandoffEvent {
+            probe(&self.record)
+        }
+    }
+    let phase = record.phase.clone();
+    run(phase, HandoffEvent::Restarted, &mut Recovered { record, journal })
 }

@@ -5,6 +5,8 @@
 //! names. All of it happens between `fork` and `exec`, where only async-signal-safe calls are
 //! allowed and a mistake overwrites a descriptor silently, so it is written once, here.
 
+pub mod sched;
+
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use cpr_proto::client::ControlClient;
 use cpr_proto::control::{Request, Response, VmmStatus};
 use cpr_testguest::Heartbeat;
-use cpr_vmm::control::ControlClient;
 
 /// The directory holding the workspace's built binaries (`target/<profile>`), found from the
 /// running executable (a test in `target/<profile>/deps/`, or a tool in `target/<profile>/`).
@@ -243,9 +243,9 @@ impl Chain {
     }
 
     /// A request for the next handoff, to be adjusted by the caller.
-    pub fn request(&self) -> cpr_vmm::handoff::HandoffRequest {
+    pub fn request(&self) -> cpr_handoff::cpr_vmm::HandoffRequest {
         let generation = self.pids.len();
-        let mut req = cpr_vmm::handoff::HandoffRequest::new(
+        let mut req = cpr_handoff::cpr_vmm::HandoffRequest::new(
             self.control.clone(),
             self.dir.join(format!("vm.{generation}.sock")),
             bin("cpr-vmm"),
@@ -255,8 +255,17 @@ impl Chain {
     }
 
     /// Performs `req`; on success the new process becomes current and the old one is reaped.
-    pub fn hand_off(&mut self, req: &cpr_vmm::handoff::HandoffRequest) -> Result<(), String> {
-        let out = cpr_vmm::handoff::hand_off(req).map_err(|e| e.to_string())?;
+    pub fn hand_off(&mut self, req: &cpr_handoff::cpr_vmm::HandoffRequest) -> Result<(), String> {
+        self.try_hand_off(req).map_err(|f| f.reason)
+    }
+
+    /// Like [`Chain::hand_off`], with the phase a failed handoff ended in.
+    pub fn try_hand_off(
+        &mut self,
+        req: &cpr_handoff::cpr_vmm::HandoffRequest,
+    ) -> Result<(), cpr_handoff::cpr_vmm::HandoffFailure> {
+        let generation = self.pids.len() as u64 - 1;
+        let out = cpr_handoff::cpr_vmm::hand_off(req, &mut cpr_handoff::NoJournal, generation)?;
         let mut old = std::mem::replace(&mut self.current, out.child);
         let exited = wait_until(Duration::from_secs(10), || old.try_wait().ok().flatten().is_some());
         assert!(exited, "old VMM pid {} did not exit after quit", old.id());

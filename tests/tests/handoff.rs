@@ -120,7 +120,7 @@ fn new_side_killed_after_ready() {
     // After Ready the old VMM pauses and sends the state while the test kills the new one: the
     // kill lands either before the old side's write (a broken pipe) or after it.
     assert!(
-        err.contains("went away while waiting for the new VMM to run the guest")
+        err.contains("the new VMM went away before it had loaded the state")
             || err.contains("cannot send the state: Broken pipe"),
         "{err}"
     );
@@ -131,7 +131,7 @@ fn new_side_killed_after_ready() {
 fn new_side_killed_after_receiving_state() {
     let e = stall("after-state");
     let err = fault_case(&[], &env(&e), true, 5000);
-    assert!(err.contains("went away while waiting for the new VMM to run the guest"), "{err}");
+    assert!(err.contains("the new VMM went away before it had loaded the state"), "{err}");
     assert!(err.contains("rolled back"), "{err}");
 }
 
@@ -139,7 +139,7 @@ fn new_side_killed_after_receiving_state() {
 fn new_side_killed_during_restore() {
     let e = stall("during-restore");
     let err = fault_case(&[], &env(&e), true, 5000);
-    assert!(err.contains("went away while waiting for the new VMM to run the guest"), "{err}");
+    assert!(err.contains("the new VMM went away before it had loaded the state"), "{err}");
     assert!(err.contains("rolled back"), "{err}");
 }
 
@@ -147,7 +147,7 @@ fn new_side_killed_during_restore() {
 fn new_side_hangs_and_times_out() {
     let e = stall("after-state");
     let err = fault_case(&[], &env(&e), false, 3000);
-    assert!(err.contains("timed out after 3s waiting for the new VMM to run the guest"), "{err}");
+    assert!(err.contains("the new VMM did not load the state within 9s"), "{err}");
     assert!(err.contains("rolled back"), "{err}");
 }
 
@@ -217,4 +217,99 @@ fn a_new_vmm_settles_its_handoff_weight_once_it_runs_the_guest() {
     assert!(slices.len() > 1, "vCPU and control threads exist");
     assert!(slices.iter().all(|s| *s == default), "{slices:?}");
     chain.wait_progress(chain.status().test_guest.map_or(0, |t| t.counter));
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")), sig).expect("signal");
+}
+
+/// Status of the VMM whose control socket is `path`, if it answers.
+fn status_at(path: &std::path::Path) -> Option<cpr_proto::control::VmmStatus> {
+    let c = cpr_proto::client::ControlClient::connect(path).ok()?;
+    match c.call(&cpr_proto::control::Request::Status, &[]) {
+        Ok(cpr_proto::control::Response::Status(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// Issue 13's hole: the old VMM stalls right after it sent the state, the new VMM goes on to run
+/// the guest, then the old VMM dies. Before the commit point moved to the arbiter, the arbiter
+/// saw the old VMM's control connection close, killed the new VMM that was running the guest, and
+/// reported a failed rollback: the guest was lost. Now the new VMM's `Loaded` decides it.
+#[test]
+fn the_old_vmm_dying_after_it_sent_the_state_does_not_cost_the_guest() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &["--memory", "256M", "--vcpus", "2"], &[]);
+    let before = chain.status().test_guest.expect("test guest");
+    let old_pid = chain.pids[0];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut req = chain.request();
+    let e = stall("during-restore");
+    req.env = env(&e).iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    req.spawned = Some(tx);
+    let new_control = req.new_control.clone();
+    let actor = std::thread::spawn(move || {
+        let new_pid = rx.recv().expect("new VMM pid");
+        assert!(wait_until(Duration::from_secs(30), || is_stopped(new_pid)), "new VMM never reached the fault point");
+        // The old VMM has sent the whole state (the new one is restoring it): it stalls now.
+        signal(old_pid, nix::sys::signal::Signal::SIGSTOP);
+        signal(new_pid, nix::sys::signal::Signal::SIGCONT);
+        let runs = wait_until(Duration::from_secs(20), || {
+            status_at(&new_control).is_some_and(|s| s.state == RunState::Running)
+        });
+        signal(old_pid, nix::sys::signal::Signal::SIGKILL);
+        runs
+    });
+    let result = chain.try_hand_off(&req);
+    let new_ran = actor.join().expect("actor thread");
+    assert!(new_ran, "the new VMM never ran the guest");
+    result
+        .unwrap_or_else(|f| panic!("the guest runs in the new VMM, yet the handoff ended {:?}: {}", f.phase, f.reason));
+    let st = chain.status();
+    assert_eq!((st.state, st.generation), (RunState::Running, 1));
+    let tg = st.test_guest.expect("test guest");
+    assert_eq!(tg.fail, 0, "guest self-check");
+    assert!(tg.counter >= before.counter);
+    chain.wait_progress(tg.counter);
+}
+
+/// The new VMM runs nothing before the commit, and after the commit nothing is rolled back: a
+/// new VMM that stalls right after reporting `Loaded`, past the arbiter's timeout, leaves both
+/// VMMs as they are (`NeedsAttention`); the old one is never resumed, and the new one runs the
+/// guest once it continues. (Before the arbiter owned the commit, the new VMM ran the guest the
+/// moment it had restored it, whatever the old side had decided.)
+#[test]
+fn a_new_vmm_silent_after_the_commit_is_neither_killed_nor_raced_by_the_old_one() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut chain = Chain::start(dir.path(), &["--memory", "256M", "--vcpus", "2"], &[]);
+    let old_control = chain.control.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut req = chain.request();
+    let e = stall("after-loaded");
+    req.env = env(&e).iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    req.timeout_ms = 1000;
+    req.spawned = Some(tx);
+    let new_control = req.new_control.clone();
+    let failure = chain.try_hand_off(&req).expect_err("the new VMM never reported running");
+    let new_pid = rx.recv().expect("new VMM pid");
+    assert!(matches!(failure.phase, cpr_handoff::Phase::NeedsAttention(_)), "{:?}: {}", failure.phase, failure.reason);
+    let mut child = failure.child.expect("the new VMM is handed back alive");
+    assert!(is_stopped(new_pid), "the new VMM is still where it stalled");
+    let old = status_at(&old_control).expect("the old VMM answers");
+    assert_eq!(old.state, RunState::StateSent, "the old VMM holds the paused guest and was not resumed");
+    let frozen = old.test_guest.expect("test guest").counter;
+    signal(new_pid, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            status_at(&new_control).is_some_and(|s| {
+                s.state == RunState::Running && s.test_guest.is_some_and(|t| t.counter > frozen && t.fail == 0)
+            })
+        }),
+        "the new VMM runs the guest once it continues"
+    );
+    assert_eq!(status_at(&old_control).expect("old VMM").state, RunState::StateSent);
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -92,7 +92,7 @@ impl Vmm {
             }
             Request::Quit => {
                 let st = lock(&self.state);
-                if *st != RunState::PostMigrate {
+                if *st != RunState::StateSent {
                     let msg = "quit is only for a VMM whose guest was handed off";
                     return (error(ErrorKind::InvalidState, msg, false), vec![], None);
                 }
@@ -123,17 +123,14 @@ impl Vmm {
             Request::Resume => {
                 let mut st = lock(&self.state);
                 match *st {
-                    RunState::Running | RunState::Paused | RunState::MigrationFailed => {
+                    // After `StateSent` only the arbiter sends `resume`, and only once the new
+                    // VMM is confirmed dead before any commit (cpr-handoff's machine).
+                    RunState::Running | RunState::Paused | RunState::MigrationFailed | RunState::StateSent => {
                         self.core.coord.resume();
                         crate::sched::settle_self();
                         *st = RunState::Running;
                         Response::Ok
                     }
-                    RunState::PostMigrate => error(
-                        ErrorKind::InvalidState,
-                        "the guest was handed to another VMM; this one will never run it again",
-                        false,
-                    ),
                     other => error(ErrorKind::InvalidState, format!("cannot resume a VM that is {other:?}"), false),
                 }
             }
@@ -159,13 +156,7 @@ pub fn bind_control(path: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Connects to a VMM's control socket.
-pub fn seqpacket_connect(path: &Path) -> std::io::Result<OwnedFd> {
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
-    let addr = UnixAddr::new(path)?;
-    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    Ok(fd)
-}
+pub use cpr_proto::client::{ControlClient, seqpacket_connect};
 
 /// Serves the control socket on a background thread; one thread per connection.
 pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd, path: PathBuf) -> Result<()> {
@@ -203,36 +194,4 @@ pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd, path: PathBuf) -> Result<()> {
         })
         .map_err(|e| VmmError::Internal(format!("cannot start control thread: {e}")))?;
     Ok(())
-}
-
-/// A blocking client of a VMM's control socket.
-#[derive(Debug)]
-pub struct ControlClient {
-    fd: OwnedFd,
-}
-
-impl ControlClient {
-    /// Connects to the socket at `path`.
-    pub fn connect(path: &Path) -> std::io::Result<Self> {
-        Ok(Self { fd: seqpacket_connect(path)? })
-    }
-
-    /// Sends a request (with fds) and waits for the answer.
-    pub fn call(
-        &self,
-        request: &Request,
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> std::result::Result<Response, wire::WireError> {
-        Ok(self.call_with_fds(request, fds)?.msg)
-    }
-
-    /// Like [`ControlClient::call`], also returning the fds attached to the answer.
-    pub fn call_with_fds(
-        &self,
-        request: &Request,
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> std::result::Result<wire::Received<Response>, wire::WireError> {
-        wire::send(self.fd.as_fd(), request, fds)?;
-        wire::recv::<Response>(self.fd.as_fd(), None)
-    }
 }

@@ -7,7 +7,7 @@
 //! nothing else in the VMM changes behaviour. Unset (production), every function is a no-op.
 //!
 //! Values: `stall:<point>` with point one of `before-ready`, `after-ready`, `after-state`,
-//! `during-restore` (the new VMM stops itself with `SIGSTOP` there); `corrupt:<how>` with how one
+//! `during-restore`, `after-loaded` (the new VMM stops itself with `SIGSTOP` there); `corrupt:<how>` with how one
 //! of `flip`, `truncate`, `crc`, `unknown-section`, `major` (the old VMM damages the stream it
 //! sends); `reads-format:<n>` (the new VMM claims to read only format major n); `reject-state` (the new VMM
 //! refuses the state it receives).

@@ -13,12 +13,13 @@ pub mod cpl3;
 pub mod devices;
 pub mod error;
 pub mod fault;
-pub mod handoff;
 pub mod linux_boot;
 pub mod memory;
 pub mod migration;
 pub mod mptable;
 pub mod persist;
-pub mod sched;
 pub mod vcpu;
 pub mod vm;
+
+/// The CPU share of a handoff's work, shared with cprd (see [`cpr_spawn::sched`]).
+pub use cpr_spawn::sched;

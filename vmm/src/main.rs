@@ -7,11 +7,12 @@ use std::sync::{Arc, mpsc};
 
 use clap::{Args, Parser, Subcommand};
 
+use cpr_handoff::cpr_vmm::{HandoffRequest, hand_off};
+use cpr_handoff::{NoJournal, Phase};
 use cpr_proto::control::RunState;
 use cpr_vmm::boot::{GuestSpec, load_guest};
 use cpr_vmm::control::{Vmm, bind_control, serve};
 use cpr_vmm::error::{ExitCode, Result, VmmError};
-use cpr_vmm::handoff::{HandoffRequest, hand_off};
 use cpr_vmm::memory::{GuestRam, create_memfd, parse_size};
 use cpr_vmm::vm::{ExitReason, VmCore, VmParts, check_vcpus, open_kvm, spawn_vcpu_threads};
 
@@ -93,7 +94,7 @@ struct RunArgs {
     #[arg(long)]
     serial_out: Option<PathBuf>,
     /// Receive a running guest from an old VMM over --cpr-fd and --main-fd.
-    #[arg(long, requires_all = ["cpr_fd", "main_fd"])]
+    #[arg(long, requires_all = ["cpr_fd", "main_fd", "commit_fd"])]
     incoming: bool,
     /// Inherited fd of the cpr channel (SOCK_SEQPACKET).
     #[arg(long)]
@@ -101,6 +102,9 @@ struct RunArgs {
     /// Inherited fd of the main channel (SOCK_STREAM).
     #[arg(long)]
     main_fd: Option<i32>,
+    /// Inherited fd of the commit channel to the arbiter (SOCK_SEQPACKET).
+    #[arg(long)]
+    commit_fd: Option<i32>,
     /// Also write the received state stream to this file.
     #[arg(long, hide = true)]
     dump_state: Option<PathBuf>,
@@ -211,9 +215,10 @@ fn boot(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
 fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     let cpr = inherited_fd(a.cpr_fd.unwrap_or(-1), "cpr")?;
     let main = inherited_fd(a.main_fd.unwrap_or(-1), "main")?;
+    let commit = inherited_fd(a.commit_fd.unwrap_or(-1), "commit")?;
     let listener = a.control.as_ref().map(|p| bind_control(p)).transpose()?;
     let (tx, rx) = mpsc::channel();
-    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, tx, a.dump_state.clone(), !a.no_prefault)?;
+    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, a.dump_state.clone(), !a.no_prefault)?;
     if let (Some(l), Some(p)) = (listener, &a.control) {
         serve(Arc::clone(&vmm), l, p.clone())?;
     }
@@ -237,7 +242,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         if let Some(path) = h.dump_state {
             req.extra_args = vec!["--dump-state".into(), path.to_string_lossy().into_owned()];
         }
-        let out = hand_off(&req)?;
+        let generation = cpr_proto::client::ControlClient::connect(&req.old_control)
+            .ok()
+            .and_then(|c| match c.call(&cpr_proto::control::Request::Status, &[]) {
+                Ok(cpr_proto::control::Response::Status(s)) => Some(s.generation),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let out = hand_off(&req, &mut NoJournal, generation).map_err(|f| match f.phase {
+            Phase::RolledBack => VmmError::Handoff(f.reason),
+            _ => VmmError::Rollback(f.reason),
+        })?;
         let r = out.report;
         println!(
             "handoff ok: generation {} new pid {} downtime {} us (state {} bytes)",

@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Result, VmmError};
@@ -15,10 +14,7 @@ use crate::error::{Result, VmmError};
 pub const MMIO_HOLE_START: u64 = 3 << 30;
 /// End of the MMIO hole, where RAM above 3 GiB resumes.
 pub const HIGH_RAM_START: u64 = 4 << 30;
-/// Smallest guest RAM accepted.
-pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
-/// Largest guest RAM accepted.
-pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+pub use cpr_proto::memory::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES, parse_size};
 
 /// A range of guest RAM: where it sits in the guest and where in the memfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,73 +50,19 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
 }
 
-/// Parses a size like `1G`, `256M`, `512K` or a plain number of bytes.
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let t = text.trim();
-    let not_a_size = || format!("{text:?} is not a size (e.g. 1G, 256M)");
-    if !t.starts_with(|c: char| c.is_ascii_digit()) {
-        return Err(not_a_size());
-    }
-    let (digits, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => {
-                    return Err(format!("unknown size suffix in {text:?} (use K, M, G or T)"));
-                }
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (e.g. 1G, 256M)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
-}
-
 fn check_size(bytes: u64) -> Result<()> {
-    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) || !bytes.is_multiple_of(4096) {
-        return Err(VmmError::Config(format!(
-            "guest memory of {bytes} bytes is not supported (16 MiB to 1 TiB, a multiple of 4 KiB)"
-        )));
-    }
-    Ok(())
+    cpr_proto::memory::check_size(bytes).map_err(VmmError::Config)
 }
 
 /// Seals a memfd against shrinking and growing, and against further seal changes.
 pub fn seal(fd: impl AsFd) -> Result<()> {
-    let current = fcntl(fd.as_fd(), FcntlArg::F_GET_SEALS)
-        .map_err(|e| VmmError::Memory(format!("guest-RAM fd cannot be sealed (is it a memfd?): {e}")))?;
-    let want = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-    let have = SealFlag::from_bits_truncate(current);
-    if have.contains(want) {
-        return Ok(());
-    }
-    if have.contains(SealFlag::F_SEAL_SEAL) {
-        if have.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW) {
-            return Ok(());
-        }
-        return Err(VmmError::Memory("guest-RAM memfd is sealed without SHRINK and GROW seals".into()));
-    }
-    fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(want))
-        .map_err(|e| VmmError::Memory(format!("cannot seal guest-RAM memfd: {e}")))?;
-    Ok(())
+    cpr_proto::memory::seal(fd).map_err(VmmError::Memory)
 }
 
 /// Creates a sealed memfd of `bytes`.
 pub fn create_memfd(bytes: u64) -> Result<OwnedFd> {
     check_size(bytes)?;
-    let fd = nix::sys::memfd::memfd_create(
-        c"cpr-vmm-ram",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
-    )
-    .map_err(|e| VmmError::Memory(format!("memfd_create failed: {e}")))?;
-    let len = i64::try_from(bytes).map_err(|_| VmmError::Config("memory size too large".into()))?;
-    nix::unistd::ftruncate(&fd, len).map_err(|e| VmmError::Memory(format!("cannot size guest RAM: {e}")))?;
-    seal(&fd)?;
-    Ok(fd)
+    cpr_proto::memory::create_memfd(bytes).map_err(VmmError::Memory)
 }
 
 impl GuestRam {

@@ -5,7 +5,7 @@
 //!     participant A as arbiter (cprd / cpr-vmm handoff)
 //!     participant O as old VMM
 //!     participant N as new VMM (--incoming)
-//!     A->>N: spawn with the cpr and main channel fds
+//!     A->>N: spawn with the cpr, main and commit channel fds
 //!     A->>O: migrate(cpr, main)
 //!     N->>O: cpr: Hello{reads_formats}     (pre-flight; refuse here, guest untouched)
 //!     O->>N: cpr: Resources + fds (RAM memfd, serial), CPUID
@@ -13,15 +13,19 @@
 //!     N->>O: cpr: Ready
 //!     Note over O: vCPU 0 thread: pause all, save (downtime starts)
 //!     O->>N: main: state stream
-//!     Note over N: vCPU 0 thread: restore VM + vCPUs
-//!     N->>O: cpr: Running (commit point)
+//!     O->>A: Migrated(report)   (O waits, paused, for quit or resume)
+//!     Note over N: vCPU 0 thread: read, check, restore VM + vCPUs; run nothing
+//!     N->>A: commit: Loaded
+//!     Note over A: the decision, persisted (cpr-handoff's machine)
+//!     A->>N: commit: Commit
 //!     Note over N: KVM_RUN (downtime ends)
-//!     O->>A: Migrated(report)
+//!     N->>A: commit: Running(report)
 //!     A->>O: quit
 //! ```
-//! Rollback: until O has read `Running`, N has not run a guest instruction. A failure before O
-//! paused leaves the guest running in O. A failure after it leaves O paused in `MigrationFailed`;
-//! the arbiter makes sure N is dead, then sends `resume`. After `Running`, O never runs again.
+//! Neither VMM decides: the new VMM runs no guest instruction before it reads `Commit`, and
+//! exits without running if the commit channel closes first; the old VMM resumes only when its
+//! arbiter says so, which the arbiter's machine allows only while the new VMM never ran and is
+//! confirmed dead.
 
 use std::fs::File;
 use std::io::Write;
@@ -32,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cpr_proto::control::{ErrorKind, HandoffReport, MigrateParams, Response, RunState};
-use cpr_proto::cpr::{CPR_PROTOCOL_VERSION, Hello, Resources, ToNew, ToOld};
+use cpr_proto::cpr::{CPR_PROTOCOL_VERSION, FromArbiter, Hello, Resources, ToArbiter, ToNew, ToOld};
 use cpr_proto::state::{
     self, FORMAT_MAJOR, FORMAT_MINOR, I8042State, MachineState, SectionId, SerialState, StateWriter, Timing, VcpuState,
     VmState,
@@ -277,34 +281,9 @@ fn run_outgoing(vmm: &Vmm, params: &MigrateParams, cpr: OwnedFd, main: OwnedFd, 
             RunState::MigrationFailed,
         );
     }
-    // 4. Commit point: the new side says Running before its first guest instruction.
-    match wire::recv::<ToOld>(cpr.as_fd(), timeout) {
-        Ok(r) => match r.msg {
-            ToOld::Running(theirs) => {
-                let mut report = outcome.report;
-                report.state_received_ns = theirs.state_received_ns;
-                report.resumed_ns = theirs.resumed_ns;
-                report.new_pid = theirs.new_pid;
-                report.generation = theirs.generation;
-                (Response::Migrated(report), RunState::PostMigrate)
-            }
-            ToOld::Rejected { reason } => (
-                error(
-                    ErrorKind::PeerFailed,
-                    format!(
-                        "the new VMM rejected the state: {reason}; the guest is paused, resume it once the new VMM is dead"
-                    ),
-                    true,
-                ),
-                RunState::MigrationFailed,
-            ),
-            other => (
-                error(ErrorKind::PeerFailed, format!("new VMM sent {other:?} instead of running"), true),
-                RunState::MigrationFailed,
-            ),
-        },
-        Err(e) => (peer_error("waiting for the new VMM to run the guest", &e, true), RunState::MigrationFailed),
-    }
+    // 4. The state is out. The arbiter decides (commit to the new VMM, or roll back); this VMM
+    //    waits for `quit` or `resume`.
+    (Response::Migrated(outcome.report), RunState::StateSent)
 }
 
 fn peer_error(what: &str, e: &wire::WireError, paused: bool) -> Response {
@@ -327,6 +306,7 @@ fn peer_error(what: &str, e: &wire::WireError, paused: bool) -> Response {
 pub fn prepare_incoming(
     cpr: OwnedFd,
     main: OwnedFd,
+    commit: OwnedFd,
     exit_tx: mpsc::Sender<ExitReason>,
     dump_state: Option<std::path::PathBuf>,
     prefault: bool,
@@ -369,12 +349,12 @@ pub fn prepare_incoming(
     };
     let core = VmCore::create(kvm_handle, parts, exit_tx)?;
     let vmm = crate::control::Vmm::new(Arc::clone(&core), RunState::Incoming);
-    let cpr = Arc::new(cpr);
     let job_vmm = Arc::clone(&vmm);
-    let job_cpr = Arc::clone(&cpr);
     *lock(&core.incoming) = Some(Box::new(move |c: &VmCore| {
-        if let Err(e) = restore_incoming(c, &job_vmm, &job_cpr, main, dump_state.as_deref()) {
-            let _ = wire::send(job_cpr.as_fd(), &ToOld::Rejected { reason: e.to_string() }, &[]);
+        if let Err(e) = restore_incoming(c, &job_vmm, &commit, main, dump_state.as_deref()) {
+            if matches!(e, VmmError::StateRejected(_)) {
+                let _ = wire::send(commit.as_fd(), &ToArbiter::Rejected { reason: e.to_string() }, &[]);
+            }
             c.exit(ExitReason::Fatal(e));
         }
     }));
@@ -387,11 +367,12 @@ pub fn prepare_incoming(
     Ok(vmm)
 }
 
-/// The new side's critical path, on vCPU 0's thread: read, check, restore, commit, run.
+/// The new side's critical path, on vCPU 0's thread: read, check, restore, report `Loaded`,
+/// wait for the arbiter's `Commit`, run.
 fn restore_incoming(
     core: &VmCore,
     vmm: &Vmm,
-    cpr: &OwnedFd,
+    commit: &OwnedFd,
     main: OwnedFd,
     dump_state: Option<&std::path::Path>,
 ) -> Result<()> {
@@ -431,6 +412,20 @@ fn restore_incoming(
     }
     core.generation.store(decoded.machine.generation, std::sync::atomic::Ordering::SeqCst);
     let timing = decoded.timing.unwrap_or_default();
+    // Everything is in place and nothing has run: the arbiter decides now.
+    wire::send(commit.as_fd(), &ToArbiter::Loaded, &[])
+        .map_err(|e| VmmError::IncomingAborted(format!("the arbiter went away before the decision: {e}")))?;
+    fault::stall_point("after-loaded");
+    // No timeout: only the arbiter decides. If it dies or gives up, the channel closes and this
+    // VMM exits without having run the guest.
+    match wire::recv::<FromArbiter>(commit.as_fd(), None) {
+        Ok(r) if r.msg == FromArbiter::Commit => {}
+        Ok(r) => return Err(VmmError::IncomingAborted(format!("no commit: the arbiter sent {:?}", r.msg))),
+        Err(e) => return Err(VmmError::IncomingAborted(format!("no commit from the arbiter: {e}"))),
+    }
+    // The state lock is held across the resume, so that whoever heard of the commit (the
+    // arbiter) never sees this VMM still `Incoming`.
+    let mut state = lock(&vmm.state);
     let report = HandoffReport {
         pause_requested_ns: timing.pause_requested_ns,
         paused_ns: timing.paused_ns,
@@ -441,15 +436,10 @@ fn restore_incoming(
         ..Default::default()
     };
     *lock(&vmm.incoming) = Some(report);
-    // Commit point: from here on the old side never runs the guest again. The state lock is held
-    // across it, so that nobody who heard of the commit (the old side, then its arbiter) can ask
-    // this VMM for its status and still see `Incoming`.
-    let mut state = lock(&vmm.state);
-    wire::send(cpr.as_fd(), &ToOld::Running(report), &[])
-        .map_err(|e| VmmError::IncomingAborted(format!("the old VMM went away before the commit: {e}")))?;
     *state = RunState::Running;
-    drop(state);
     core.coord.resume();
+    drop(state);
+    let _ = wire::send(commit.as_fd(), &ToArbiter::Running(report), &[]);
     crate::sched::settle_incoming();
     Ok(())
 }

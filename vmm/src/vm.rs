@@ -23,7 +23,7 @@ use crate::persist::{HostCaps, probe};
 use crate::vcpu::{Coordinator, install_kick_handler, vcpu_thread};
 
 /// Most vCPUs a VM may have.
-pub const MAX_VCPUS: u8 = 8;
+pub const MAX_VCPUS: u8 = cpr_proto::control::CPR_VMM_MAX_VCPUS;
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// Why the VMM process ends.
