@@ -70,7 +70,7 @@ pub struct FileJournal {
 impl FileJournal {
     /// The journal file of VM `vm` in directory `dir`.
     pub fn new(dir: &Path, vm: &str) -> Self {
-        Self { path: dir.join(format!("{vm}.handoff.json")) }
+        Self { path: dir.join(format!("{vm}.handoff")) }
     }
 
     /// The file's path.
@@ -101,7 +101,7 @@ impl Journal for FileJournal {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let bytes = serde_json::to_vec(record).map_err(|e| format!("cannot encode the handoff record: {e}"))?;
-        let tmp = self.path.with_extension("json.tmp");
+        let tmp = self.path.with_extension("handoff-tmp");
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)

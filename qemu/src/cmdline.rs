@@ -179,9 +179,10 @@ mod tests {
     }
 
     #[test]
-    fn incoming_names_both_channels() {
+    fn incoming_names_both_channels_and_does_not_start_the_guest() {
         let a = incoming_args(Path::new("/r/m.sock"), Path::new("/r/c.sock"));
-        assert_eq!(a.len(), 4);
+        assert_eq!(a.len(), 5);
+        assert_eq!(a[4], "-S", "the arbiter's cont is the commit");
         assert!(a[1].contains("\"channel-type\":\"main\"") && a[1].contains("/r/m.sock"));
         assert!(a[3].contains("\"channel-type\":\"cpr\"") && a[3].contains("/r/c.sock"));
     }

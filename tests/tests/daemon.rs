@@ -90,11 +90,16 @@ fn full_lifecycle_through_cprctl_and_busctl() {
     assert_eq!(hist.as_array().map(Vec::len), Some(2));
     assert!(hist[1]["ok"].as_bool().unwrap_or(false));
     console_ok(&s, "vm1");
+    // The pid read before the stop: after it, the status says 0.
+    let running_pid = main_pid(&st);
     assert!(c.cprctl(&["stop", "vm1"]).status.success());
     let st = json(&c.cprctl(&["--json", "status", "vm1"]));
     assert_eq!(st["state"], "stopped");
-    assert!(wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{}", st["main_pid"])).exists()
-        || st["main_pid"] == 0));
+    assert!(
+        wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{running_pid}")).exists()
+            || cpr_tests::is_zombie(running_pid)),
+        "the stopped VMM (pid {running_pid}) is gone"
+    );
     let mut monitor = monitor;
     let _ = monitor.kill();
     let out = monitor.wait_with_output().expect("monitor output");
@@ -205,12 +210,12 @@ fn upgrade_until_stalled(cprd: &Cprd, vm: &str, binary: &str) -> (std::process::
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("cprctl upgrade");
-    let record = cprd.runtime_dir.join("vms").join(format!("{vm}.json"));
+    let record = cprd.runtime_dir.join("vms").join(format!("{vm}.handoff"));
     let mut new_pid = 0u32;
     let stopped = wait_until(Duration::from_secs(20), || {
         let v: serde_json::Value =
             std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        new_pid = v["upgrading"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        new_pid = v["new"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
         new_pid > 0 && cpr_tests::is_stopped(new_pid)
     });
     assert!(stopped, "the new VMM never reached its stall point");
@@ -544,6 +549,61 @@ fn cprd_dying_right_after_a_handoff_adopts_the_new_vmm_on_restart() {
             || cpr_tests::is_zombie(u32::try_from(old).unwrap_or(0))),
         "the old VMM is gone"
     );
+    console_ok(&s, "vm1");
+    assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "and it can be upgraded again");
+}
+
+/// cprd killed between the decision and its report: right after the decision to commit is on
+/// record but before the commit went out (`die-at:committed`), and right after the new VMM
+/// reported running (`die-at:new-running`). The restarted cprd finishes from its journal: in the
+/// first case the new VMM never got the commit and exited, so nobody may resume the old one
+/// (it might have run): the VM needs attention and both are kept; in the second the new VMM runs
+/// the guest and is adopted. Before the journal, a restarted cprd decided from the old VMM's
+/// state alone.
+fn cprd_dies_at(phase: &str) -> (Setup, serde_json::Value, serde_json::Value) {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    define_vm(&config, "vm1", "memory = \"64M\"\n");
+    let fault = format!("die-at:{phase}");
+    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("CPRD_FAULT", &fault)]);
+    let mut s = Setup { _dir: dir, _bus: bus, cprd };
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    let out = s.cprd.cprctl(&["upgrade", "vm1"]);
+    assert!(!out.status.success(), "cprd died during the call: {}", text(&out));
+    assert!(wait_until(Duration::from_secs(10), || s.cprd.child.try_wait().ok().flatten().is_some()), "cprd still up");
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    let after = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    (s, before, after)
+}
+
+#[test]
+fn cprd_dying_after_the_decision_before_the_commit_leaves_both_vmms_for_a_human() {
+    let (s, before, after) = cprd_dies_at("committed");
+    assert_eq!(after["state"], "needs-attention", "{after}");
+    assert_eq!(after["main_pid"], before["main_pid"], "the old VMM is kept");
+    let old = main_pid(&before);
+    assert!(!cpr_tests::process_gone(old), "the old VMM (which holds the paused guest) was not killed");
+    let start = s.cprd.cprctl(&["start", "vm1"]);
+    assert!(!start.status.success(), "start refuses a VM that needs attention");
+    assert!(text(&start).contains("needs attention"), "{}", text(&start));
+    assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success(), "stop ends it");
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(old)), "the old VMM is gone after stop");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success(), "and it starts afresh");
+}
+
+#[test]
+fn cprd_dying_after_the_new_vmm_runs_adopts_it_on_restart() {
+    let (s, before, after) = cprd_dies_at("new-running");
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["generation"], 1, "the new VMM is adopted");
+    assert_ne!(after["main_pid"], before["main_pid"]);
+    let old = main_pid(&before);
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(old)), "the old VMM was ended");
     console_ok(&s, "vm1");
     assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "and it can be upgraded again");
 }
