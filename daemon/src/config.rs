@@ -355,16 +355,31 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
 
 /// Loads every `vms/*.toml`; the first bad file fails the whole load (nothing half-applied).
 pub fn load_vms(dir: &Path) -> Result<BTreeMap<String, VmDef>, ConfigError> {
-    let mut out = BTreeMap::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(out) };
+    let (defs, bad) = load_vms_each(dir);
+    match bad.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(defs),
+    }
+}
+
+/// Loads every `vms/*.toml` on its own: the definitions that load, and each file that does not
+/// (by VM name, the file's stem) with its error, so that one bad file does not stop the others.
+pub fn load_vms_each(dir: &Path) -> (BTreeMap<String, VmDef>, Vec<(String, ConfigError)>) {
+    let mut defs = BTreeMap::new();
+    let mut bad = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return (defs, bad) };
     let mut files: Vec<PathBuf> =
         rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
     files.sort();
     for f in files {
-        let def = load_vm(&f)?;
-        out.insert(def.name.clone(), def);
+        match load_vm(&f) {
+            Ok(def) => {
+                defs.insert(def.name.clone(), def);
+            }
+            Err(e) => bad.push((f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), e)),
+        }
     }
-    Ok(out)
+    (defs, bad)
 }
 
 #[cfg(test)]

@@ -376,10 +376,24 @@ pub async fn register_vms(conn: &Connection, engine: &Arc<Engine>) -> zbus::Resu
     Ok(())
 }
 
+/// The next event, skipping over any this receiver lagged behind on (they are logged, and the
+/// state they announced is announced again by the next one): only a closed channel ends it.
+pub async fn next_event(rx: &mut tokio::sync::broadcast::Receiver<Event>) -> Option<Event> {
+    loop {
+        match rx.recv().await {
+            Ok(ev) => return Some(ev),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!("{n} D-Bus signals were dropped: the bus was slower than the events");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
 /// Forwards engine events as D-Bus signals and PropertiesChanged, until the engine goes away.
 pub async fn forward_events(conn: Connection, engine: Arc<Engine>) {
     let mut rx = engine.subscribe();
-    while let Ok(ev) = rx.recv().await {
+    while let Some(ev) = next_event(&mut rx).await {
         let Ok(manager) = SignalEmitter::new(&conn, MANAGER_PATH) else { continue };
         match ev {
             Event::VmChanged(name) => {
@@ -401,5 +415,25 @@ pub async fn forward_events(conn: Connection, engine: Arc<Engine>) {
                 let _ = Manager::upgrade_finished(&manager, &r.vm, r.ok, r.downtime_usec, &r.error).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lagging_signal_receiver_skips_ahead_instead_of_stopping() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel(2);
+        for i in 0..5 {
+            tx.send(Event::VmChanged(format!("vm{i}"))).expect("send");
+        }
+        // Three events were overwritten before the receiver looked: it goes on with the rest.
+        assert!(matches!(next_event(&mut rx).await, Some(Event::VmChanged(n)) if n == "vm3"));
+        assert!(matches!(next_event(&mut rx).await, Some(Event::VmChanged(n)) if n == "vm4"));
+        tx.send(Event::VmChanged("later".into())).expect("send");
+        assert!(matches!(next_event(&mut rx).await, Some(Event::VmChanged(n)) if n == "later"));
+        drop(tx);
+        assert!(next_event(&mut rx).await.is_none(), "only a closed channel ends it");
     }
 }

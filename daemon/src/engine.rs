@@ -3,7 +3,7 @@
 //! the caller's blocking thread; the VM table is locked only for short, non-blocking updates.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -68,6 +68,12 @@ pub enum VmState {
     Stopping,
     /// Its VMM exited (or the guest was lost in a handoff): nothing is left to keep.
     Failed,
+    /// Its definition file was removed (and reloaded) while its VMM ran: it stays listed, with
+    /// the definition it ran with, until it is stopped.
+    Orphaned,
+    /// Its definition file cannot be read (the error says why): nothing runs; fix the file and
+    /// reload.
+    Quarantined,
     /// A VMM may hold the guest but cprd could not confirm which one runs it (a handoff that
     /// could not be finished or rolled back, or a VMM that did not answer at re-attach): both are
     /// kept, nothing is killed; `StopVM` ends them, `StartVM` refuses.
@@ -85,6 +91,8 @@ impl VmState {
             Self::Stopping => "stopping",
             Self::Failed => "failed",
             Self::NeedsAttention => "needs-attention",
+            Self::Orphaned => "orphaned",
+            Self::Quarantined => "quarantined",
         }
     }
 }
@@ -120,8 +128,10 @@ pub struct Vm {
     pub record: Option<VmRecord>,
     /// cprd's own reference to the guest-RAM memfd.
     pub memfd: Option<OwnedFd>,
-    /// Why the VM needs attention (with [`VmState::NeedsAttention`]).
+    /// Why the VM needs attention, or why its file was quarantined.
     pub attention: Option<String>,
+    /// The definition an orphaned VM ran with (its file is gone).
+    pub orphan_def: Option<VmDef>,
     /// VMMs besides the record's that may hold the guest (the new VMM of a handoff that ended
     /// in [`VmState::NeedsAttention`]); stopping the VM ends them too.
     pub other_pids: Vec<u32>,
@@ -129,7 +139,14 @@ pub struct Vm {
 
 impl Vm {
     fn stopped() -> Self {
-        Self { state: VmState::Stopped, record: None, memfd: None, attention: None, other_pids: Vec::new() }
+        Self {
+            state: VmState::Stopped,
+            record: None,
+            memfd: None,
+            attention: None,
+            orphan_def: None,
+            other_pids: Vec::new(),
+        }
     }
 }
 
@@ -186,6 +203,16 @@ pub enum Event {
     VmChanged(String),
     /// An upgrade finished.
     UpgradeFinished(UpgradeRecord),
+}
+
+/// A VM a previous cprd left running, to be re-attached: its record, where the record came from
+/// (`None`: the fd store), and its own fd-store entries.
+#[derive(Debug)]
+pub struct PendingVm {
+    name: String,
+    record: VmRecord,
+    path: Option<PathBuf>,
+    fds: std::collections::HashMap<String, OwnedFd>,
 }
 
 /// A VM that re-attach could not take back, but whose VMMs may hold the guest.
@@ -284,8 +311,13 @@ impl Engine {
         runtime_dir: PathBuf,
     ) -> Result<Arc<Self>, config::ConfigError> {
         let settings = config::load_layered(vendor_dir.as_deref(), &config_dir)?;
-        let defs = config::load_vms(&settings.vms_dir)?;
-        let vms = defs.keys().map(|n| (n.clone(), Vm::stopped())).collect();
+        // One unreadable VM file does not keep cprd (and every other VM) down: it is quarantined.
+        let (defs, bad) = config::load_vms_each(&settings.vms_dir);
+        let mut vms: BTreeMap<String, Vm> = defs.keys().map(|n| (n.clone(), Vm::stopped())).collect();
+        for (name, e) in bad {
+            tracing::error!(CPRD_VM = name, "VM {name} quarantined: {e}");
+            vms.insert(name, Vm { state: VmState::Quarantined, attention: Some(e.to_string()), ..Vm::stopped() });
+        }
         let _ = std::fs::create_dir_all(runtime_dir.join("vms"));
         let (events, _) = tokio::sync::broadcast::channel(1024);
         Ok(Arc::new(Self {
@@ -315,9 +347,19 @@ impl Engine {
     }
 
     fn def(&self, name: &str) -> Result<VmDef, CprdError> {
-        self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned().ok_or_else(|| {
-            CprdError::NoSuchVM(format!("no VM named {name:?} is defined (see {}/vms)", self.config_dir.display()))
-        })
+        if let Some(def) = self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name) {
+            return Ok(def.clone());
+        }
+        match lock(&self.vms).get(name) {
+            Some(Vm { orphan_def: Some(def), .. }) => Ok(def.clone()),
+            Some(Vm { state: VmState::Quarantined, attention: Some(why), .. }) => Err(CprdError::InvalidArgument(
+                format!("the definition of VM {name} cannot be read: {why}; fix it and reload"),
+            )),
+            _ => Err(CprdError::NoSuchVM(format!(
+                "no VM named {name:?} is defined (see {}/vms)",
+                self.config_dir.display()
+            ))),
+        }
     }
 
     /// Names of all defined VMs.
@@ -327,20 +369,25 @@ impl Engine {
 
     /// A snapshot of one VM.
     pub fn view(&self, name: &str) -> Result<VmView, CprdError> {
-        let def = self.def(name)?;
+        // A quarantined VM has no definition to show; it is listed with its state alone.
+        let def = match self.def(name) {
+            Ok(def) => Some(def),
+            Err(CprdError::InvalidArgument(_)) => None,
+            Err(e) => return Err(e),
+        };
         let vms = lock(&self.vms);
         let vm = vms.get(name).ok_or_else(|| CprdError::NoSuchVM(format!("no VM named {name:?}")))?;
         let r = vm.record.clone();
         Ok(VmView {
             name: name.to_string(),
             state: vm.state,
-            backend: def.backend.as_str().to_string(),
+            backend: def.as_ref().map_or_else(String::new, |d| d.backend.as_str().to_string()),
             generation: r.as_ref().map_or(0, |r| r.generation),
             main_pid: r.as_ref().map_or(0, |r| r.main_pid),
             vmm_binary: r.as_ref().map_or_else(String::new, |r| r.vmm_binary.display().to_string()),
             vmm_version: r.as_ref().map_or_else(String::new, |r| r.vmm_version.clone()),
-            memory_bytes: def.memory_bytes,
-            vcpus: def.vcpus,
+            memory_bytes: def.as_ref().map_or(0, |d| d.memory_bytes),
+            vcpus: def.as_ref().map_or(0, |d| d.vcpus),
             last_downtime_usec: r.as_ref().map_or(0, |r| r.last_downtime_usec),
             console: r.as_ref().map_or_else(String::new, |r| r.console.display().to_string()),
         })
@@ -495,6 +542,19 @@ impl Engine {
             };
             let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
             while matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE), Err(nix::Error::EINTR)) {}
+            // After a re-exec the VMMs cprd started are still its children: reap this one (a
+            // VMM that is not cprd's child is reaped by its own parent; then this is ECHILD).
+            // SAFETY: waitid with P_PIDFD takes the pidfd as the id and fills a siginfo_t.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `pidfd` is open for the call's duration and `info` is writable.
+            let _ = unsafe {
+                libc::waitid(
+                    libc::P_PIDFD,
+                    u32::try_from(pidfd.as_raw_fd()).unwrap_or(0),
+                    &raw mut info,
+                    libc::WEXITED | libc::WNOHANG,
+                )
+            };
             engine.vmm_exited(&name, pid, "exited");
         });
     }
@@ -538,7 +598,11 @@ impl Engine {
             return Ok(());
         }
         let def_backend = self.def(name)?.backend;
-        let was = self.claim(name, &[VmState::Running, VmState::Failed, VmState::NeedsAttention], VmState::Stopping)?;
+        let was = self.claim(
+            name,
+            &[VmState::Running, VmState::Failed, VmState::NeedsAttention, VmState::Orphaned],
+            VmState::Stopping,
+        )?;
         // A VM that needs attention may have two VMMs, neither of which answers for sure: end both.
         let force = force || was == VmState::NeedsAttention;
         let others = lock(&self.vms).get_mut(name).map(|vm| std::mem::take(&mut vm.other_pids)).unwrap_or_default();
@@ -561,6 +625,13 @@ impl Engine {
             vm.attention = None;
         }
         self.journal(name).remove();
+        {
+            // An orphaned VM leaves the table once it is stopped.
+            let mut vms = lock(&self.vms);
+            if vms.get(name).is_some_and(|vm| vm.orphan_def.is_some()) {
+                vms.remove(name);
+            }
+        }
         crate::fdstore::remove(&crate::fdstore::mem_name(name));
         crate::fdstore::remove(&crate::fdstore::pid_name(name));
         self.persist(name);
@@ -783,11 +854,34 @@ impl Engine {
             config::load_layered(self.vendor_dir.as_deref(), &self.config_dir).map_err(|e| self.bad_config(e))?;
         let defs = config::load_vms(&settings.vms_dir).map_err(|e| self.bad_config(e))?;
         {
+            let old_defs = self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
             let mut vms = lock(&self.vms);
             for name in defs.keys() {
-                vms.entry(name.clone()).or_insert(Vm::stopped());
+                let vm = vms.entry(name.clone()).or_insert(Vm::stopped());
+                match vm.state {
+                    VmState::Quarantined => *vm = Vm::stopped(),
+                    // Its file is back: it is an ordinary VM again.
+                    VmState::Orphaned => {
+                        vm.state = VmState::Running;
+                        vm.orphan_def = None;
+                    }
+                    _ => {}
+                }
             }
             vms.retain(|n, vm| defs.contains_key(n) || vm.record.is_some());
+            // A VM whose file is gone but whose VMM runs stays listed and stoppable.
+            for (name, vm) in vms.iter_mut().filter(|(n, _)| !defs.contains_key(*n)) {
+                if vm.orphan_def.is_none() {
+                    vm.orphan_def = old_defs.get(name).cloned();
+                }
+                if vm.state == VmState::Running {
+                    vm.state = VmState::Orphaned;
+                    tracing::warn!(
+                        CPRD_VM = name,
+                        "the definition of {name} is gone; it runs on, orphaned, until stopped"
+                    );
+                }
+            }
         }
         *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
         *self.defs.write().unwrap_or_else(std::sync::PoisonError::into_inner) = defs;
@@ -822,11 +916,11 @@ impl Engine {
         }
     }
 
-    /// Takes back every VM whose VMM runs, from the runtime records and the VMMs' control
-    /// sockets (the memfd comes back from the VMM). Records that cannot be matched are moved to
-    /// `quarantine/` and logged. Never panics.
-    pub fn reattach(self: &Arc<Self>, mut stored: std::collections::HashMap<String, OwnedFd>) {
-        // Records come from the fd store's state memfd where systemd kept one, else from /run/cprd.
+    /// Reads what a previous cprd left: the VM records (from the fd store's state memfd where
+    /// systemd kept one, else from `/run/cprd`), and marks those VMs `starting`, so that nothing
+    /// touches them until [`Engine::reattach`] has taken them back. Asks no VMM: this runs before
+    /// cprd takes its bus name and must never wait on one.
+    pub fn pending_reattach(&self, stored: &mut std::collections::HashMap<String, OwnedFd>) -> Vec<PendingVm> {
         let mut records: Vec<(String, VmRecord, Option<PathBuf>)> = Vec::new();
         let from_store = stored.remove(crate::fdstore::STATE).and_then(|fd| crate::fdstore::read_state(fd).ok());
         if let Some(bytes) = from_store {
@@ -853,10 +947,56 @@ impl Engine {
                 }
             }
         }
+        let mut pending = Vec::with_capacity(records.len());
         for (name, record, path) in records {
-            let memfd = stored.remove(&crate::fdstore::mem_name(&name));
-            let pidfd = stored.remove(&crate::fdstore::pid_name(&name));
-            match self.reattach_one(&name, record, memfd, pidfd, &mut stored) {
+            if let Some(vm) = lock(&self.vms).get_mut(&name)
+                && vm.state != VmState::Quarantined
+            {
+                vm.state = VmState::Starting;
+            }
+            // This VM's own fd-store entries (each backend takes the names it pushed).
+            let prefix = format!("vm-{name}-");
+            let own: Vec<String> = stored
+                .keys()
+                .filter(|k| {
+                    k.strip_prefix(&prefix).is_some_and(|rest| {
+                        matches!(rest, "mem" | "pidfd" | "qemu-serial" | "cprd-serial")
+                            || rest
+                                .strip_prefix("tap")
+                                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                })
+                .cloned()
+                .collect();
+            let fds = own.into_iter().filter_map(|k| stored.remove(&k).map(|fd| (k, fd))).collect();
+            pending.push(PendingVm { name, record, path, fds });
+        }
+        pending
+    }
+
+    /// Takes back every VM [`Engine::pending_reattach`] found, all at once (one thread each, so
+    /// that a VMM that does not answer costs one deadline, not one per VM): finishes a handoff a
+    /// dead cprd left in flight, then adopts the VMM that runs the guest. A VMM that may hold the
+    /// guest but cannot be confirmed puts its VM in `needs-attention`; a record of no use is
+    /// quarantined. Fds nobody claimed are closed and dropped from the store.
+    pub fn reattach(self: &Arc<Self>, pending: Vec<PendingVm>, stored: std::collections::HashMap<String, OwnedFd>) {
+        std::thread::scope(|scope| {
+            for vm in pending {
+                scope.spawn(move || self.reattach_pending(vm));
+            }
+        });
+        for (orphan, _fd) in stored {
+            tracing::warn!("fd store entry {orphan} matches no VM; closed");
+            crate::fdstore::remove(&orphan);
+        }
+    }
+
+    fn reattach_pending(self: &Arc<Self>, vm: PendingVm) {
+        let PendingVm { name, record, path, mut fds } = vm;
+        {
+            let memfd = fds.remove(&crate::fdstore::mem_name(&name));
+            let pidfd = fds.remove(&crate::fdstore::pid_name(&name));
+            match self.reattach_one(&name, record, memfd, pidfd, &mut fds) {
                 Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
                 Err(ReattachError::Unusable(why)) => self.quarantine(&name, path.as_deref(), &why),
                 Err(ReattachError::Attention(a)) => {
@@ -871,9 +1011,16 @@ impl Engine {
                 }
             }
         }
-        for (orphan, _fd) in stored {
-            tracing::warn!("fd store entry {orphan} matches no VM; closed");
-            crate::fdstore::remove(&orphan);
+        // Not re-attached: back to where it stood before (unless something above decided).
+        if let Some(vm) = lock(&self.vms).get_mut(&name)
+            && vm.state == VmState::Starting
+        {
+            vm.state = VmState::Stopped;
+        }
+        self.emit(Event::VmChanged(name.clone()));
+        for (unused, _fd) in fds {
+            tracing::warn!(CPRD_VM = name, "fd store entry {unused} was not taken back; closed");
+            crate::fdstore::remove(&unused);
         }
     }
 

@@ -73,10 +73,8 @@ async fn run(
         engine::Engine::new(vendor, cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
     let control = control::listener(&mut stored, &cli.runtime_dir)
         .map_err(|e| format!("cannot open the control socket in {}: {e}", cli.runtime_dir.display()))?;
-    {
-        let e = Arc::clone(&engine);
-        tokio::task::spawn_blocking(move || e.reattach(stored)).await.map_err(|e| e.to_string())?;
-    }
+    // What a previous cprd left is read now; the VMMs are asked only once the bus name is taken.
+    let pending = engine.pending_reattach(&mut stored);
     let builder = match (&cli.bus_address, cli.user) {
         (Some(a), _) => zbus::connection::Builder::address(a.as_str()),
         (None, true) => zbus::connection::Builder::session(),
@@ -96,6 +94,10 @@ async fn run(
     scope::init(&conn).await;
     tokio::spawn(dbus::forward_events(conn.clone(), Arc::clone(&engine)));
     {
+        // Every call to a VMM has a deadline, and the VMs are taken back in parallel: a VMM that
+        // does not answer makes its VM `needs-attention`; the others come up.
+        let e = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || e.reattach(pending, stored)).await.map_err(|e| e.to_string())?;
         let e = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || e.autostart()).await.map_err(|e| e.to_string())?;
     }

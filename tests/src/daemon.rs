@@ -131,8 +131,13 @@ impl Cprd {
         let child = cmd.spawn().expect("start cprd");
         let mut c =
             Self { child, address: bus.address.clone(), config_dir: config_dir.to_path_buf(), runtime_dir, log };
+        // Up: on the bus, and done re-attaching what a previous cprd left (those VMs are
+        // `starting` until then; cprd takes its bus name first).
         let up = wait_until(Duration::from_secs(30), || {
-            c.child.try_wait().ok().flatten().is_some() || c.cprctl(&["list"]).status.success()
+            c.child.try_wait().ok().flatten().is_some() || {
+                let out = c.cprctl(&["--json", "list"]);
+                out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("\"starting\"")
+            }
         });
         assert!(up && c.child.try_wait().ok().flatten().is_none(), "cprd did not come up: {}", c.log_text());
         c

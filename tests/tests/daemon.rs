@@ -523,22 +523,7 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
 
 #[test]
 fn cprd_dying_right_after_a_handoff_adopts_the_new_vmm_on_restart() {
-    require_kvm();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bus = PrivateBus::start(dir.path());
-    let config = write_config(dir.path(), &[]);
-    define_vm(&config, "vm1", "memory = \"64M\"\n");
-    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("CPRD_FAULT", "die-after-handoff")]);
-    let mut s = Setup { _dir: dir, _bus: bus, cprd };
-    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
-    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
-    let out = s.cprd.cprctl(&["upgrade", "vm1"]);
-    assert!(!out.status.success(), "cprd died during the call: {}", text(&out));
-    assert!(wait_until(Duration::from_secs(10), || s.cprd.child.try_wait().ok().flatten().is_some()), "cprd still up");
-    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
-    let config = s.cprd.config_dir.clone();
-    s.cprd = Cprd::start(&dir, &s._bus, &config);
-    let after = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    let (s, before, after) = cprd_dies_with("die-after-handoff");
     assert_eq!(after["state"], "running");
     assert_eq!(after["generation"], 1, "the handoff had completed: the new VMM is adopted");
     assert_ne!(after["main_pid"], before["main_pid"]);
@@ -561,13 +546,18 @@ fn cprd_dying_right_after_a_handoff_adopts_the_new_vmm_on_restart() {
 /// the guest and is adopted. Before the journal, a restarted cprd decided from the old VMM's
 /// state alone.
 fn cprd_dies_at(phase: &str) -> (Setup, serde_json::Value, serde_json::Value) {
+    cprd_dies_with(&format!("die-at:{phase}"))
+}
+
+/// Starts vm1 under a cprd that aborts at the fault `fault` during an upgrade, restarts cprd,
+/// and returns the setup with vm1's status before the upgrade and after the restart.
+fn cprd_dies_with(fault: &str) -> (Setup, serde_json::Value, serde_json::Value) {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
     let bus = PrivateBus::start(dir.path());
     let config = write_config(dir.path(), &[]);
     define_vm(&config, "vm1", "memory = \"64M\"\n");
-    let fault = format!("die-at:{phase}");
-    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("CPRD_FAULT", &fault)]);
+    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("CPRD_FAULT", fault)]);
     let mut s = Setup { _dir: dir, _bus: bus, cprd };
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
@@ -606,4 +596,83 @@ fn cprd_dying_after_the_new_vmm_runs_adopts_it_on_restart() {
     assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(old)), "the old VMM was ended");
     console_ok(&s, "vm1");
     assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "and it can be upgraded again");
+}
+
+/// Issue 13's holes at start-up: one VM file that cannot be read made cprd exit (every other VM
+/// with it); now that VM is quarantined with its error and cprd starts with the others.
+#[test]
+fn an_unreadable_vm_file_is_quarantined_and_cprd_starts_with_the_others() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    define_vm(&config, "good", "memory = \"64M\"\n");
+    define_vm(&config, "bad", "memory = [not toml\n");
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let s = Setup { _dir: dir, _bus: bus, cprd };
+    let list = json(&s.cprd.cprctl(&["--json", "list"]));
+    let state = |n: &str| list.as_array().and_then(|a| a.iter().find(|v| v["name"] == n)).map(|v| v["state"].clone());
+    assert_eq!(state("good"), Some(serde_json::json!("stopped")), "{list}");
+    assert_eq!(state("bad"), Some(serde_json::json!("quarantined")), "{list}");
+    let start = s.cprd.cprctl(&["start", "bad"]);
+    assert!(!start.status.success());
+    assert!(text(&start).contains("bad.toml"), "the error names the file: {}", text(&start));
+    assert!(s.cprd.cprctl(&["start", "good"]).status.success(), "the others run");
+    define_vm(&s.cprd.config_dir, "bad", "memory = \"64M\"\n");
+    assert!(s.cprd.cprctl(&["reload"]).status.success());
+    assert!(s.cprd.cprctl(&["start", "bad"]).status.success(), "fixed and reloaded, it starts");
+}
+
+/// A running VM whose file was removed and the configuration reloaded became invisible and
+/// impossible to stop; now it is listed as `orphaned` until it is stopped.
+#[test]
+fn a_running_vm_whose_file_was_removed_stays_listed_and_stoppable() {
+    let s = setup(&["vm1", "vm2"], &[]);
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let pid = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
+    std::fs::remove_file(s.cprd.config_dir.join("vms/vm1.toml")).expect("rm vm1.toml");
+    std::fs::remove_file(s.cprd.config_dir.join("vms/vm2.toml")).expect("rm vm2.toml");
+    assert!(s.cprd.cprctl(&["reload"]).status.success());
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "orphaned", "{st}");
+    assert_eq!(main_pid(&st), pid);
+    assert!(!s.cprd.cprctl(&["status", "vm2"]).status.success(), "a stopped VM whose file is gone is gone");
+    console_ok(&s, "vm1");
+    assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success(), "an orphan can be stopped");
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(pid)), "its VMM is gone");
+    assert!(!s.cprd.cprctl(&["status", "vm1"]).status.success(), "and then it leaves the list");
+}
+
+/// A VMM that does not answer when cprd starts kept cprd from ever taking its bus name (re-attach
+/// asked it with no deadline, before the name); now cprd comes up, the others are re-attached,
+/// and that VM needs attention.
+#[test]
+fn a_hung_vmm_at_cprd_start_needs_attention_and_the_others_come_up() {
+    let mut s = setup(&["vm1", "vm2"], &[]);
+    for vm in ["vm1", "vm2"] {
+        assert!(s.cprd.cprctl(&["start", vm]).status.success());
+    }
+    let hung = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
+    let fine = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm2"])));
+    let signal = |pid: u32, sig| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")), sig).expect("signal")
+    };
+    signal(hung, nix::sys::signal::Signal::SIGSTOP);
+    s.cprd.kill9();
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            json(&s.cprd.cprctl(&["--json", "status", "vm1"]))["state"] == "needs-attention"
+        }),
+        "the hung VMM's VM needs attention"
+    );
+    let st2 = json(&s.cprd.cprctl(&["--json", "status", "vm2"]));
+    assert_eq!((st2["state"].as_str(), main_pid(&st2)), (Some("running"), fine), "{st2}");
+    assert!(!cpr_tests::process_gone(hung), "the hung VMM, which may hold the guest, was not killed");
+    signal(hung, nix::sys::signal::Signal::SIGCONT);
+    assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success());
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(hung)));
+    console_ok(&s, "vm2");
 }

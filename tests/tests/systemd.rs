@@ -203,6 +203,16 @@ fn reload_re_executes_a_replaced_cprd_binary_in_place() {
     let j = c.sh("journalctl -u cprd --no-pager -o cat");
     assert!(j.contains("re-executing") && j.contains("re-executed; finishing the reload"), "{j}");
     heartbeats_ok(&c, "a");
+    // The VMM the old image started is still cprd's child: when it exits, the new image reaps it.
+    let vmm = c.sh("cprctl --json status a");
+    let vmm: serde_json::Value = serde_json::from_str(&vmm).expect("status JSON");
+    let vmm_pid = vmm["main_pid"].as_u64().expect("main_pid");
+    c.sh(&format!("kill -9 {vmm_pid}"));
+    let reaped = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        c.sh(&format!("test -e /proc/{vmm_pid} && echo present || echo gone")).trim() == "gone"
+    });
+    assert!(reaped, "the VMM (pid {vmm_pid}) that exited after the re-exec was never reaped (a zombie of cprd)");
 }
 
 #[test]
