@@ -4,6 +4,7 @@
 //! Starting ──MigrateSent──▶ Switching ──NewLoaded──▶ Committed ──NewRunning──▶ NewRunning ──OldGone──▶ Done
 //!    │                          │        [Persist, Commit]  │      [Persist, EndOld]
 //!    │ failure, timeout,        │ failure, timeout,         │ failure, timeout, probe says no
+//!    │                          │                           │ (probe: loaded, not running → Commit again)
 //!    │ restart                  │ restart                   ▼
 //!    └──────────────┬───────────┘                      NeedsAttention (kill nothing, resume nothing)
 //!                   ▼ [Persist, KillNew]
@@ -108,6 +109,9 @@ pub enum Event {
     Restarted,
     /// Recovery: the new VMM says it runs the guest.
     ProbedNewRunning,
+    /// Recovery: the new VMM holds the whole state, has run nothing, and can still be told to
+    /// run (a QEMU paused by `-S` after the migration completed).
+    ProbedNewLoaded,
     /// Recovery: the new VMM does not run the guest (it is gone, or it still waits for a commit
     /// that will never come).
     ProbedNewNotRunning(String),
@@ -166,6 +170,7 @@ pub fn step(phase: &Phase, event: &Event) -> (Phase, Vec<Action>) {
             | E::Restarted
             | E::JournalFailed(_)
             | E::ProbedNewNotRunning(_)
+            | E::ProbedNewLoaded
             | E::ProbedUnreachable(_),
         ) => rollback(),
         // The record of the decision could not be written, so the commit was not sent: the new
@@ -173,6 +178,8 @@ pub fn step(phase: &Phase, event: &Event) -> (Phase, Vec<Action>) {
         (P::Committed, E::JournalFailed(_)) => rollback(),
         (P::Committed, E::NewRunning | E::ProbedNewRunning) => (P::NewRunning, vec![Action::Persist, Action::EndOld]),
         (P::Committed, E::Restarted) => (P::Committed, vec![Action::ProbeNew]),
+        // The decision stands and the new VMM can still carry it out: send the commit again.
+        (P::Committed, E::ProbedNewLoaded) => (P::Committed, vec![Action::Commit]),
         (P::Committed, E::NewFailed(why) | E::Timeout(why) | E::ProbedUnreachable(why)) => attention(format!(
             "after the commit the new VMM could not be confirmed running ({why}); the old VMM keeps the guest \
              as it was at the pause and is not resumed, because the new one may have run it"

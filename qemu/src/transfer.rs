@@ -296,6 +296,8 @@ fn probe(record: &HandoffRecord) -> HandoffEvent {
     match Qmp::connect(&record.new.control, Duration::from_secs(5)) {
         Ok(mut q) => match q.status() {
             Ok(s) if s == "running" => HandoffEvent::ProbedNewRunning,
+            // With -S a new QEMU is `paused` only once the incoming migration has completed.
+            Ok(s) if s == "paused" => HandoffEvent::ProbedNewLoaded,
             Ok(s) => HandoffEvent::ProbedNewNotRunning(format!("the new QEMU is {s}")),
             Err(e) => HandoffEvent::ProbedUnreachable(format!("query-status: {e}")),
         },
@@ -362,7 +364,14 @@ pub fn recover(record: HandoffRecord, journal: &mut dyn Journal) -> Phase {
             self.journal.write(&self.record)
         }
         fn commit(&mut self) -> HandoffEvent {
-            HandoffEvent::NewFailed("no commit from a restarted arbiter".into())
+            let ran = Qmp::connect(&self.record.new.control, Duration::from_secs(5))
+                .map_err(|e| e.to_string())
+                .and_then(|mut q| q.execute("cont", None).and_then(|_| q.status()).map_err(|e| e.to_string()));
+            match ran {
+                Ok(s) if s == "running" => HandoffEvent::NewRunning,
+                Ok(s) => HandoffEvent::NewFailed(format!("the new QEMU is {s} after cont")),
+                Err(e) => HandoffEvent::NewFailed(format!("cont on the new QEMU: {e}")),
+            }
         }
         fn kill_new(&mut self) -> HandoffEvent {
             match cpr_handoff::process::kill_and_confirm(self.record.new.pid, Duration::from_secs(10)) {

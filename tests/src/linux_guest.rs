@@ -70,7 +70,10 @@ pub struct ProbeLine {
 
 /// Parses the probe's periodic lines out of console text.
 pub fn probe_lines(text: &str) -> Vec<ProbeLine> {
-    text.lines()
+    // Only complete lines: the console log is read while the guest may be half-way through one.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .filter_map(|l| {
             let l = l.trim_end_matches('\r');
             let rest = l.strip_prefix("PROBE boot=")?;
@@ -85,6 +88,19 @@ pub fn probe_lines(text: &str) -> Vec<ProbeLine> {
             Some(ProbeLine { boot, seq, maxgap_us, gap_us, sum })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_still_being_written_is_not_read() {
+        let line = |seq: u64, sum: &str| format!("PROBE boot=b seq={seq} up_ms=1 gap_us=2 maxgap_us=3 sum={sum}");
+        let text = format!("{}\n{}\n{}", line(1, "abcd"), line(2, "abcd"), &line(3, "abcd")[..40]);
+        let got = probe_lines(&text);
+        assert_eq!(got.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2]);
+    }
 }
 
 /// Checks probe lines: one boot, sequence numbers without a hole, one checksum.

@@ -318,3 +318,44 @@ fn a_cprd_that_dies_right_after_a_handoff_is_finished_by_the_next_one() {
     assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 2);
     still_running(&s, "lin", 3);
 }
+
+/// Runs an upgrade of `lin` under a cprd that aborts right after journaling `phase`, and starts
+/// the next cprd. Returns the setup, the QEMU pid before the upgrade, and the status after.
+fn cprd_dies_at(phase: &str) -> (Setup, u64, serde_json::Value) {
+    let fault = format!("die-at:{phase}");
+    let mut s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", &fault)]);
+    start_and_wait(&s, "lin");
+    let old = status(&s, "lin")["main_pid"].as_u64().expect("pid");
+    let out = s.cprd.cprctl(&["upgrade", "lin"]);
+    assert!(!out.status.success(), "cprd died during the call: {}", text(&out));
+    let _ = s.cprd.child.wait();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(s.dir.path(), &s.bus, &config);
+    let st = status(&s, "lin");
+    (s, old, st)
+}
+
+/// cprd killed after the decision is on record but before its `cont` reached the new QEMU: the
+/// new QEMU (started with -S) holds the whole state, paused, and has run nothing. The next cprd
+/// carries the decision out (`cont`), it does not roll back, and the old QEMU is ended. Before the
+/// commit point was cprd's, the new QEMU ran the guest by itself and no record said so.
+#[test]
+fn a_cprd_that_dies_after_deciding_is_followed_by_one_that_commits() {
+    let (s, old, st) = cprd_dies_at("committed");
+    assert_eq!((st["state"].as_str(), st["generation"].as_u64()), (Some("running"), Some(1)), "{st}");
+    assert_ne!(st["main_pid"].as_u64(), Some(old), "{st}");
+    assert!(wait_until(Duration::from_secs(10), || pid_gone(old)), "old QEMU {old} still runs");
+    still_running(&s, "lin", 5);
+}
+
+/// cprd killed after `migrate` went out but before the decision: the next cprd kills the new
+/// QEMU, waits until it is gone, and only then makes the old one run the guest again.
+#[test]
+fn a_cprd_that_dies_before_deciding_is_followed_by_one_that_rolls_back() {
+    let (s, old, st) = cprd_dies_at("switching");
+    assert_eq!((st["state"].as_str(), st["generation"].as_u64()), (Some("running"), Some(0)), "{st}");
+    assert_eq!(st["main_pid"].as_u64(), Some(old), "the old QEMU runs the guest again: {st}");
+    still_running(&s, "lin", 5);
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 1, "a good upgrade follows");
+    still_running(&s, "lin", 3);
+}
