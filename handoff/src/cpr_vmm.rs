@@ -178,15 +178,7 @@ struct Live<'a> {
 
 impl Live<'_> {
     fn note(&mut self, event: Event) -> Event {
-        match &event {
-            Event::NewFailed(w)
-            | Event::OldFailed(w)
-            | Event::Timeout(w)
-            | Event::NewNotConfirmedDead(w)
-            | Event::OldResumeFailed(w)
-            | Event::JournalFailed(w) => self.failures.push(w.clone()),
-            _ => {}
-        }
+        self.failures.extend(event.failure().map(str::to_string));
         event
     }
 
@@ -209,11 +201,15 @@ impl Live<'_> {
 
     /// Waits for the new VMM to report `Loaded`, watching the old VMM's answer at the same time.
     fn wait_loaded(&mut self) -> Event {
+        let Some(commit) = self.commit.take() else { return Event::NewFailed("no commit channel".into()) };
+        let event = self.wait_loaded_on(&commit);
+        self.commit = Some(commit);
+        event
+    }
+
+    fn wait_loaded_on(&mut self, commit: &OwnedFd) -> Event {
         let deadline = Instant::now() + self.req.timeout() * 3;
         loop {
-            let Some(commit) = self.commit.as_ref().and_then(|c| c.try_clone().ok()) else {
-                return Event::NewFailed("no commit channel".into());
-            };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Event::Timeout(format!(

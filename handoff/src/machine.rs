@@ -122,6 +122,23 @@ pub enum Event {
     JournalFailed(String),
 }
 
+impl Event {
+    /// What went wrong, for an event that reports a failure.
+    pub fn failure(&self) -> Option<&str> {
+        match self {
+            Self::NewFailed(w)
+            | Self::OldFailed(w)
+            | Self::Timeout(w)
+            | Self::NewNotConfirmedDead(w)
+            | Self::OldResumeFailed(w)
+            | Self::ProbedNewNotRunning(w)
+            | Self::ProbedUnreachable(w)
+            | Self::JournalFailed(w) => Some(w),
+            _ => None,
+        }
+    }
+}
+
 /// Something the arbiter must do, in the order given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

@@ -143,19 +143,11 @@ struct Live<'a> {
     journal: &'a mut dyn Journal,
     timeout: Duration,
     failures: Vec<String>,
-    child_dead: bool,
 }
 
 impl Live<'_> {
     fn note(&mut self, event: HandoffEvent) -> HandoffEvent {
-        use HandoffEvent as E;
-        match &event {
-            E::NewFailed(w) | E::OldFailed(w) | E::Timeout(w) | E::NewNotConfirmedDead(w) | E::OldResumeFailed(w) => {
-                self.failures.push(w.clone());
-            }
-            E::JournalFailed(w) => self.failures.push(w.clone()),
-            _ => {}
-        }
+        self.failures.extend(event.failure().map(str::to_string));
         event
     }
 
@@ -260,10 +252,7 @@ impl Sides for Live<'_> {
         self.new = None;
         let _ = self.new_child.kill();
         let event = match self.new_child.wait() {
-            Ok(_) => {
-                self.child_dead = true;
-                HandoffEvent::NewDead
-            }
+            Ok(_) => HandoffEvent::NewDead,
             Err(e) => HandoffEvent::NewNotConfirmedDead(format!("cannot reap the new QEMU: {e}")),
         };
         self.note(event)
@@ -313,8 +302,7 @@ fn probe(record: &HandoffRecord) -> HandoffEvent {
 pub fn transfer(t: Transfer<'_>, record: HandoffRecord, journal: &mut dyn Journal) -> Result<Report, TransferError> {
     let Transfer { old, new_child, new_qmp, main, cpr, timeout, fault } = t;
     let sent = Instant::now();
-    let mut live =
-        Live { old, new_child, new: None, record, journal, timeout, failures: Vec::new(), child_dead: false };
+    let mut live = Live { old, new_child, new: None, record, journal, timeout, failures: Vec::new() };
     let mut phase = Phase::Starting;
     let first = match live.persist(&Phase::Starting) {
         Err(e) => HandoffEvent::JournalFailed(e),
