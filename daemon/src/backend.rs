@@ -109,6 +109,9 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, timeout_ms: u64) -> Phase;
 }
 
+/// Which backend serves which kind of VM definition (the engine's tests put a fake one in).
+pub type Backends = fn(BackendKind) -> Result<&'static dyn VmmBackend, CprdError>;
+
 /// The backend for a VM definition's `backend`.
 pub fn for_kind(kind: BackendKind) -> Result<&'static dyn VmmBackend, CprdError> {
     match kind {

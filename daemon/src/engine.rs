@@ -264,6 +264,8 @@ pub struct Engine {
     /// Held across a snapshot of the records and its writing, so that writes land in order and
     /// an older snapshot never overwrites a newer one.
     persisting: Mutex<()>,
+    /// The backends (the real ones, or a fake one in the engine's tests).
+    backends: backend::Backends,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -310,6 +312,16 @@ impl Engine {
         config_dir: PathBuf,
         runtime_dir: PathBuf,
     ) -> Result<Arc<Self>, config::ConfigError> {
+        Self::with_backends(vendor_dir, config_dir, runtime_dir, backend::for_kind)
+    }
+
+    /// Like [`Engine::new`], with the backends given.
+    pub fn with_backends(
+        vendor_dir: Option<PathBuf>,
+        config_dir: PathBuf,
+        runtime_dir: PathBuf,
+        backends: backend::Backends,
+    ) -> Result<Arc<Self>, config::ConfigError> {
         let settings = config::load_layered(vendor_dir.as_deref(), &config_dir)?;
         // One unreadable VM file does not keep cprd (and every other VM) down: it is quarantined.
         let (defs, bad) = config::load_vms_each(&settings.vms_dir);
@@ -330,6 +342,7 @@ impl Engine {
             history: Mutex::new(Vec::new()),
             events,
             persisting: Mutex::new(()),
+            backends,
         }))
     }
 
@@ -502,7 +515,7 @@ impl Engine {
         let binary = self.binary_for(&def, "")?;
         self.claim(name, &[VmState::Stopped, VmState::Failed], VmState::Starting)?;
         let dir = self.runtime_dir.join("vms");
-        match backend::for_kind(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
+        match (self.backends)(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
             Ok((record, memfd, child)) => {
                 crate::scope::move_to_scope(name, record.generation, record.main_pid, None);
                 let pid = self.adopt(name, record, memfd);
@@ -578,7 +591,7 @@ impl Engine {
         vm.record = None;
         vm.memfd = None;
         drop(vms);
-        if let Ok(b) = self.def(name).and_then(|d| backend::for_kind(d.backend)) {
+        if let Ok(b) = self.def(name).and_then(|d| (self.backends)(d.backend)) {
             b.forget(name);
         }
         // The guest is gone: its memory must not outlive it in the fd store.
@@ -614,7 +627,7 @@ impl Engine {
             self.set_state(name, VmState::Stopped);
             return Ok(());
         };
-        if let Ok(b) = backend::for_kind(def_backend) {
+        if let Ok(b) = (self.backends)(def_backend) {
             b.stop(&record, force);
             b.forget(name);
         }
@@ -645,7 +658,7 @@ impl Engine {
     pub fn upgrade(self: &Arc<Self>, name: &str, binary: &str) -> Result<(u64, u64), CprdError> {
         let def = self.def(name)?;
         let binary = self.binary_for(&def, binary)?;
-        let backend = backend::for_kind(def.backend)?;
+        let backend = (self.backends)(def.backend)?;
         if let Err(e) = backend.preflight(&binary, &def, &self.runtime_dir.join("vms")) {
             // Refused before anything was touched; still an upgrade attempt for the history.
             if self.view(name).is_ok_and(|v| v.state == VmState::Running) {
@@ -765,7 +778,7 @@ impl Engine {
             vm.memfd = None;
             vm.other_pids.clear();
         }
-        if let Ok(b) = self.def(name).and_then(|d| backend::for_kind(d.backend)) {
+        if let Ok(b) = self.def(name).and_then(|d| (self.backends)(d.backend)) {
             b.forget(name);
         }
         crate::fdstore::remove(&crate::fdstore::mem_name(name));
@@ -1042,7 +1055,7 @@ impl Engine {
         stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<u32, ReattachError> {
         let def = self.def(name).map_err(|e| e.to_string())?;
-        let backend = backend::for_kind(def.backend).map_err(|e| e.to_string())?;
+        let backend = (self.backends)(def.backend).map_err(|e| e.to_string())?;
         // A handoff that a dead cprd left in flight is finished or rolled back first, from its
         // journal, by the same machine that ran it.
         let mut journal = self.journal(name);
@@ -1114,3 +1127,6 @@ impl Engine {
         format!("{running} VMs running{}", last.unwrap_or_default())
     }
 }
+
+#[cfg(test)]
+mod tests;

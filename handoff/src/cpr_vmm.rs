@@ -328,9 +328,8 @@ impl Sides for Live<'_> {
         };
         let event = match old.call(&Request::Resume, &[]) {
             Ok(Response::Ok) => Event::OldResumed,
-            Ok(other) => Event::OldResumeFailed(format!("resume answered {other:?}")),
-            Err(WireError::Closed) => self.old_gone_or("it went away".into()),
-            Err(e) => Event::OldResumeFailed(format!("resume: {e}")),
+            Ok(other) => self.old_gone_or(format!("resume answered {other:?}")),
+            Err(e) => self.old_gone_or(format!("resume: {e}")),
         };
         self.note(event)
     }

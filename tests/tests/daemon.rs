@@ -676,3 +676,40 @@ fn a_hung_vmm_at_cprd_start_needs_attention_and_the_others_come_up() {
     assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(hung)));
     console_ok(&s, "vm2");
 }
+
+/// Issue 13's hole: a VMM that died while its VM was `upgrading` was ignored (its exit was the
+/// handoff's to interpret), and a handoff that ended "rolled back" marked the VM running again
+/// with the dead pid: `start` was then a no-op. Here the old VMM answers its arbiter (the new VMM
+/// went away before it was ready: the guest kept running) and dies before cprd has read the
+/// answer; cprd is held stopped meanwhile (SIGSTOP), so both news reach it together.
+#[test]
+fn a_vmm_that_dies_while_its_vm_is_upgrading_is_not_marked_running_again() {
+    let (wrappers, s) = setup_with_wrappers(&["vm1"]);
+    let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:before-ready exec REAL \"$@\"");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let old = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
+    let (mut upgrade, new_pid) = upgrade_until_stalled(&s.cprd, "vm1", &stall);
+    let signal = |pid: u32, sig| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")), sig).expect("signal")
+    };
+    let cprd = s.cprd.child.id();
+    signal(cprd, nix::sys::signal::Signal::SIGSTOP);
+    signal(new_pid, nix::sys::signal::Signal::SIGKILL);
+    // The old VMM sees the new one go, answers "the guest kept running here", then dies.
+    std::thread::sleep(Duration::from_millis(300));
+    signal(old, nix::sys::signal::Signal::SIGKILL);
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::is_zombie(old)), "the old VMM died");
+    signal(cprd, nix::sys::signal::Signal::SIGCONT);
+    assert!(!upgrade.wait().expect("cprctl upgrade").success(), "the upgrade failed");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            json(&s.cprd.cprctl(&["--json", "status", "vm1"]))["state"] == "failed"
+        }),
+        "the VM whose VMM died is failed, not running: {}",
+        json(&s.cprd.cprctl(&["--json", "status", "vm1"]))
+    );
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "running");
+    assert!(!cpr_tests::process_gone(main_pid(&st)), "start started a VMM (a fresh guest): {st}");
+}
