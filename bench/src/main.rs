@@ -307,11 +307,15 @@ fn daemon_bench(args: &Args) {
     }
     let cprd = Cprd::start(ddir.path(), &bus, &config);
     assert!(cprd.cprctl(&["start", "one"]).status.success());
+    // What one message round trip costs here, in the same conditions (both guests running):
+    // the price of the commit (the new VMM's `Loaded` to its arbiter, the arbiter's `Commit`).
+    let round_trip = seqpacket_round_trips(1000);
     // Interleaved, both guests running: the same conditions for both kinds of handoff.
-    let (mut bare, mut via_dbus, mut wall) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bare, mut via_dbus, mut wall, mut commit) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("bare handoff {i}: {e}"));
         bare.push(chain.reports.last().map_or(0.0, |r| r.downtime_ns() as f64 / 1000.0));
+        commit.extend(chain.reports.last().map(|r| r.resumed_ns.saturating_sub(r.loaded_ns) as f64 / 1000.0));
         let t = std::time::Instant::now();
         let out = cprd.cprctl(&["--json", "upgrade", "one"]);
         wall.push(t.elapsed().as_secs_f64() * 1e3);
@@ -348,6 +352,8 @@ fn daemon_bench(args: &Args) {
     print_row("bare handoff downtime (cpr-vmm handoff), us", &b, 0);
     print_row("cprd UpgradeVM downtime (D-Bus), us", &d, 0);
     print_row("cprctl upgrade wall time, ms", &w, 1);
+    print_row("the commit in a bare handoff (Loaded sent to KVM_RUN), us", &summarize(&commit), 0);
+    print_row("one seqpacket round trip between two idle processes, us", &summarize(&round_trip), 0);
     if !during_all.is_empty() {
         print_row(&format!("downtime of each VM during UpgradeAll({}), us", args.vms), &summarize(&during_all), 0);
     }
@@ -355,6 +361,62 @@ fn daemon_bench(args: &Args) {
     println!("cprd-driven / bare median downtime = {:.2}", d.median / b.median);
     println!("UpgradeAll of {} VMs: {all_wall:.2} s wall, {}", args.vms, if ok { "all ok" } else { "FAILURES" });
     println!("cprd RSS with {} VMs: {:.1} MiB", args.vms, rss as f64 / 1024.0);
+}
+
+/// `n` round trips of one small message between this process and a child on a `SOCK_SEQPACKET`
+/// pair, each side blocking in `recv` and on the short handoff slice, each after both sides sat
+/// idle for 0.5 ms, as the arbiter and the new VMM are around the commit; in µs.
+fn seqpacket_round_trips(n: usize) -> Vec<f64> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::os::fd::AsFd;
+    let (ours, theirs) =
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::empty()).expect("socketpair");
+    // SAFETY: the child only echoes on its socket and exits; no locks are taken after fork.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            drop(ours);
+            cpr_spawn::sched::set_current_thread_slice(cpr_spawn::sched::HANDOFF_SLICE_NS);
+            let mut buf = [0u8; 64];
+            while let Ok(k) = nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&theirs),
+                &mut buf,
+                nix::sys::socket::MsgFlags::empty(),
+            ) {
+                if k == 0
+                    || nix::sys::socket::send(
+                        std::os::fd::AsRawFd::as_raw_fd(&theirs),
+                        &buf[..k],
+                        nix::sys::socket::MsgFlags::empty(),
+                    )
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            // SAFETY: _exit ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(theirs);
+            cpr_spawn::sched::set_current_thread_slice(cpr_spawn::sched::HANDOFF_SLICE_NS);
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&ours.as_fd());
+            let mut buf = [0u8; 64];
+            let samples = (0..n)
+                .map(|_| {
+                    // Both sides idle first, as the arbiter is while the new VMM restores.
+                    std::thread::sleep(std::time::Duration::from_micros(500));
+                    let t = std::time::Instant::now();
+                    let _ = nix::sys::socket::send(fd, b"{\"msg\":\"commit\"}", nix::sys::socket::MsgFlags::empty());
+                    let _ = nix::sys::socket::recv(fd, &mut buf, nix::sys::socket::MsgFlags::empty());
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            cpr_spawn::sched::set_current_thread_slice(0);
+            drop(ours);
+            let _ = nix::sys::wait::waitpid(child, None);
+            samples
+        }
+    }
 }
 
 /// Median cost of one vCPU ioctl (`KVM_GET_REGS`) and one system ioctl on this host, in µs:

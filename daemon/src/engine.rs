@@ -28,7 +28,7 @@ impl CprdJournal {
         self.file.read()
     }
 
-    fn remove(&self) {
+    fn remove(&mut self) {
         self.file.remove();
     }
 }

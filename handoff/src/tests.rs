@@ -412,9 +412,16 @@ fn file_journal_round_trips_and_replaces_atomically() {
     r.phase = Phase::Committed;
     r.new.pid = 11;
     j.write(&r).expect("write");
-    assert_eq!(j.read().expect("read"), Some(r));
+    assert_eq!(j.read().expect("read"), Some(r.clone()));
     std::fs::write(j.path(), b"{not json").expect("corrupt");
     assert!(j.read().expect_err("a corrupt record is an error").contains("does not parse"));
     j.remove();
     assert_eq!(j.read().expect("read"), None);
+    // A record longer than the padding is still whole, and a shorter one after it too.
+    r.binary = std::path::PathBuf::from(format!("/{}", "x".repeat(5000)));
+    j.write(&r).expect("write a long record");
+    assert_eq!(j.read().expect("read"), Some(r.clone()));
+    r.binary = "/usr/bin/y".into();
+    j.write(&r).expect("write a short one over it");
+    assert_eq!(j.read().expect("read"), Some(r));
 }

@@ -141,6 +141,10 @@ pub struct HandoffReport {
     pub state_bytes: u64,
     /// New side: state received and decoded.
     pub state_received_ns: u64,
+    /// New side: the state was restored and `Loaded` went to the arbiter (0 from a VMM that
+    /// predates the arbiter's commit). `resumed_ns - loaded_ns` is the price of the commit.
+    #[serde(default)]
+    pub loaded_ns: u64,
     /// New side: the vCPUs were released into `KVM_RUN` (downtime ends).
     pub resumed_ns: u64,
     /// New side's process id.

@@ -88,7 +88,18 @@ pub fn wait_readable(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<
 /// Receives one message from `sock`, waiting at most `timeout` (`None`: block).
 pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<Received<T>, WireError> {
     wait_readable(sock, timeout)?;
-    let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
+    // The datagram's size first (MSG_PEEK | MSG_TRUNC gives it whole): a buffer of exactly that
+    // size, not of the largest message, which on the handoff's critical path would cost page
+    // faults for 256 KiB per small message.
+    let size = loop {
+        match nix::sys::socket::recv(sock.as_raw_fd(), &mut [0u8; 1], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+            Ok(n) => break n,
+            Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    };
+    let mut buf = vec![0u8; size.clamp(1, MAX_MESSAGE_BYTES + 1)];
     let mut cmsg_buf = cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds, truncated) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -112,7 +123,7 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>
             Err(e) => return Err(WireError::Io(e)),
         }
     };
-    if truncated {
+    if truncated || len > MAX_MESSAGE_BYTES {
         return Err(WireError::TooLarge);
     }
     if len == 0 {

@@ -713,3 +713,29 @@ fn a_vmm_that_dies_while_its_vm_is_upgrading_is_not_marked_running_again() {
     assert_eq!(st["state"], "running");
     assert!(!cpr_tests::process_gone(main_pid(&st)), "start started a VMM (a fresh guest): {st}");
 }
+
+/// Re-attach adopted whatever VMM answered on the recorded control socket. Now it adopts only
+/// the VMM that reports the VM's generation (and maps the memfd cprd keeps): a record that does
+/// not match what answers leaves the VM in `needs-attention`, and nothing is killed.
+#[test]
+fn reattach_adopts_only_the_vmm_that_runs_the_recorded_generation() {
+    let mut s = setup(&["vm1"], &[]);
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success());
+    let pid = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
+    s.cprd.kill9();
+    // The record now names another generation than the VMM at its control socket runs.
+    let path = s.cprd.runtime_dir.join("vms/vm1.json");
+    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
+    assert_eq!(record["generation"], 1);
+    record["generation"] = serde_json::json!(0);
+    std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("write record");
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "needs-attention", "{st}");
+    assert!(!cpr_tests::process_gone(pid), "the VMM that may hold the guest was not killed");
+    assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success());
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(pid)));
+}

@@ -413,6 +413,7 @@ fn restore_incoming(
     core.generation.store(decoded.machine.generation, std::sync::atomic::Ordering::SeqCst);
     let timing = decoded.timing.unwrap_or_default();
     // Everything is in place and nothing has run: the arbiter decides now.
+    let loaded_ns = monotonic_ns();
     wire::send(commit.as_fd(), &ToArbiter::Loaded, &[])
         .map_err(|e| VmmError::IncomingAborted(format!("the arbiter went away before the decision: {e}")))?;
     fault::stall_point("after-loaded");
@@ -430,6 +431,7 @@ fn restore_incoming(
         pause_requested_ns: timing.pause_requested_ns,
         paused_ns: timing.paused_ns,
         state_received_ns,
+        loaded_ns,
         resumed_ns: monotonic_ns(),
         new_pid: std::process::id(),
         generation: decoded.machine.generation,
