@@ -92,7 +92,7 @@ fn cprd_qemu_hops(ram: &str, hops: usize) -> Vec<Hop> {
         let (out, lines) = (console.stdout.take().expect("stdout"), std::sync::Arc::clone(&lines));
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(p) = cpr_tests::linux_guest::probe_lines(&line).first() {
+                if let Some(p) = cpr_tests::linux_guest::probe_line(&line) {
                     lines.lock().expect("lock").push((p.seq, p.gap_us, std::time::Instant::now()));
                 }
             }

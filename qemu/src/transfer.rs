@@ -143,6 +143,8 @@ struct Live<'a> {
     journal: &'a mut dyn Journal,
     timeout: Duration,
     failures: Vec<String>,
+    /// The old QEMU's `query-migrate`, read before it is told to quit.
+    old_info: Value,
 }
 
 impl Live<'_> {
@@ -271,6 +273,7 @@ impl Sides for Live<'_> {
     }
 
     fn end_old(&mut self) -> HandoffEvent {
+        self.old_info = migration_status(self.old).map(|(_, info)| info).unwrap_or(Value::Null);
         let _ = self.old.execute("quit", None);
         HandoffEvent::OldGone
     }
@@ -302,7 +305,8 @@ fn probe(record: &HandoffRecord) -> HandoffEvent {
 pub fn transfer(t: Transfer<'_>, record: HandoffRecord, journal: &mut dyn Journal) -> Result<Report, TransferError> {
     let Transfer { old, new_child, new_qmp, main, cpr, timeout, fault } = t;
     let sent = Instant::now();
-    let mut live = Live { old, new_child, new: None, record, journal, timeout, failures: Vec::new() };
+    let mut live =
+        Live { old, new_child, new: None, record, journal, timeout, failures: Vec::new(), old_info: Value::Null };
     let mut phase = Phase::Starting;
     let first = match live.persist(&Phase::Starting) {
         Err(e) => HandoffEvent::JournalFailed(e),
@@ -329,8 +333,7 @@ pub fn transfer(t: Transfer<'_>, record: HandoffRecord, journal: &mut dyn Journa
         return Err(TransferError { phase: end, reason: "no QMP connection to the new QEMU".into() });
     };
     let migrate_to_running_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let info = migration_status(live.old).map(|(_, i)| i).unwrap_or(Value::Null);
-    let num = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let num = |k: &str| live.old_info.get(k).and_then(Value::as_u64).unwrap_or(0);
     let (downtime_ms, total_ms) = (num("downtime"), num("total-time"));
     let stop = live.old.take_events().into_iter().find(|e| e.name == "STOP").map(|e| e.timestamp_us);
     let resume = new.take_events().into_iter().find(|e| e.name == "RESUME").map(|e| e.timestamp_us);

@@ -72,22 +72,22 @@ pub struct ProbeLine {
 pub fn probe_lines(text: &str) -> Vec<ProbeLine> {
     // Only complete lines: the console log is read while the guest may be half-way through one.
     let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim_end_matches('\r');
-            let rest = l.strip_prefix("PROBE boot=")?;
-            let mut f = rest.split_whitespace();
-            let boot = f.next()?.to_string();
-            let mut get = |k: &str| f.next().and_then(|x| x.strip_prefix(k)).map(str::to_string);
-            let seq = get("seq=")?.parse().ok()?;
-            let _up = get("up_ms=")?;
-            let gap_us = get("gap_us=")?.parse().ok()?;
-            let maxgap_us = get("maxgap_us=")?.parse().ok()?;
-            let sum = get("sum=")?;
-            Some(ProbeLine { boot, seq, maxgap_us, gap_us, sum })
-        })
-        .collect()
+    complete.lines().filter_map(probe_line).collect()
+}
+
+/// Parses one whole probe line (without its newline), if it is one.
+pub fn probe_line(line: &str) -> Option<ProbeLine> {
+    let l = line.trim_end_matches('\r');
+    let rest = l.strip_prefix("PROBE boot=")?;
+    let mut f = rest.split_whitespace();
+    let boot = f.next()?.to_string();
+    let mut get = |k: &str| f.next().and_then(|x| x.strip_prefix(k)).map(str::to_string);
+    let seq = get("seq=")?.parse().ok()?;
+    let _up = get("up_ms=")?;
+    let gap_us = get("gap_us=")?.parse().ok()?;
+    let maxgap_us = get("maxgap_us=")?.parse().ok()?;
+    let sum = get("sum=")?;
+    Some(ProbeLine { boot, seq, maxgap_us, gap_us, sum })
 }
 
 #[cfg(test)]
