@@ -335,12 +335,39 @@ fn preflight(binary: &Path) -> Result<(), CprdError> {
     Ok(())
 }
 
+/// How long a candidate binary may take to say which state formats it reads.
+const STATE_FORMATS_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
-    let out = Command::new(binary)
+    let mut child = Command::new(binary)
         .arg("--state-formats")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .map_err(|e| CprdError::Incompatible(format!("cannot run {}: {e}", binary.display())))?;
+    // A binary that does not answer in time is refused (and killed), never waited for.
+    let deadline = Instant::now() + STATE_FORMATS_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CprdError::Incompatible(format!(
+                    "{} did not say which state formats it reads within {STATE_FORMATS_TIMEOUT:?}; nothing was changed",
+                    binary.display()
+                )));
+            }
+        }
+    };
+    let mut stdout = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        use std::io::Read;
+        let _ = out.take(64 * 1024).read_to_end(&mut stdout);
+    }
+    let out = std::process::Output { status, stdout, stderr: Vec::new() };
     let text = String::from_utf8_lossy(&out.stdout);
     let reads: Vec<u16> = text
         .lines()

@@ -739,3 +739,23 @@ fn reattach_adopts_only_the_vmm_that_runs_the_recorded_generation() {
     assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success());
     assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(pid)));
 }
+
+/// The pre-flight question to a candidate binary (`--state-formats`) had no deadline: a binary
+/// that never answers held the upgrade (and its caller) for ever. Now it is refused in time,
+/// killed, and the guest is untouched.
+#[test]
+fn a_candidate_binary_that_never_answers_its_preflight_is_refused_in_time() {
+    let (wrappers, s) = setup_with_wrappers(&["vm1"]);
+    let hangs = wrappers.path().join("hangs.sh");
+    std::fs::write(&hangs, "#!/bin/sh\nexec sleep 600\n").expect("write");
+    std::fs::set_permissions(&hangs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    let t = std::time::Instant::now();
+    let out = s.cprd.cprctl(&["upgrade", "vm1", "--binary", &hangs.to_string_lossy()]);
+    assert!(!out.status.success());
+    assert!(t.elapsed() < Duration::from_secs(30), "refused in time, not waited for: {:?}", t.elapsed());
+    assert!(text(&out).contains("Incompatible") && text(&out).contains("did not say"), "{}", text(&out));
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!((&st["state"], &st["main_pid"]), (&before["state"], &before["main_pid"]), "untouched");
+}
