@@ -52,6 +52,8 @@ trait Vm {
     fn last_downtime_usec(&self) -> zbus::Result<u64>;
     #[zbus(property, name = "ConsoleLog")]
     fn console_log(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "StateReason")]
+    fn state_reason(&self) -> zbus::Result<String>;
 }
 
 /// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
@@ -267,6 +269,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "vmm_binary": vm.vmm_binary().await?, "vmm_version": vm.vmm_version().await?,
                 "memory_bytes": vm.memory_bytes().await?, "vcpus": vm.vcpus().await?,
                 "last_downtime_usec": vm.last_downtime_usec().await?, "console_log": vm.console_log().await?,
+                "state_reason": vm.state_reason().await?,
             });
             if cli.json {
                 println!("{v}");

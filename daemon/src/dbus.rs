@@ -315,6 +315,11 @@ impl VmObject {
     async fn console_log(&self) -> zbus::fdo::Result<String> {
         Ok(self.view()?.console)
     }
+    /// Why the VM is in `needs-attention` or `quarantined` (empty in every other state).
+    #[zbus(property, name = "StateReason")]
+    async fn state_reason(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.state_reason)
+    }
 }
 
 /// The reload cycle, for `Reload()` and SIGHUP alike: tells systemd `RELOADING=1` (with
@@ -404,6 +409,7 @@ pub async fn forward_events(conn: Connection, engine: Arc<Engine>) {
                     let em = iface.signal_emitter();
                     let obj = iface.get().await;
                     let _ = obj.state_changed(em).await;
+                    let _ = obj.state_reason_changed(em).await;
                     let _ = obj.generation_changed(em).await;
                     let _ = obj.main_p_i_d_changed(em).await;
                     let _ = obj.last_downtime_u_sec_changed(em).await;

@@ -175,6 +175,8 @@ pub struct VmView {
     pub last_downtime_usec: u64,
     /// Console log path.
     pub console: String,
+    /// Why the VM needs attention, or why its file is quarantined (empty otherwise).
+    pub state_reason: String,
 }
 
 /// One upgrade, for `history`.
@@ -403,6 +405,7 @@ impl Engine {
             vcpus: def.as_ref().map_or(0, |d| d.vcpus),
             last_downtime_usec: r.as_ref().map_or(0, |r| r.last_downtime_usec),
             console: r.as_ref().map_or_else(String::new, |r| r.console.display().to_string()),
+            state_reason: vm.attention.clone().unwrap_or_default(),
         })
     }
 

@@ -575,6 +575,8 @@ fn cprd_dies_with(fault: &str) -> (Setup, serde_json::Value, serde_json::Value) 
 fn cprd_dying_after_the_decision_before_the_commit_leaves_both_vmms_for_a_human() {
     let (s, before, after) = cprd_dies_at("committed");
     assert_eq!(after["state"], "needs-attention", "{after}");
+    let reason = after["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("the commit was decided"), "the reason is on the bus: {after}");
     assert_eq!(after["main_pid"], before["main_pid"], "the old VMM is kept");
     let old = main_pid(&before);
     assert!(!cpr_tests::process_gone(old), "the old VMM (which holds the paused guest) was not killed");
@@ -614,6 +616,8 @@ fn an_unreadable_vm_file_is_quarantined_and_cprd_starts_with_the_others() {
     let state = |n: &str| list.as_array().and_then(|a| a.iter().find(|v| v["name"] == n)).map(|v| v["state"].clone());
     assert_eq!(state("good"), Some(serde_json::json!("stopped")), "{list}");
     assert_eq!(state("bad"), Some(serde_json::json!("quarantined")), "{list}");
+    let bad = json(&s.cprd.cprctl(&["--json", "status", "bad"]));
+    assert!(bad["state_reason"].as_str().is_some_and(|r| r.contains("bad.toml")), "the error is on the bus: {bad}");
     let start = s.cprd.cprctl(&["start", "bad"]);
     assert!(!start.status.success());
     assert!(text(&start).contains("bad.toml"), "the error names the file: {}", text(&start));
