@@ -20,6 +20,8 @@ trait Manager {
     fn start_vm(&self, name: &str) -> zbus::Result<()>;
     #[zbus(name = "StopVM")]
     fn stop_vm(&self, name: &str, force: bool) -> zbus::Result<()>;
+    #[zbus(name = "ResumeVM")]
+    fn resume_vm(&self, name: &str) -> zbus::Result<()>;
     #[zbus(name = "UpgradeVM")]
     fn upgrade_vm(&self, name: &str, binary: &str) -> zbus::Result<(u64, u64)>;
     #[zbus(name = "UpgradeAll")]
@@ -98,6 +100,12 @@ enum Cmd {
         /// Kill the VMM instead of asking it to stop.
         #[arg(long)]
         force: bool,
+    },
+    /// Make the VMM of a VM that needs attention run its guest again (an operator's decision:
+    /// the guest is as it was when the handoff paused it).
+    Resume {
+        /// VM name.
+        name: String,
     },
     /// Hand a VM (or all, with --all) to a new VMM process, live.
     Upgrade {
@@ -281,6 +289,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Start { name } => m.start_vm(&name).await?,
         Cmd::Stop { name, force } => m.stop_vm(&name, force).await?,
+        Cmd::Resume { name } => m.resume_vm(&name).await?,
         Cmd::Upgrade { name: Some(name), all: false, binary } => {
             let (downtime, generation) = m.upgrade_vm(&name, &binary).await?;
             if cli.json {

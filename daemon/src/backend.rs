@@ -102,6 +102,9 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
         stored_memfd: Option<&OwnedFd>,
         stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<OwnedFd, String>;
+    /// Makes a VMM that holds the paused guest run it again (an operator's decision on a VM that
+    /// needs attention).
+    fn resume(&self, record: &VmRecord) -> Result<(), String>;
     /// Drops whatever the backend holds for a VM whose VMM is gone.
     fn forget(&self, _name: &str) {}
     /// Finishes or rolls back a handoff that a dead cprd left in flight, from its record, by
@@ -282,6 +285,14 @@ impl VmmBackend for CprVmm {
 
     fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, timeout_ms: u64) -> Phase {
         cpr_handoff::cpr_vmm::recover(handoff, journal, Duration::from_millis(timeout_ms)).0
+    }
+
+    fn resume(&self, record: &VmRecord) -> Result<(), String> {
+        let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
+        match client.call(&Request::Resume, &[]) {
+            Ok(Response::Ok) => Ok(()),
+            other => Err(format!("resume answered {other:?}")),
+        }
     }
 }
 

@@ -139,6 +139,20 @@ impl Manager {
         blocking(move || e.stop(&name, force)).await?
     }
 
+    /// Makes the VMM on record of a VM that needs attention run its guest again (refused while
+    /// another VMM that may hold the guest lives).
+    #[zbus(name = "ResumeVM")]
+    async fn resume_vm(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), CprdError> {
+        authorize(conn, &header).await?;
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.resume(&name)).await?
+    }
+
     /// Hands a VM to a new VMM of `binary` (empty: the configured one); (downtime µs, generation).
     #[zbus(name = "UpgradeVM")]
     async fn upgrade_vm(

@@ -656,6 +656,49 @@ impl Engine {
         Ok(())
     }
 
+    /// Makes the VMM on record run the guest again, for a VM that needs attention: an operator's
+    /// decision (the guest it holds is as it was at the pause). Refused while another VMM that may
+    /// hold the guest lives.
+    pub fn resume(self: &Arc<Self>, name: &str) -> Result<(), CprdError> {
+        let def = self.def(name)?;
+        let others: Vec<u32> = lock(&self.vms)
+            .get(name)
+            .map(|vm| vm.other_pids.iter().copied().filter(|p| !backend::process_gone(*p)).collect())
+            .unwrap_or_default();
+        if let Some(pid) = others.first() {
+            return Err(CprdError::Busy(format!(
+                "another VMM of {name} (pid {pid}) may run the guest; it must be gone before the old one resumes"
+            )));
+        }
+        self.claim(name, &[VmState::NeedsAttention], VmState::Starting)?;
+        let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
+        let resumed = match &record {
+            Some(r) => {
+                (self.backends)(def.backend).map_err(|e| e.to_string()).and_then(|b| b.resume(r)).map(|()| r.main_pid)
+            }
+            None => Err("no VMM on record".to_string()),
+        };
+        match resumed {
+            Ok(pid) => {
+                if let Some(vm) = lock(&self.vms).get_mut(name) {
+                    vm.state = VmState::Running;
+                    vm.attention = None;
+                    vm.other_pids.clear();
+                }
+                self.journal(name).remove();
+                self.supervise_pid(name, pid, None);
+                self.persist(name);
+                tracing::warn!(CPRD_VM = name, "VM {name} resumed in its VMM (pid {pid}) by an operator");
+                self.emit(Event::VmChanged(name.to_string()));
+                Ok(())
+            }
+            Err(why) => {
+                self.set_state(name, VmState::NeedsAttention);
+                Err(CprdError::InvalidArgument(format!("VM {name} was not resumed: {why}")))
+            }
+        }
+    }
+
     /// Hands a running VM to a new VMM process of `binary` (empty: the configured one).
     /// Returns (downtime µs, new generation).
     pub fn upgrade(self: &Arc<Self>, name: &str, binary: &str) -> Result<(u64, u64), CprdError> {

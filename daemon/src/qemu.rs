@@ -470,4 +470,9 @@ impl VmmBackend for Qemu {
     fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, _timeout_ms: u64) -> Phase {
         transfer::recover(handoff, journal)
     }
+
+    fn resume(&self, record: &VmRecord) -> Result<(), String> {
+        let mut qmp = Qmp::connect(&record.control, Duration::from_secs(5)).map_err(|e| format!("QMP: {e}"))?;
+        transfer::resume_old(&mut qmp)
+    }
 }

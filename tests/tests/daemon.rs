@@ -763,3 +763,23 @@ fn a_candidate_binary_that_never_answers_its_preflight_is_refused_in_time() {
     let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
     assert_eq!((&st["state"], &st["main_pid"]), (&before["state"], &before["main_pid"]), "untouched");
 }
+
+/// The operator's way out of that state when they know the new VMM never ran (here it never got
+/// the commit and exited): `cprctl resume` makes the old VMM run the paused guest again, and the
+/// guest goes on where it stopped.
+#[test]
+fn an_operator_resumes_the_old_vmm_of_a_vm_that_needs_attention() {
+    let (s, before, after) = cprd_dies_at("committed");
+    assert_eq!(after["state"], "needs-attention", "{after}");
+    let out = s.cprd.cprctl(&["resume", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(
+        (st["state"].as_str(), &st["main_pid"], &st["generation"]),
+        (Some("running"), &before["main_pid"], &before["generation"])
+    );
+    assert_eq!(st["state_reason"], "");
+    console_ok(&s, "vm1");
+    assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "and it upgrades again");
+    assert!(!s.cprd.cprctl(&["resume", "vm1"]).status.success(), "resume is only for a VM that needs attention");
+}

@@ -115,6 +115,13 @@ impl VmmBackend for Fake {
         cpr_proto::memory::create_memfd(def.memory_bytes)
     }
 
+    fn resume(&self, record: &VmRecord) -> Result<(), String> {
+        if crate::backend::process_gone(record.main_pid) {
+            return Err(format!("pid {} is gone", record.main_pid));
+        }
+        Ok(())
+    }
+
     fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, _timeout_ms: u64) -> Phase {
         let phase = lock(&self.recovery).take().unwrap_or(Phase::RolledBack);
         let _ = journal.write(&HandoffRecord { phase: phase.clone(), ..handoff });
@@ -317,4 +324,21 @@ fn a_handoff_left_undecidable_needs_attention_at_reattach() {
     assert!(!crate::backend::process_gone(new_pid) && !crate::backend::process_gone(before.main_pid));
     e.engine.stop("vm1", false).expect("stop");
     assert!(crate::backend::process_gone(before.main_pid) && crate::backend::process_gone(new_pid));
+}
+
+#[test]
+fn resume_of_a_vm_that_needs_attention_waits_until_no_other_vmm_may_run_it() {
+    let e = env(&[("vm1", VM)]);
+    e.engine.start("vm1").expect("start");
+    let old = e.engine.view("vm1").expect("view").main_pid;
+    lock(&FAKE.script).push_back(Script::NeedsAttention);
+    e.engine.upgrade("vm1", "").expect_err("needs attention");
+    let other = lock(&e.engine.vms).get("vm1").map(|vm| vm.other_pids.clone()).unwrap_or_default();
+    let err = e.engine.resume("vm1").expect_err("the new VMM still lives");
+    assert!(err.to_string().contains(&other[0].to_string()), "{err}");
+    kill(other[0]);
+    e.engine.resume("vm1").expect("resume");
+    let v = e.engine.view("vm1").expect("view");
+    assert_eq!((v.state, v.main_pid, v.state_reason.as_str()), (VmState::Running, old, ""));
+    assert!(e.engine.resume("vm1").is_err(), "only a VM that needs attention is resumed");
 }
