@@ -299,18 +299,9 @@ fn a_restarted_cprd_takes_its_qemu_guest_back() {
 
 #[test]
 fn a_cprd_that_dies_right_after_a_handoff_is_finished_by_the_next_one() {
-    let mut s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", "die-after-handoff")]);
-    start_and_wait(&s, "lin");
-    let old = status(&s, "lin")["main_pid"].as_u64().expect("pid");
     // cprd aborts between the handoff and recording it (fault injection: no real crash can be
     // aimed there); the call fails, the guest runs on in the new QEMU.
-    let out = s.cprd.cprctl(&["upgrade", "lin"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    let _ = s.cprd.child.wait();
-    let config = s.cprd.config_dir.clone();
-    let restarted = Cprd::start(s.dir.path(), &s.bus, &config);
-    s.cprd = restarted;
-    let st = status(&s, "lin");
+    let (s, old, st) = cprd_dies_with("die-after-handoff");
     assert_eq!((st["state"].as_str(), st["generation"].as_u64()), (Some("running"), Some(1)), "{st}");
     assert_ne!(st["main_pid"].as_u64(), Some(old), "{st}");
     assert!(wait_until(Duration::from_secs(10), || pid_gone(old)), "old QEMU {old} still runs");
@@ -322,8 +313,12 @@ fn a_cprd_that_dies_right_after_a_handoff_is_finished_by_the_next_one() {
 /// Runs an upgrade of `lin` under a cprd that aborts right after journaling `phase`, and starts
 /// the next cprd. Returns the setup, the QEMU pid before the upgrade, and the status after.
 fn cprd_dies_at(phase: &str) -> (Setup, u64, serde_json::Value) {
-    let fault = format!("die-at:{phase}");
-    let mut s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", &fault)]);
+    cprd_dies_with(&format!("die-at:{phase}"))
+}
+
+/// The same with the cprd fault `fault`.
+fn cprd_dies_with(fault: &str) -> (Setup, u64, serde_json::Value) {
+    let mut s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", fault)]);
     start_and_wait(&s, "lin");
     let old = status(&s, "lin")["main_pid"].as_u64().expect("pid");
     let out = s.cprd.cprctl(&["upgrade", "lin"]);
