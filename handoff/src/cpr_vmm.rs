@@ -210,13 +210,9 @@ impl Live<'_> {
     fn wait_loaded_on(&mut self, commit: &OwnedFd) -> Event {
         let deadline = Instant::now() + self.req.timeout() * 3;
         loop {
+            // Past the deadline the channels are still looked at once: an answer that is there
+            // (the arbiter was held up, not the VMMs) is taken, not thrown away.
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Event::Timeout(format!(
-                    "the new VMM did not load the state within {:?}",
-                    self.req.timeout() * 3
-                ));
-            }
             let watch_old = self.migrate_sent && matches!(self.old_answer, OldAnswer::Pending);
             let mut fds = vec![nix::poll::PollFd::new(commit.as_fd(), nix::poll::PollFlags::POLLIN)];
             if let (true, Some(old)) = (watch_old, &self.old) {
@@ -224,6 +220,12 @@ impl Live<'_> {
             }
             let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
             match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+                Ok(0) if left.is_zero() => {
+                    return Event::Timeout(format!(
+                        "the new VMM did not load the state within {:?}",
+                        self.req.timeout() * 3
+                    ));
+                }
                 Ok(0) | Err(nix::Error::EINTR) => continue,
                 Ok(_) => {}
                 Err(e) => return Event::NewFailed(format!("poll: {e}")),

@@ -783,3 +783,45 @@ fn an_operator_resumes_the_old_vmm_of_a_vm_that_needs_attention() {
     assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success(), "and it upgrades again");
     assert!(!s.cprd.cprctl(&["resume", "vm1"]).status.success(), "resume is only for a VM that needs attention");
 }
+
+/// Issue 13's first hole: the new VMM ran the guest as soon as it had restored it, while the old
+/// VMM, whose wait for that news had timed out, told its arbiter to roll back; the arbiter then
+/// killed a new VMM that had run the guest and resumed the old one over the changed RAM. Here the
+/// new VMM is held in its restore and the arbiter (cprd) is held stopped past the handoff
+/// timeout; then the new VMM goes on first. It must not run the guest before cprd decides, and
+/// the guest must come out of it whole, in exactly one VMM.
+#[test]
+fn the_new_vmm_runs_nothing_before_the_arbiter_decides_even_past_every_timeout() {
+    require_kvm();
+    let wrappers = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[&format!("{}/*", wrappers.path().display())]);
+    std::fs::create_dir_all(config.join("config.d")).expect("mkdir");
+    std::fs::write(config.join("config.d/50-short.toml"), "[handoff]\ntimeout_ms = 500\n").expect("write");
+    define_vm(&config, "vm1", "memory = \"64M\"\n");
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let s = Setup { _dir: dir, _bus: bus, cprd };
+    let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:during-restore exec REAL \"$@\"");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let (mut upgrade, new_pid) = upgrade_until_stalled(&s.cprd, "vm1", &stall);
+    let signal = |pid: u32, sig| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")), sig).expect("signal")
+    };
+    let cprd = s.cprd.child.id();
+    signal(cprd, nix::sys::signal::Signal::SIGSTOP);
+    // Past the old VMM's and the arbiter's timeouts, then the new VMM goes on while cprd is held.
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(new_pid, nix::sys::signal::Signal::SIGCONT);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(cprd, nix::sys::signal::Signal::SIGCONT);
+    let _ = upgrade.wait();
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "running", "{st}");
+    // The guest checks itself (a counter kept in a register and in RAM): a VMM resumed over RAM
+    // another one changed fails that check and stops; its heartbeats would break off.
+    console_ok(&s, "vm1");
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "running", "{st}");
+}
