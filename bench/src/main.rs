@@ -364,8 +364,8 @@ fn daemon_bench(args: &Args) {
 }
 
 /// `n` round trips of one small message between this process and a child on a `SOCK_SEQPACKET`
-/// pair, each side blocking in `recv` and on the short handoff slice, each after both sides sat
-/// idle for 0.5 ms, as the arbiter and the new VMM are around the commit; in µs.
+/// pair, each side blocking in `recv`, each after both sides sat idle for 0.5 ms, as the arbiter
+/// and the new VMM are around the commit; in µs.
 fn seqpacket_round_trips(n: usize) -> Vec<f64> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     use std::os::fd::AsFd;
@@ -375,7 +375,6 @@ fn seqpacket_round_trips(n: usize) -> Vec<f64> {
     match unsafe { nix::unistd::fork() }.expect("fork") {
         nix::unistd::ForkResult::Child => {
             drop(ours);
-            cpr_spawn::sched::set_current_thread_slice(cpr_spawn::sched::HANDOFF_SLICE_NS);
             let mut buf = [0u8; 64];
             while let Ok(k) = nix::sys::socket::recv(
                 std::os::fd::AsRawFd::as_raw_fd(&theirs),
@@ -398,7 +397,6 @@ fn seqpacket_round_trips(n: usize) -> Vec<f64> {
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(theirs);
-            cpr_spawn::sched::set_current_thread_slice(cpr_spawn::sched::HANDOFF_SLICE_NS);
             let fd = std::os::fd::AsRawFd::as_raw_fd(&ours.as_fd());
             let mut buf = [0u8; 64];
             let samples = (0..n)
@@ -411,7 +409,6 @@ fn seqpacket_round_trips(n: usize) -> Vec<f64> {
                     t.elapsed().as_secs_f64() * 1e6
                 })
                 .collect();
-            cpr_spawn::sched::set_current_thread_slice(0);
             drop(ours);
             let _ = nix::sys::wait::waitpid(child, None);
             samples

@@ -414,15 +414,11 @@ pub fn hand_off(
         report: None,
         failures: Vec::new(),
     };
-    // This thread is on the critical path between `Loaded` and `Commit`: a woken arbiter
-    // preempts a busy guest at once instead of waiting for the tick, as the VMMs' threads do.
-    cpr_spawn::sched::set_current_thread_slice(cpr_spawn::sched::HANDOFF_SLICE_NS);
     let first = forward(&mut live, connected);
     let first = live.note(first);
     // Once `migrate` is out, the machine stands at `Switching`.
     let at = if live.migrate_sent { step(&Phase::Starting, &Event::MigrateSent).0 } else { Phase::Starting };
     let end = run(at, first, &mut live);
-    cpr_spawn::sched::set_current_thread_slice(0);
     finish(live, end)
 }
 

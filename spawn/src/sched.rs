@@ -82,12 +82,6 @@ pub fn set_own_slices(slice_ns: u64) {
     }
 }
 
-/// Sets the EEVDF slice of the calling thread (0 = the kernel's default): the arbiter's thread,
-/// which is on a handoff's critical path between the new VMM's `Loaded` and its `Commit`.
-pub fn set_current_thread_slice(slice_ns: u64) {
-    set_slice(nix::unistd::gettid().as_raw(), slice_ns);
-}
-
 /// The thread ids of process `pid` (empty when it is gone).
 pub fn thread_ids(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
