@@ -39,9 +39,11 @@ impl cpr_handoff::Journal for CprdJournal {
         // Fault injection for tests: cprd dies right after persisting a phase, a point a real
         // crash cannot be aimed at (e.g. `die-at:committed`: the decision is on record, the
         // commit not yet sent). The restarted cprd must finish from the record.
-        if std::env::var("CPRD_FAULT").ok().and_then(|f| f.strip_prefix("die-at:").map(str::to_string)).as_deref()
-            == Some(record.phase.name())
-        {
+        static DIE_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let die_at = DIE_AT.get_or_init(|| {
+            std::env::var("CPRD_FAULT").ok().and_then(|f| f.strip_prefix("die-at:").map(str::to_string))
+        });
+        if die_at.as_deref() == Some(record.phase.name()) {
             tracing::error!("fault injection: dying at handoff phase {}", record.phase.name());
             std::process::abort();
         }
