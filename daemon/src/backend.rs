@@ -318,15 +318,7 @@ pub fn end_process(pid: u32, asked: bool) {
 
 /// Whether process `pid` has exited (gone, or a zombie waiting for its parent).
 pub fn process_gone(pid: u32) -> bool {
-    i32::try_from(pid).map_or(true, |p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err())
-        || proc_is_zombie(pid)
-}
-
-fn proc_is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
-        .unwrap_or(true)
+    cpr_handoff::process::is_gone(pid)
 }
 
 /// Binaries that passed pre-flight, by path and build id: asked once per build.

@@ -441,8 +441,10 @@ fn restore_incoming(
     *state = RunState::Running;
     core.coord.resume();
     drop(state);
-    let _ = wire::send(commit.as_fd(), &ToArbiter::Running(report), &[]);
+    // Settled before the arbiter hears of it: whoever learns that this VMM runs the guest sees
+    // it at a VM's share already.
     crate::sched::settle_incoming();
+    let _ = wire::send(commit.as_fd(), &ToArbiter::Running(report), &[]);
     Ok(())
 }
 
