@@ -297,28 +297,17 @@ impl VmmBackend for CprVmm {
 }
 
 /// Waits up to 10 s for a VMM that was asked to stop (`asked`) to exit, killing it right away
-/// when it was not asked, or when it does not exit in time.
+/// when it was not asked, or when it does not exit in time; then waits until it is gone. Through
+/// a pidfd, as the handoff's own kills.
 pub fn end_process(pid: u32, asked: bool) {
-    let kill = || {
-        if let Ok(raw) = i32::try_from(pid) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
-        }
-    };
-    if !asked {
-        kill();
+    const GRACE: Duration = Duration::from_secs(10);
+    let Some(pidfd) = cpr_handoff::process::pidfd_open(pid) else { return };
+    if asked && cpr_handoff::process::wait_exit(&pidfd, GRACE) {
+        return;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process_gone(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
+    if let Err(e) = cpr_handoff::process::kill_and_confirm(pid, GRACE) {
+        tracing::error!("{e}");
     }
-    if !process_gone(pid) {
-        kill();
-    }
-}
-
-/// Whether process `pid` has exited (gone, or a zombie waiting for its parent).
-pub fn process_gone(pid: u32) -> bool {
-    cpr_handoff::process::is_gone(pid)
 }
 
 /// Binaries that passed pre-flight, by path and build id: asked once per build.

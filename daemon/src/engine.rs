@@ -665,7 +665,7 @@ impl Engine {
         let def = self.def(name)?;
         let others: Vec<u32> = lock(&self.vms)
             .get(name)
-            .map(|vm| vm.other_pids.iter().copied().filter(|p| !backend::process_gone(*p)).collect())
+            .map(|vm| vm.other_pids.iter().copied().filter(|p| !cpr_handoff::process::is_gone(*p)).collect())
             .unwrap_or_default();
         if let Some(pid) = others.first() {
             return Err(CprdError::Busy(format!(
@@ -775,7 +775,7 @@ impl Engine {
                 self.supervise_child(name, up.child);
                 Ok((up.downtime_usec, generation))
             }
-            Err(backend::UpgradeError::RolledBack(m)) if backend::process_gone(record.main_pid) => {
+            Err(backend::UpgradeError::RolledBack(m)) if cpr_handoff::process::is_gone(record.main_pid) => {
                 // Rolled back to a VMM that has died since (it died while the VM was upgrading,
                 // when its exit was the handoff's to interpret): the VM has no VMM.
                 self.set_exited(name);

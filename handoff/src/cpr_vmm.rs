@@ -177,11 +177,6 @@ struct Live<'a> {
 }
 
 impl Live<'_> {
-    fn note(&mut self, event: Event) -> Event {
-        self.failures.extend(event.failure().map(str::to_string));
-        event
-    }
-
     /// Reads the old VMM's answer to `migrate` if it is not in yet, waiting up to `wait`.
     fn collect_old_answer(&mut self, wait: Duration) {
         if !self.migrate_sent || !matches!(self.old_answer, OldAnswer::Pending) {
@@ -278,6 +273,10 @@ impl Live<'_> {
 }
 
 impl Sides for Live<'_> {
+    fn observe(&mut self, event: &Event) {
+        self.failures.extend(event.failure().map(str::to_string));
+    }
+
     fn persist(&mut self, phase: &Phase) -> Result<(), String> {
         self.record.phase = phase.clone();
         self.journal.write(&self.record)
@@ -286,9 +285,9 @@ impl Sides for Live<'_> {
     fn commit(&mut self) -> Event {
         let Some(commit) = &self.commit else { return Event::NewFailed("no commit channel".into()) };
         if let Err(e) = wire::send(commit.as_fd(), &FromArbiter::Commit, &[]) {
-            return self.note(Event::NewFailed(format!("cannot send the commit: {e}")));
+            return Event::NewFailed(format!("cannot send the commit: {e}"));
         }
-        let event = match wire::recv::<ToArbiter>(commit.as_fd(), Some(self.req.timeout())) {
+        match wire::recv::<ToArbiter>(commit.as_fd(), Some(self.req.timeout())) {
             Ok(r) => match r.msg {
                 ToArbiter::Running(report) => {
                     self.report = Some(report);
@@ -298,8 +297,7 @@ impl Sides for Live<'_> {
             },
             Err(WireError::Timeout(d)) => Event::Timeout(format!("the new VMM did not report running within {d:?}")),
             Err(e) => Event::NewFailed(format!("the new VMM went away after the commit: {e}")),
-        };
-        self.note(event)
+        }
     }
 
     fn kill_new(&mut self) -> Event {
@@ -315,7 +313,7 @@ impl Sides for Live<'_> {
         if event == Event::NewDead {
             self.child = None;
         }
-        self.note(event)
+        event
     }
 
     fn resume_old(&mut self) -> Event {
@@ -323,17 +321,16 @@ impl Sides for Live<'_> {
         // take requests again.
         self.collect_old_answer(self.req.timeout());
         if matches!(self.old_answer, OldAnswer::Gone) {
-            return self.note(self.old_gone_or("its control connection closed".into()));
+            return self.old_gone_or("its control connection closed".into());
         }
         let Some(old) = &self.old else {
-            return self.note(self.old_gone_or("no control connection to it".into()));
+            return self.old_gone_or("no control connection to it".into());
         };
-        let event = match old.call(&Request::Resume, &[]) {
+        match old.call(&Request::Resume, &[]) {
             Ok(Response::Ok) => Event::OldResumed,
             Ok(other) => self.old_gone_or(format!("resume answered {other:?}")),
             Err(e) => self.old_gone_or(format!("resume: {e}")),
-        };
-        self.note(event)
+        }
     }
 
     fn end_old(&mut self) -> Event {
@@ -350,7 +347,7 @@ impl Sides for Live<'_> {
             Ok(Response::Ok) | Err(WireError::Closed) => Event::OldGone,
             _ => match process::kill_and_confirm(self.record.old.pid, KILL_CONFIRM) {
                 Ok(()) => Event::OldGone,
-                Err(e) => self.note(Event::OldFailed(format!("the old VMM did not quit: {e}"))),
+                Err(e) => Event::OldFailed(format!("the old VMM did not quit: {e}")),
             },
         }
     }
@@ -415,7 +412,6 @@ pub fn hand_off(
         failures: Vec::new(),
     };
     let first = forward(&mut live, connected);
-    let first = live.note(first);
     // Once `migrate` is out, the machine stands at `Switching`.
     let at = if live.migrate_sent { step(&Phase::Starting, &Event::MigrateSent).0 } else { Phase::Starting };
     let end = run(at, first, &mut live);

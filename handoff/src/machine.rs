@@ -244,6 +244,9 @@ pub trait Sides {
     fn end_old(&mut self) -> Event;
     /// Asks the new VMM whether it runs the guest.
     fn probe_new(&mut self) -> Event;
+    /// Sees every event as it is fed to the machine (the first one and each action's outcome),
+    /// e.g. to keep what went wrong for the caller.
+    fn observe(&mut self, _event: &Event) {}
 }
 
 /// Feeds `event` to the machine at `phase` and carries out every action that follows, feeding
@@ -252,6 +255,7 @@ pub fn run(phase: Phase, event: Event, sides: &mut dyn Sides) -> Phase {
     let mut phase = phase;
     let mut next = Some(event);
     while let Some(event) = next.take() {
+        sides.observe(&event);
         let (to, actions) = step(&phase, &event);
         phase = to;
         for action in actions {

@@ -148,11 +148,6 @@ struct Live<'a> {
 }
 
 impl Live<'_> {
-    fn note(&mut self, event: HandoffEvent) -> HandoffEvent {
-        self.failures.extend(event.failure().map(str::to_string));
-        event
-    }
-
     fn new_failed(&mut self, why: String) -> HandoffEvent {
         let how = exited(self.new_child).map(|s| format!(" (the new QEMU exited: {s})")).unwrap_or_default();
         HandoffEvent::NewFailed(format!("{why}{how}"))
@@ -233,6 +228,10 @@ impl Live<'_> {
 }
 
 impl Sides for Live<'_> {
+    fn observe(&mut self, event: &HandoffEvent) {
+        self.failures.extend(event.failure().map(str::to_string));
+    }
+
     fn persist(&mut self, phase: &Phase) -> Result<(), String> {
         self.record.phase = phase.clone();
         self.journal.write(&self.record)
@@ -240,36 +239,33 @@ impl Sides for Live<'_> {
 
     fn commit(&mut self) -> HandoffEvent {
         let Some(new) = self.new.as_mut() else {
-            return self.note(HandoffEvent::NewFailed("no QMP connection to the new QEMU".into()));
+            return HandoffEvent::NewFailed("no QMP connection to the new QEMU".into());
         };
-        let event = match new.execute("cont", None).and_then(|_| new.status()) {
+        match new.execute("cont", None).and_then(|_| new.status()) {
             Ok(s) if s == "running" => HandoffEvent::NewRunning,
             Ok(s) => HandoffEvent::NewFailed(format!("the new QEMU is {s} after cont")),
             Err(e) => HandoffEvent::NewFailed(format!("cont on the new QEMU: {e}")),
-        };
-        self.note(event)
+        }
     }
 
     fn kill_new(&mut self) -> HandoffEvent {
         self.new = None;
         let _ = self.new_child.kill();
-        let event = match self.new_child.wait() {
+        match self.new_child.wait() {
             Ok(_) => HandoffEvent::NewDead,
             Err(e) => HandoffEvent::NewNotConfirmedDead(format!("cannot reap the new QEMU: {e}")),
-        };
-        self.note(event)
+        }
     }
 
     fn resume_old(&mut self) -> HandoffEvent {
-        let event = match resume_old(self.old) {
+        match resume_old(self.old) {
             Ok(()) => HandoffEvent::OldResumed,
             Err(e) if cpr_handoff::process::is_gone(self.record.old.pid) => {
                 self.failures.push(e);
                 HandoffEvent::OldGone
             }
             Err(e) => HandoffEvent::OldResumeFailed(format!("the old QEMU did not resume: {e}")),
-        };
-        self.note(event)
+        }
     }
 
     fn end_old(&mut self) -> HandoffEvent {
@@ -318,7 +314,6 @@ pub fn transfer(t: Transfer<'_>, record: HandoffRecord, journal: &mut dyn Journa
             event
         }
     };
-    let first = live.note(first);
     let end = run(phase, first, &mut live);
     let reason = live.failures.first().cloned().unwrap_or_default();
     if end != Phase::Done {

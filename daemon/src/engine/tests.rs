@@ -109,14 +109,14 @@ impl VmmBackend for Fake {
         _stored_memfd: Option<&OwnedFd>,
         _stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<OwnedFd, String> {
-        if crate::backend::process_gone(record.main_pid) {
+        if cpr_handoff::process::is_gone(record.main_pid) {
             return Err(format!("pid {} is gone", record.main_pid));
         }
         cpr_proto::memory::create_memfd(def.memory_bytes)
     }
 
     fn resume(&self, record: &VmRecord) -> Result<(), String> {
-        if crate::backend::process_gone(record.main_pid) {
+        if cpr_handoff::process::is_gone(record.main_pid) {
             return Err(format!("pid {} is gone", record.main_pid));
         }
         Ok(())
@@ -180,7 +180,7 @@ fn start_upgrade_stop() {
     assert!(e.engine.history().last().is_some_and(|r| r.ok));
     e.engine.stop("vm1", false).expect("stop");
     assert_eq!(state(&e, "vm1"), VmState::Stopped);
-    assert!(crate::backend::process_gone(now.main_pid));
+    assert!(cpr_handoff::process::is_gone(now.main_pid));
 }
 
 #[test]
@@ -205,7 +205,7 @@ fn a_rollback_to_a_vmm_that_died_meanwhile_is_not_running() {
     assert_eq!(state(&e, "vm1"), VmState::Failed);
     e.engine.start("vm1").expect("start is not a no-op");
     let v = e.engine.view("vm1").expect("view");
-    assert!(v.state == VmState::Running && !crate::backend::process_gone(v.main_pid));
+    assert!(v.state == VmState::Running && !cpr_handoff::process::is_gone(v.main_pid));
 }
 
 #[test]
@@ -221,9 +221,9 @@ fn a_handoff_that_needs_attention_keeps_both_vmms_until_stopped() {
     let err = e.engine.start("vm1").expect_err("start refuses");
     assert!(err.to_string().contains("did not report running"), "{err}");
     assert!(e.engine.upgrade("vm1", "").is_err(), "upgrade refuses");
-    assert!(!crate::backend::process_gone(old), "nothing was killed");
+    assert!(!cpr_handoff::process::is_gone(old), "nothing was killed");
     e.engine.stop("vm1", false).expect("stop");
-    assert!(crate::backend::process_gone(old) && crate::backend::process_gone(other[0]), "stop ends both");
+    assert!(cpr_handoff::process::is_gone(old) && cpr_handoff::process::is_gone(other[0]), "stop ends both");
     assert_eq!(state(&e, "vm1"), VmState::Stopped);
 }
 
@@ -321,9 +321,9 @@ fn a_handoff_left_undecidable_needs_attention_at_reattach() {
         reattach_with_journal(Phase::Committed, Phase::NeedsAttention("the new VMM does not answer".into()));
     let v = e.engine.view("vm1").expect("view");
     assert_eq!((v.state, v.main_pid), (VmState::NeedsAttention, before.main_pid));
-    assert!(!crate::backend::process_gone(new_pid) && !crate::backend::process_gone(before.main_pid));
+    assert!(!cpr_handoff::process::is_gone(new_pid) && !cpr_handoff::process::is_gone(before.main_pid));
     e.engine.stop("vm1", false).expect("stop");
-    assert!(crate::backend::process_gone(before.main_pid) && crate::backend::process_gone(new_pid));
+    assert!(cpr_handoff::process::is_gone(before.main_pid) && cpr_handoff::process::is_gone(new_pid));
 }
 
 #[test]
