@@ -1008,6 +1008,19 @@ impl Engine {
                 }
             }
         }
+        // Each fd-store entry (`vm-NAME-...`, whatever the backend named the rest) goes to the VM
+        // with the longest name it starts with: `vm-a-b-mem` is a-b's, not a's.
+        let mut by_length: Vec<&str> = records.iter().map(|(n, _, _)| n.as_str()).collect();
+        by_length.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        let mut own: BTreeMap<String, std::collections::HashMap<String, OwnedFd>> = BTreeMap::new();
+        let keys: Vec<String> = stored.keys().cloned().collect();
+        for key in keys {
+            if let Some(name) = by_length.iter().find(|n| key.starts_with(&format!("vm-{n}-")))
+                && let Some(fd) = stored.remove(&key)
+            {
+                own.entry((*name).to_string()).or_default().insert(key, fd);
+            }
+        }
         let mut pending = Vec::with_capacity(records.len());
         for (name, record, path) in records {
             if let Some(vm) = lock(&self.vms).get_mut(&name)
@@ -1015,21 +1028,7 @@ impl Engine {
             {
                 vm.state = VmState::Starting;
             }
-            // This VM's own fd-store entries (each backend takes the names it pushed).
-            let prefix = format!("vm-{name}-");
-            let own: Vec<String> = stored
-                .keys()
-                .filter(|k| {
-                    k.strip_prefix(&prefix).is_some_and(|rest| {
-                        matches!(rest, "mem" | "pidfd" | "qemu-serial" | "cprd-serial")
-                            || rest
-                                .strip_prefix("tap")
-                                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                    })
-                })
-                .cloned()
-                .collect();
-            let fds = own.into_iter().filter_map(|k| stored.remove(&k).map(|fd| (k, fd))).collect();
+            let fds = own.remove(&name).unwrap_or_default();
             pending.push(PendingVm { name, record, path, fds });
         }
         pending
