@@ -1,13 +1,14 @@
-//! The engine: owns every VM (its memfd, its VMM process, its runtime record) and carries out
-//! requests. D-Bus is a thin adapter over it. Blocking work (process start, handoffs) runs on
-//! the caller's blocking thread; the VM table is locked only for short, non-blocking updates.
+//! The engine: every VM (its memfd, its VMM process, its runtime record) and the requests that act
+//! on them. D-Bus is a thin adapter over it. The VM table has one owner ([`owner`], a thread of
+//! its own) that every change goes through, in order; blocking work (starting a VMM, a handoff, a
+//! stop) runs on the caller's thread between a claim of the VM and a report of how it ended.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::backend;
 use crate::config::{self, Settings, VmDef};
 use crate::error::CprdError;
+
+mod owner;
 
 /// cprd's handoff journal: one file per VM under the runtime directory, which outlives cprd
 /// (`RuntimeDirectoryPreserve=yes`) and is read back at start before anything else is done.
@@ -254,20 +257,17 @@ pub fn same_open_file(a: &OwnedFd, b: &OwnedFd) -> bool {
     id(a).is_some() && id(a) == id(b)
 }
 
-/// The engine.
+/// The engine: the handle through which everything in cprd acts on VMs. Its state has one owner
+/// (a thread of its own, [`owner`]); the engine's methods ask the owner for what they need,
+/// do the slow work (starting a VMM, a handoff, a stop) on the caller's thread, and report back.
 #[derive(Debug)]
 pub struct Engine {
     vendor_dir: Option<PathBuf>,
     config_dir: PathBuf,
     runtime_dir: PathBuf,
-    settings: RwLock<Settings>,
-    defs: RwLock<BTreeMap<String, VmDef>>,
-    vms: Mutex<BTreeMap<String, Vm>>,
-    history: Mutex<Vec<UpgradeRecord>>,
+    /// The owner of the VM table, the definitions, the settings, the history and persistence.
+    owner: std::sync::mpsc::Sender<owner::Request>,
     events: tokio::sync::broadcast::Sender<Event>,
-    /// Held across a snapshot of the records and its writing, so that writes land in order and
-    /// an older snapshot never overwrites a newer one.
-    persisting: Mutex<()>,
     /// The backends (the real ones, or a fake one in the engine's tests).
     backends: backend::Backends,
 }
@@ -278,16 +278,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn now_usec() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(0))
-}
-
-/// Writes `bytes` to `path` atomically (temporary file + rename). Failures are logged, never fatal:
-/// a full /run must not kill a VM.
-fn write_atomic(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        tracing::warn!("cannot write runtime record {}: {e} (the VM keeps running)", path.display());
-    }
 }
 
 /// The content id of a binary, as cpr-vmm reports its own (`Describe.build_id`). Remembered
@@ -336,18 +326,39 @@ impl Engine {
         }
         let _ = std::fs::create_dir_all(runtime_dir.join("vms"));
         let (events, _) = tokio::sync::broadcast::channel(1024);
-        Ok(Arc::new(Self {
-            vendor_dir,
-            config_dir,
-            runtime_dir,
-            settings: RwLock::new(settings),
-            defs: RwLock::new(defs),
-            vms: Mutex::new(vms),
-            history: Mutex::new(Vec::new()),
-            events,
-            persisting: Mutex::new(()),
+        let table = owner::Table {
+            config_dir: config_dir.clone(),
+            runtime_dir: runtime_dir.clone(),
+            settings,
+            defs,
+            vms,
+            history: Vec::new(),
+            events: events.clone(),
             backends,
-        }))
+        };
+        let (requests, inbox) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("cprd-state".into())
+            .spawn(move || owner::serve(table, inbox))
+            .map_err(|e| config::ConfigError { file: runtime_dir.clone(), message: format!("cannot start: {e}") })?;
+        Ok(Arc::new(Self { vendor_dir, config_dir, runtime_dir, owner: requests, events, backends }))
+    }
+
+    /// Sends the owner a request and waits for its answer.
+    fn ask<T>(&self, request: impl FnOnce(owner::Reply<T>) -> owner::Request) -> T {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        // The owner lives as long as any engine handle, and a panic anywhere aborts cprd: an
+        // owner that does not answer is a bug, not an input.
+        #[allow(clippy::expect_used)]
+        {
+            self.owner.send(request(reply)).expect("the owner of cprd's state is gone");
+            answer.recv().expect("the owner of cprd's state did not answer")
+        }
+    }
+
+    /// Tells the owner something that needs no answer.
+    fn tell(&self, request: owner::Request) {
+        let _ = self.owner.send(request);
     }
 
     /// Subscribes to events.
@@ -355,118 +366,40 @@ impl Engine {
         self.events.subscribe()
     }
 
-    fn emit(&self, e: Event) {
-        let _ = self.events.send(e);
-    }
-
     fn settings(&self) -> Settings {
-        self.settings.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.ask(|reply| owner::Request::Settings { reply })
     }
 
     fn def(&self, name: &str) -> Result<VmDef, CprdError> {
-        if let Some(def) = self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name) {
-            return Ok(def.clone());
-        }
-        match lock(&self.vms).get(name) {
-            Some(Vm { orphan_def: Some(def), .. }) => Ok(def.clone()),
-            Some(Vm { state: VmState::Quarantined, attention: Some(why), .. }) => Err(CprdError::InvalidArgument(
-                format!("the definition of VM {name} cannot be read: {why}; fix it and reload"),
-            )),
-            _ => Err(CprdError::NoSuchVM(format!(
-                "no VM named {name:?} is defined (see {}/vms)",
-                self.config_dir.display()
-            ))),
-        }
+        self.ask(|reply| owner::Request::Def { name: name.to_string(), reply })
+    }
+
+    fn claim(&self, name: &str, purpose: owner::Purpose) -> Result<owner::Claim, CprdError> {
+        self.ask(|reply| owner::Request::Claim { name: name.to_string(), purpose, reply })
+    }
+
+    fn release(&self, name: &str, state: VmState) {
+        self.tell(owner::Request::Release { name: name.to_string(), state });
     }
 
     /// Names of all defined VMs.
     pub fn names(&self) -> Vec<String> {
-        lock(&self.vms).keys().cloned().collect()
+        self.list().into_iter().map(|v| v.name).collect()
     }
 
     /// A snapshot of one VM.
     pub fn view(&self, name: &str) -> Result<VmView, CprdError> {
-        // A quarantined VM has no definition to show; it is listed with its state alone.
-        let def = match self.def(name) {
-            Ok(def) => Some(def),
-            Err(CprdError::InvalidArgument(_)) => None,
-            Err(e) => return Err(e),
-        };
-        let vms = lock(&self.vms);
-        let vm = vms.get(name).ok_or_else(|| CprdError::NoSuchVM(format!("no VM named {name:?}")))?;
-        let r = vm.record.clone();
-        Ok(VmView {
-            name: name.to_string(),
-            state: vm.state,
-            backend: def.as_ref().map_or_else(String::new, |d| d.backend.as_str().to_string()),
-            generation: r.as_ref().map_or(0, |r| r.generation),
-            main_pid: r.as_ref().map_or(0, |r| r.main_pid),
-            vmm_binary: r.as_ref().map_or_else(String::new, |r| r.vmm_binary.display().to_string()),
-            vmm_version: r.as_ref().map_or_else(String::new, |r| r.vmm_version.clone()),
-            memory_bytes: def.as_ref().map_or(0, |d| d.memory_bytes),
-            vcpus: def.as_ref().map_or(0, |d| d.vcpus),
-            last_downtime_usec: r.as_ref().map_or(0, |r| r.last_downtime_usec),
-            console: r.as_ref().map_or_else(String::new, |r| r.console.display().to_string()),
-            state_reason: vm.attention.clone().unwrap_or_default(),
-        })
+        self.ask(|reply| owner::Request::View { name: name.to_string(), reply })
     }
 
     /// Snapshots of all VMs.
     pub fn list(&self) -> Vec<VmView> {
-        self.names().iter().filter_map(|n| self.view(n).ok()).collect()
+        self.ask(|reply| owner::Request::List { reply })
     }
 
     /// Past upgrades, oldest first.
     pub fn history(&self) -> Vec<UpgradeRecord> {
-        lock(&self.history).clone()
-    }
-
-    fn record_path(&self, name: &str) -> PathBuf {
-        self.runtime_dir.join("vms").join(format!("{name}.json"))
-    }
-
-    /// Writes a VM's runtime record to `/run/cprd` and every record to the fd store's state memfd.
-    fn persist(&self, name: &str) {
-        let _order = lock(&self.persisting);
-        let (record, all): (Option<VmRecord>, BTreeMap<String, VmRecord>) = {
-            let vms = lock(&self.vms);
-            let all = vms.iter().filter_map(|(n, v)| v.record.clone().map(|r| (n.clone(), r))).collect();
-            (vms.get(name).and_then(|v| v.record.clone()), all)
-        };
-        match record {
-            Some(r) => write_atomic(&self.record_path(name), &serde_json::to_vec_pretty(&r).unwrap_or_default()),
-            None => {
-                let _ = std::fs::remove_file(self.record_path(name));
-            }
-        }
-        crate::fdstore::push_state(&serde_json::to_vec(&all).unwrap_or_default());
-    }
-
-    fn set_state(&self, name: &str, state: VmState) {
-        if let Some(vm) = lock(&self.vms).get_mut(name) {
-            vm.state = state;
-        }
-        self.emit(Event::VmChanged(name.to_string()));
-    }
-
-    /// Claims a VM for a mutating operation: it must be in one of `from`; it moves to `to`.
-    fn claim(&self, name: &str, from: &[VmState], to: VmState) -> Result<VmState, CprdError> {
-        self.def(name)?;
-        let mut vms = lock(&self.vms);
-        let vm = vms.get_mut(name).ok_or_else(|| CprdError::NoSuchVM(format!("no VM named {name:?}")))?;
-        if let (false, Some(why)) = (from.contains(&vm.state), &vm.attention) {
-            return Err(CprdError::Busy(format!(
-                "VM {name} needs attention ({why}); stop it to end every VMM it may have"
-            )));
-        }
-        if !from.contains(&vm.state) {
-            return Err(CprdError::Busy(format!("VM {name} is {}; try again when it is not", vm.state.as_str())));
-        }
-        let was = vm.state;
-        vm.state = to;
-        drop(vms);
-        self.emit(Event::VmChanged(name.to_string()));
-        Ok(was)
+        self.ask(|reply| owner::Request::History { reply })
     }
 
     /// Checks a VMM binary against the allow-list: a match, a regular file owned by root, not
@@ -493,17 +426,16 @@ impl Engine {
     }
 
     /// The binary a VM runs when its definition names none: per backend, from the settings.
-    fn default_binary(&self, def: &VmDef) -> PathBuf {
-        let settings = self.settings();
+    fn default_binary(settings: &Settings, def: &VmDef) -> PathBuf {
         match def.backend {
-            config::BackendKind::CprVmm => settings.default_vmm,
-            config::BackendKind::Qemu => settings.default_qemu,
+            config::BackendKind::CprVmm => settings.default_vmm.clone(),
+            config::BackendKind::Qemu => settings.default_qemu.clone(),
         }
     }
 
     fn binary_for(&self, def: &VmDef, requested: &str) -> Result<PathBuf, CprdError> {
         let binary = if requested.is_empty() {
-            def.vmm_binary.clone().unwrap_or_else(|| self.default_binary(def))
+            def.vmm_binary.clone().unwrap_or_else(|| Self::default_binary(&self.settings(), def))
         } else {
             PathBuf::from(requested)
         };
@@ -518,36 +450,41 @@ impl Engine {
             return Ok(());
         }
         let binary = self.binary_for(&def, "")?;
-        self.claim(name, &[VmState::Stopped, VmState::Failed], VmState::Starting)?;
+        let owner::Claim::Claimed { def, .. } = self.claim(name, owner::Purpose::Start)? else { return Ok(()) };
         let dir = self.runtime_dir.join("vms");
         match (self.backends)(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
             Ok((record, memfd, child)) => {
                 crate::scope::move_to_scope(name, record.generation, record.main_pid, None);
-                let pid = self.adopt(name, record, memfd);
+                let pid = record.main_pid;
+                self.adopt(name, record, memfd);
                 self.supervise_child(name, child);
                 tracing::info!(CPRD_VM = name, "started VM {name} (VMM pid {pid})");
-                self.emit(Event::VmChanged(name.to_string()));
                 Ok(())
             }
             Err(e) => {
-                self.set_state(name, VmState::Stopped);
+                self.release(name, VmState::Stopped);
                 Err(e)
             }
         }
     }
 
-    /// Reaps a VMM that is our child, and notices when it dies.
+    /// Takes a running VMM into the VM table (record, memfd, state running); the owner persists it.
+    fn adopt(&self, name: &str, record: VmRecord, memfd: OwnedFd) {
+        self.ask(|reply| owner::Request::Adopt { name: name.to_string(), record, memfd, reply });
+    }
+
+    /// Reaps a VMM that is our child, and tells the owner when it dies.
     fn supervise_child(self: &Arc<Self>, name: &str, mut child: Child) {
         let engine = Arc::clone(self);
         let name = name.to_string();
         let _ = std::thread::Builder::new().name(format!("reap-{name}")).spawn(move || {
             let pid = child.id();
             let status = child.wait();
-            engine.vmm_exited(&name, pid, &format!("{status:?}"));
+            engine.tell(owner::Request::VmmExited { name, pid, how: format!("{status:?}") });
         });
     }
 
-    /// Notices when a VMM that is not our child (re-attached after a restart) dies.
+    /// Tells the owner when a VMM that is not our child (re-attached after a restart) dies.
     /// (The pidfd kept in systemd's fd store is used when it is for this `pid`.)
     fn supervise_pid(self: &Arc<Self>, name: &str, pid: u32, stored: Option<OwnedFd>) {
         let engine = Arc::clone(self);
@@ -555,7 +492,7 @@ impl Engine {
         let stored = stored.filter(|fd| crate::fdstore::pidfd_pid(fd) == Some(pid));
         let _ = std::thread::Builder::new().name(format!("watch-{name}")).spawn(move || {
             let Some(pidfd) = stored.or_else(|| crate::fdstore::pidfd_open(pid)) else {
-                engine.vmm_exited(&name, pid, "gone before it could be watched");
+                engine.tell(owner::Request::VmmExited { name, pid, how: "gone before it could be watched".into() });
                 return;
             };
             let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
@@ -573,88 +510,24 @@ impl Engine {
                     libc::WEXITED | libc::WNOHANG,
                 )
             };
-            engine.vmm_exited(&name, pid, "exited");
+            engine.tell(owner::Request::VmmExited { name, pid, how: "exited".into() });
         });
-    }
-
-    fn vmm_exited(&self, name: &str, pid: u32, how: &str) {
-        let mut vms = lock(&self.vms);
-        let Some(vm) = vms.get_mut(name) else { return };
-        if vm.other_pids.contains(&pid) {
-            vm.other_pids.retain(|p| *p != pid);
-            tracing::warn!(CPRD_VM = name, "a second VMM of {name} (pid {pid}) exited: {how}");
-            return;
-        }
-        let current = vm.record.as_ref().is_some_and(|r| r.main_pid == pid);
-        // An older generation quitting after its handoff, or the old VMM of a handoff in flight
-        // (the upgrade decides what its exit means, and owns the record until it returns).
-        if !current || vm.state == VmState::Upgrading {
-            return;
-        }
-        let expected = vm.state == VmState::Stopping;
-        vm.state = if expected { VmState::Stopped } else { VmState::Failed };
-        vm.record = None;
-        vm.memfd = None;
-        drop(vms);
-        if let Ok(b) = self.def(name).and_then(|d| (self.backends)(d.backend)) {
-            b.forget(name);
-        }
-        // The guest is gone: its memory must not outlive it in the fd store.
-        crate::fdstore::remove(&crate::fdstore::mem_name(name));
-        crate::fdstore::remove(&crate::fdstore::pid_name(name));
-        if !expected {
-            tracing::error!(CPRD_VM = name, "VMM of {name} (pid {pid}) died unexpectedly: {how}");
-        }
-        self.persist(name);
-        self.emit(Event::VmChanged(name.to_string()));
     }
 
     /// Stops a VM: asks its VMM to stop, or kills it with `force`. Stopping a stopped VM is a no-op.
     pub fn stop(&self, name: &str, force: bool) -> Result<(), CprdError> {
-        let v = self.view(name)?;
-        if v.state == VmState::Stopped {
+        let owner::Claim::Claimed { was, def, record, others } = self.claim(name, owner::Purpose::Stop)? else {
             return Ok(());
-        }
-        let def_backend = self.def(name)?.backend;
-        let was = self.claim(
-            name,
-            &[VmState::Running, VmState::Failed, VmState::NeedsAttention, VmState::Orphaned],
-            VmState::Stopping,
-        )?;
+        };
         // A VM that needs attention may have two VMMs, neither of which answers for sure: end both.
         let force = force || was == VmState::NeedsAttention;
-        let others = lock(&self.vms).get_mut(name).map(|vm| std::mem::take(&mut vm.other_pids)).unwrap_or_default();
         for pid in others {
             backend::end_process(pid, false);
         }
-        let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
-        let Some(record) = record else {
-            self.set_state(name, VmState::Stopped);
-            return Ok(());
-        };
-        if let Ok(b) = (self.backends)(def_backend) {
+        if let (Some(record), Ok(b)) = (record, (self.backends)(def.backend)) {
             b.stop(&record, force);
-            b.forget(name);
         }
-        if let Some(vm) = lock(&self.vms).get_mut(name) {
-            vm.state = VmState::Stopped;
-            vm.record = None;
-            vm.memfd = None;
-            vm.attention = None;
-        }
-        self.journal(name).remove();
-        {
-            // An orphaned VM leaves the table once it is stopped.
-            let mut vms = lock(&self.vms);
-            if vms.get(name).is_some_and(|vm| vm.orphan_def.is_some()) {
-                vms.remove(name);
-            }
-        }
-        crate::fdstore::remove(&crate::fdstore::mem_name(name));
-        crate::fdstore::remove(&crate::fdstore::pid_name(name));
-        self.persist(name);
-        tracing::info!(CPRD_VM = name, "stopped VM {name}");
-        self.emit(Event::VmChanged(name.to_string()));
+        self.ask(|reply| owner::Request::Stopped { name: name.to_string(), reply });
         Ok(())
     }
 
@@ -662,62 +535,37 @@ impl Engine {
     /// decision (the guest it holds is as it was at the pause). Refused while another VMM that may
     /// hold the guest lives.
     pub fn resume(self: &Arc<Self>, name: &str) -> Result<(), CprdError> {
-        let def = self.def(name)?;
-        let others: Vec<u32> = lock(&self.vms)
-            .get(name)
-            .map(|vm| vm.other_pids.iter().copied().filter(|p| !cpr_handoff::process::is_gone(*p)).collect())
-            .unwrap_or_default();
-        if let Some(pid) = others.first() {
-            return Err(CprdError::Busy(format!(
-                "another VMM of {name} (pid {pid}) may run the guest; it must be gone before the old one resumes"
-            )));
-        }
-        self.claim(name, &[VmState::NeedsAttention], VmState::Starting)?;
-        let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
-        let resumed = match &record {
-            Some(r) => {
-                (self.backends)(def.backend).map_err(|e| e.to_string()).and_then(|b| b.resume(r)).map(|()| r.main_pid)
-            }
+        let owner::Claim::Claimed { def, record, .. } = self.claim(name, owner::Purpose::Resume)? else {
+            return Ok(());
+        };
+        let result = match &record {
+            Some(r) => (self.backends)(def.backend).map_err(|e| e.to_string()).and_then(|b| b.resume(r)),
             None => Err("no VMM on record".to_string()),
         };
-        match resumed {
-            Ok(pid) => {
-                if let Some(vm) = lock(&self.vms).get_mut(name) {
-                    vm.state = VmState::Running;
-                    vm.attention = None;
-                    vm.other_pids.clear();
-                }
-                self.journal(name).remove();
-                self.supervise_pid(name, pid, None);
-                self.persist(name);
-                tracing::warn!(CPRD_VM = name, "VM {name} resumed in its VMM (pid {pid}) by an operator");
-                self.emit(Event::VmChanged(name.to_string()));
-                Ok(())
-            }
-            Err(why) => {
-                self.set_state(name, VmState::NeedsAttention);
-                Err(CprdError::InvalidArgument(format!("VM {name} was not resumed: {why}")))
-            }
+        let outcome =
+            result.clone().map_err(|why| CprdError::InvalidArgument(format!("VM {name} was not resumed: {why}")));
+        self.ask(|reply| owner::Request::Resumed { name: name.to_string(), result, reply });
+        if let (Ok(()), Some(r)) = (&outcome, record) {
+            self.supervise_pid(name, r.main_pid, None);
         }
+        outcome
     }
 
     /// Hands a running VM to a new VMM process of `binary` (empty: the configured one).
     /// Returns (downtime µs, new generation).
     pub fn upgrade(self: &Arc<Self>, name: &str, binary: &str) -> Result<(u64, u64), CprdError> {
+        let id = now_usec();
         let def = self.def(name)?;
         let binary = self.binary_for(&def, binary)?;
         let backend = (self.backends)(def.backend)?;
         if let Err(e) = backend.preflight(&binary, &def, &self.runtime_dir.join("vms")) {
             // Refused before anything was touched; still an upgrade attempt for the history.
             if self.view(name).is_ok_and(|v| v.state == VmState::Running) {
-                return self.finish_upgrade(name, now_usec(), Err(e));
+                return self.upgrade_ended(name, id, Err(e));
             }
             return Err(e);
         }
-        self.claim(name, &[VmState::Running], VmState::Upgrading)?;
-        let record = lock(&self.vms).get(name).and_then(|vm| vm.record.clone());
-        let Some(mut record) = record else {
-            self.set_state(name, VmState::Running);
+        let owner::Claim::Claimed { record: Some(mut record), .. } = self.claim(name, owner::Purpose::Upgrade)? else {
             return Err(CprdError::InvalidArgument(format!("VM {name} has no running VMM")));
         };
         let generation = record.generation + 1;
@@ -731,14 +579,14 @@ impl Engine {
                 }
             })
         };
-        let id = now_usec();
         let mut journal = self.journal(name);
+        let settings = self.settings();
         let req = backend::UpgradeRequest {
             name,
             record: &record,
             binary: &binary,
             new_control: new_control.clone(),
-            timeout_ms: self.settings().handoff_timeout_ms,
+            timeout_ms: settings.handoff_timeout_ms,
             log: self.runtime_dir.join("vms").join(format!("{name}.log")),
             on_spawn: tx,
             journal: &mut journal,
@@ -757,7 +605,7 @@ impl Engine {
         if result.is_ok() {
             crate::scope::settle_weight(name, generation);
         }
-        let outcome = match result {
+        let (end, child) = match result {
             Ok(up) => {
                 let old_control = std::mem::replace(&mut record.control, new_control);
                 let _ = std::fs::remove_file(old_control);
@@ -766,51 +614,23 @@ impl Engine {
                 record.vmm_binary = binary;
                 record.vmm_version = up.version;
                 record.last_downtime_usec = up.downtime_usec;
-                let generation = record.generation;
-                if let Some(vm) = lock(&self.vms).get_mut(name) {
-                    vm.record = Some(record);
-                    vm.state = VmState::Running;
-                }
-                crate::fdstore::push_pidfd(name, up.child.id());
-                self.supervise_child(name, up.child);
-                Ok((up.downtime_usec, generation))
+                (owner::HandoffEnd::Committed(record), Some(up.child))
             }
             Err(backend::UpgradeError::RolledBack(m)) if cpr_handoff::process::is_gone(record.main_pid) => {
-                // Rolled back to a VMM that has died since (it died while the VM was upgrading,
-                // when its exit was the handoff's to interpret): the VM has no VMM.
-                self.set_exited(name);
-                Err(CprdError::UpgradeFailed(format!(
-                    "upgrade of {name} failed and its VMM (pid {}) has exited: {m}",
-                    record.main_pid
-                )))
+                (owner::HandoffEnd::RolledBackToAGoneVmm(m), None)
             }
-            Err(backend::UpgradeError::RolledBack(m)) => {
-                if let Some(vm) = lock(&self.vms).get_mut(name) {
-                    vm.record = Some(record.clone());
-                    vm.state = VmState::Running;
-                }
-                Err(CprdError::UpgradeFailed(format!(
-                    "upgrade of {name} failed; the guest runs on in the old VMM: {m}"
-                )))
-            }
-            Err(backend::UpgradeError::Lost(m)) => {
-                self.set_exited(name);
-                Err(CprdError::RollbackFailed(format!("upgrade of {name} failed and no VMM holds the guest: {m}")))
-            }
+            Err(backend::UpgradeError::RolledBack(m)) => (owner::HandoffEnd::RolledBack(m), None),
+            Err(backend::UpgradeError::Lost(m)) => (owner::HandoffEnd::Lost(m), None),
             Err(backend::UpgradeError::NeedsAttention(m, child)) => {
-                let other = child.as_ref().map(Child::id);
-                self.needs_attention(name, &m, other);
-                if let Some(child) = child {
-                    self.supervise_child(name, child);
-                }
-                Err(CprdError::RollbackFailed(format!("upgrade of {name} needs attention: {m}")))
+                (owner::HandoffEnd::NeedsAttention(m, child.as_ref().map(Child::id)), child)
             }
         };
-        if !self.view(name).is_ok_and(|v| v.state == VmState::NeedsAttention) {
-            journal.remove();
+        let outcome = self.ask(|reply| owner::Request::HandoffEnded { name: name.to_string(), end, reply });
+        // Watched only once the owner knows it: its exit is then matched against the record.
+        if let Some(child) = child {
+            self.supervise_child(name, child);
         }
-        self.persist(name);
-        self.finish_upgrade(name, id, outcome)
+        self.upgrade_ended(name, id, outcome)
     }
 
     /// The journal of VM `name`'s handoffs.
@@ -818,64 +638,15 @@ impl Engine {
         CprdJournal { file: cpr_handoff::FileJournal::new(&self.runtime_dir.join("vms"), name) }
     }
 
-    /// Marks a VM whose VMM is gone: nothing is left to keep.
-    fn set_exited(&self, name: &str) {
-        if let Some(vm) = lock(&self.vms).get_mut(name) {
-            vm.state = VmState::Failed;
-            vm.record = None;
-            vm.memfd = None;
-            vm.other_pids.clear();
-        }
-        if let Ok(b) = self.def(name).and_then(|d| (self.backends)(d.backend)) {
-            b.forget(name);
-        }
-        crate::fdstore::remove(&crate::fdstore::mem_name(name));
-        crate::fdstore::remove(&crate::fdstore::pid_name(name));
-    }
-
-    /// Puts a VM in [`VmState::NeedsAttention`], says why in the journal, and remembers another
-    /// VMM that may hold the guest.
-    fn needs_attention(&self, name: &str, why: &str, other: Option<u32>) {
-        if let Some(vm) = lock(&self.vms).get_mut(name) {
-            vm.state = VmState::NeedsAttention;
-            vm.attention = Some(why.to_string());
-            vm.other_pids.extend(other);
-        }
-        tracing::error!(CPRD_VM = name, "VM {name} needs attention: {why}");
-        self.emit(Event::VmChanged(name.to_string()));
-    }
-
-    /// Logs an upgrade's outcome, adds it to the history and signals it.
-    fn finish_upgrade(
+    /// Reports an upgrade's outcome to the owner (history, log, signal) and returns it.
+    fn upgrade_ended(
         &self,
         name: &str,
         id: u64,
         outcome: Result<(u64, u64), CprdError>,
     ) -> Result<(u64, u64), CprdError> {
-        let rec = UpgradeRecord {
-            id,
-            vm: name.to_string(),
-            time_usec: now_usec(),
-            generation: self.view(name).map_or(0, |v| v.generation),
-            ok: outcome.is_ok(),
-            downtime_usec: outcome.as_ref().map_or(0, |(d, _)| *d),
-            error: outcome.as_ref().err().map_or_else(String::new, ToString::to_string),
-        };
-        tracing::info!(
-            CPRD_VM = name,
-            CPRD_UPGRADE_ID = rec.id,
-            CPRD_DOWNTIME_USEC = rec.downtime_usec,
-            CPRD_RESULT = if rec.ok { "ok" } else { "failed" },
-            "upgrade of {name}: {}",
-            if rec.ok {
-                format!("generation {}, downtime {} us", rec.generation, rec.downtime_usec)
-            } else {
-                rec.error.clone()
-            }
-        );
-        lock(&self.history).push(rec.clone());
-        self.emit(Event::UpgradeFinished(rec));
-        self.emit(Event::VmChanged(name.to_string()));
+        let reported = outcome.as_ref().map(|r| *r).map_err(Clone::clone);
+        self.ask(|reply| owner::Request::UpgradeEnded { name: name.to_string(), id, outcome: reported, reply });
         outcome
     }
 
@@ -914,43 +685,13 @@ impl Engine {
         let settings =
             config::load_layered(self.vendor_dir.as_deref(), &self.config_dir).map_err(|e| self.bad_config(e))?;
         let defs = config::load_vms(&settings.vms_dir).map_err(|e| self.bad_config(e))?;
-        {
-            let old_defs = self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-            let mut vms = lock(&self.vms);
-            for name in defs.keys() {
-                let vm = vms.entry(name.clone()).or_insert(Vm::stopped());
-                match vm.state {
-                    VmState::Quarantined => *vm = Vm::stopped(),
-                    // Its file is back: it is an ordinary VM again.
-                    VmState::Orphaned => {
-                        vm.state = VmState::Running;
-                        vm.orphan_def = None;
-                    }
-                    _ => {}
-                }
-            }
-            vms.retain(|n, vm| defs.contains_key(n) || vm.record.is_some());
-            // A VM whose file is gone but whose VMM runs stays listed and stoppable.
-            for (name, vm) in vms.iter_mut().filter(|(n, _)| !defs.contains_key(*n)) {
-                if vm.orphan_def.is_none() {
-                    vm.orphan_def = old_defs.get(name).cloned();
-                }
-                if vm.state == VmState::Running {
-                    vm.state = VmState::Orphaned;
-                    tracing::warn!(
-                        CPRD_VM = name,
-                        "the definition of {name} is gone; it runs on, orphaned, until stopped"
-                    );
-                }
-            }
-        }
-        *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
-        *self.defs.write().unwrap_or_else(std::sync::PoisonError::into_inner) = defs;
-        tracing::info!("configuration reloaded");
+        let settings = Box::new(settings);
+        self.ask(|reply| owner::Request::Configure { settings, defs, reply });
+        let settings = self.settings();
         let mut results = Vec::new();
         for v in self.list().into_iter().filter(|v| v.state == VmState::Running) {
             let Ok(def) = self.def(&v.name) else { continue };
-            let configured = def.vmm_binary.clone().unwrap_or_else(|| self.default_binary(&def));
+            let configured = def.vmm_binary.clone().unwrap_or_else(|| Self::default_binary(&settings, &def));
             if binary_build_id(&configured).is_some_and(|id| id != v.vmm_version) {
                 results.push(match self.upgrade(&v.name, "") {
                     Ok((d, _)) => (v.name, true, d, String::new()),
@@ -968,11 +709,12 @@ impl Engine {
 
     /// Starts every VM marked `autostart` that is not running.
     pub fn autostart(self: &Arc<Self>) {
-        let defs: Vec<VmDef> =
-            self.defs.read().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect();
-        for def in defs.into_iter().filter(|d| d.autostart) {
-            if let Err(e) = self.start(&def.name) {
-                tracing::error!(CPRD_VM = def.name, "autostart of {} failed: {e}", def.name);
+        for name in self.names() {
+            if !self.def(&name).is_ok_and(|d| d.autostart) {
+                continue;
+            }
+            if let Err(e) = self.start(&name) {
+                tracing::error!(CPRD_VM = name, "autostart of {name} failed: {e}");
             }
         }
     }
@@ -1021,17 +763,15 @@ impl Engine {
                 own.entry((*name).to_string()).or_default().insert(key, fd);
             }
         }
-        let mut pending = Vec::with_capacity(records.len());
-        for (name, record, path) in records {
-            if let Some(vm) = lock(&self.vms).get_mut(&name)
-                && vm.state != VmState::Quarantined
-            {
-                vm.state = VmState::Starting;
-            }
-            let fds = own.remove(&name).unwrap_or_default();
-            pending.push(PendingVm { name, record, path, fds });
-        }
-        pending
+        let names = records.iter().map(|(n, _, _)| n.clone()).collect();
+        self.ask(|reply| owner::Request::AwaitReattach { names, reply });
+        records
+            .into_iter()
+            .map(|(name, record, path)| {
+                let fds = own.remove(&name).unwrap_or_default();
+                PendingVm { name, record, path, fds }
+            })
+            .collect()
     }
 
     /// Takes back every VM [`Engine::pending_reattach`] found, all at once (one thread each, so
@@ -1053,31 +793,25 @@ impl Engine {
 
     fn reattach_pending(self: &Arc<Self>, vm: PendingVm) {
         let PendingVm { name, record, path, mut fds } = vm;
-        {
-            let memfd = fds.remove(&crate::fdstore::mem_name(&name));
-            let pidfd = fds.remove(&crate::fdstore::pid_name(&name));
-            match self.reattach_one(&name, record, memfd, pidfd, &mut fds) {
-                Ok(pid) => tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})"),
-                Err(ReattachError::Unusable(why)) => self.quarantine(&name, path.as_deref(), &why),
-                Err(ReattachError::Attention(a)) => {
-                    let a = *a;
-                    // A VMM that may hold the guest is never dropped: the VM stays listed with
-                    // its record, so that a human can stop it, and nothing is killed.
-                    if let Some(vm) = lock(&self.vms).get_mut(&name) {
-                        vm.record = Some(a.record);
-                    }
-                    self.needs_attention(&name, &a.why, a.other_pid.filter(|p| *p != 0));
-                    self.persist(&name);
-                }
+        let memfd = fds.remove(&crate::fdstore::mem_name(&name));
+        let pidfd = fds.remove(&crate::fdstore::pid_name(&name));
+        let why = match self.reattach_one(&name, record, memfd, pidfd, &mut fds) {
+            Ok(pid) => {
+                tracing::info!(CPRD_VM = name, "re-attached VM {name} (VMM pid {pid})");
+                None
             }
+            Err(ReattachError::Unusable(why)) => {
+                self.quarantine(&name, path.as_deref(), &why);
+                Some(owner::NotReattached::Nothing)
+            }
+            Err(ReattachError::Attention(a)) => {
+                let Attention { why, record, other_pid } = *a;
+                Some(owner::NotReattached::Attention { why, record, other_pid })
+            }
+        };
+        if let Some(why) = why {
+            self.ask(|reply| owner::Request::NotReattached { name: name.clone(), why, reply });
         }
-        // Not re-attached: back to where it stood before (unless something above decided).
-        if let Some(vm) = lock(&self.vms).get_mut(&name)
-            && vm.state == VmState::Starting
-        {
-            vm.state = VmState::Stopped;
-        }
-        self.emit(Event::VmChanged(name.clone()));
         for (unused, _fd) in fds {
             tracing::warn!(CPRD_VM = name, "fd store entry {unused} was not taken back; closed");
             crate::fdstore::remove(&unused);
@@ -1145,32 +879,18 @@ impl Engine {
             Some(m) if same_open_file(&m, &from_vmm) => m,
             _ => from_vmm,
         };
-        let pid = self.adopt(name, record, memfd);
+        let pid = record.main_pid;
+        self.adopt(name, record, memfd);
         // A cprd that died mid-handoff may have left this VMM weighted for it.
         crate::sched::set_session_nice(pid, 0);
         self.supervise_pid(name, pid, stored_pidfd);
         Ok(pid)
     }
 
-    /// Takes a running VMM into the VM table (record, memfd, state running) and persists its
-    /// record; returns its pid.
-    fn adopt(&self, name: &str, record: VmRecord, memfd: OwnedFd) -> u32 {
-        crate::fdstore::push(&crate::fdstore::mem_name(name), memfd.as_fd());
-        crate::fdstore::push_pidfd(name, record.main_pid);
-        let pid = record.main_pid;
-        if let Some(vm) = lock(&self.vms).get_mut(name) {
-            vm.record = Some(record);
-            vm.memfd = Some(memfd);
-            vm.state = VmState::Running;
-        }
-        self.persist(name);
-        pid
-    }
-
     /// Short status line for systemd.
     pub fn status_line(&self) -> String {
         let running = self.list().iter().filter(|v| v.state == VmState::Running).count();
-        let last = lock(&self.history).last().map(|r| format!(", last upgrade {} us", r.downtime_usec));
+        let last = self.history().last().map(|r| format!(", last upgrade {} us", r.downtime_usec));
         format!("{running} VMs running{}", last.unwrap_or_default())
     }
 }

@@ -23,6 +23,8 @@ enum Script {
     RollBackToADeadVmm,
     NeedsAttention,
     Lose,
+    /// Upgrades once the sender of this channel sends (or goes away): a handoff that takes long.
+    Hold(std::sync::mpsc::Receiver<()>),
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +73,11 @@ impl VmmBackend for Fake {
     fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError> {
         let next = lock(&self.script).pop_front().unwrap_or(Script::Upgrade);
         match next {
+            Script::Hold(until) => {
+                let _ = until.recv();
+                lock(&self.script).push_front(Script::Upgrade);
+                self.upgrade(req)
+            }
             Script::Upgrade => {
                 let child = vmm_process();
                 let _ = req.on_spawn.send(child.id());
@@ -216,7 +223,7 @@ fn a_handoff_that_needs_attention_keeps_both_vmms_until_stopped() {
     lock(&FAKE.script).push_back(Script::NeedsAttention);
     e.engine.upgrade("vm1", "").expect_err("needs attention");
     assert_eq!(state(&e, "vm1"), VmState::NeedsAttention);
-    let other = lock(&e.engine.vms).get("vm1").map(|vm| vm.other_pids.clone()).unwrap_or_default();
+    let other = e.engine.inspect("vm1").1;
     assert_eq!(other.len(), 1, "the new VMM is remembered");
     let err = e.engine.start("vm1").expect_err("start refuses");
     assert!(err.to_string().contains("did not report running"), "{err}");
@@ -275,10 +282,17 @@ fn an_unreadable_file_is_quarantined_and_the_others_load() {
     e.engine.start("good").expect("the others start");
 }
 
+impl Engine {
+    /// The record and the other VMMs the owner holds for a VM.
+    fn inspect(&self, name: &str) -> (Option<VmRecord>, Vec<u32>) {
+        self.ask(|reply| owner::Request::Inspect { name: name.to_string(), reply }).unwrap_or_default()
+    }
+}
+
 fn reattach_with_journal(phase: Phase, recovered: Phase) -> (Env, VmRecord, u32) {
     let mut e = env(&[("vm1", VM)]);
     e.engine.start("vm1").expect("start");
-    let record = lock(&e.engine.vms).get("vm1").and_then(|vm| vm.record.clone()).expect("record");
+    let record = e.engine.inspect("vm1").0.expect("record");
     let new = vmm_process();
     let new_pid = new.id();
     std::mem::forget(new);
@@ -333,7 +347,7 @@ fn resume_of_a_vm_that_needs_attention_waits_until_no_other_vmm_may_run_it() {
     let old = e.engine.view("vm1").expect("view").main_pid;
     lock(&FAKE.script).push_back(Script::NeedsAttention);
     e.engine.upgrade("vm1", "").expect_err("needs attention");
-    let other = lock(&e.engine.vms).get("vm1").map(|vm| vm.other_pids.clone()).unwrap_or_default();
+    let other = e.engine.inspect("vm1").1;
     let err = e.engine.resume("vm1").expect_err("the new VMM still lives");
     assert!(err.to_string().contains(&other[0].to_string()), "{err}");
     kill(other[0]);
@@ -341,4 +355,49 @@ fn resume_of_a_vm_that_needs_attention_waits_until_no_other_vmm_may_run_it() {
     let v = e.engine.view("vm1").expect("view");
     assert_eq!((v.state, v.main_pid, v.state_reason.as_str()), (VmState::Running, old, ""));
     assert!(e.engine.resume("vm1").is_err(), "only a VM that needs attention is resumed");
+}
+
+#[test]
+fn a_long_handoff_blocks_no_call_about_other_vms() {
+    let e = env(&[("vm1", VM), ("vm2", VM)]);
+    e.engine.start("vm1").expect("start");
+    let (go, until) = std::sync::mpsc::channel();
+    lock(&FAKE.script).push_back(Script::Hold(until));
+    std::thread::scope(|scope| {
+        let upgrading = scope.spawn(|| e.engine.upgrade("vm1", ""));
+        while state(&e, "vm1") != VmState::Upgrading {
+            std::thread::yield_now();
+        }
+        // vm1's handoff is held inside its backend; everything else goes on.
+        e.engine.start("vm2").expect("start vm2");
+        assert_eq!(state(&e, "vm2"), VmState::Running);
+        e.engine.stop("vm2", false).expect("stop vm2");
+        assert_eq!(e.engine.list().len(), 2);
+        let err = e.engine.stop("vm1", false).expect_err("vm1 is the handoff's");
+        assert!(matches!(err, CprdError::Busy(_)), "{err:?}");
+        go.send(()).expect("release");
+        assert_eq!(upgrading.join().expect("join").expect("upgrade").1, 1);
+    });
+    assert_eq!(state(&e, "vm1"), VmState::Running);
+}
+
+#[test]
+fn runtime_records_end_as_the_last_change_left_them() {
+    let names: Vec<String> = (0..6).map(|i| format!("vm{i}")).collect();
+    let defs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), VM)).collect();
+    let e = env(&defs);
+    for name in &names {
+        e.engine.start(name).expect("start");
+    }
+    for _ in 0..4 {
+        assert!(e.engine.upgrade_all("").iter().all(|row| row.1), "every upgrade succeeds");
+    }
+    // Many handoffs ended at once; each record on disk is the VM's last state, not an older one.
+    for name in &names {
+        let v = e.engine.view(name).expect("view");
+        let path = e.dir.path().join("run/vms").join(format!("{name}.json"));
+        let on_disk: VmRecord = serde_json::from_slice(&std::fs::read(path).expect("record")).expect("parse");
+        assert_eq!((on_disk.generation, on_disk.main_pid), (v.generation, v.main_pid), "{name}");
+        assert_eq!(v.generation, 4);
+    }
 }
