@@ -309,13 +309,22 @@ fn daemon_bench(args: &Args) {
     assert!(cprd.cprctl(&["start", "one"]).status.success());
     // What one message round trip costs here, in the same conditions (both guests running):
     // the price of the commit (the new VMM's `Loaded` to its arbiter, the arbiter's `Commit`).
-    let round_trip = seqpacket_round_trips(1000);
+    let round_trip = seqpacket_round_trips(1000, false);
+    let round_trip_cross = seqpacket_round_trips(1000, true);
     // Interleaved, both guests running: the same conditions for both kinds of handoff.
     let (mut bare, mut via_dbus, mut wall, mut commit) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The commit's three parts: `Loaded` in transit, the arbiter deciding, `Commit` in transit.
+    let (mut loaded_transit, mut deciding, mut commit_transit) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("bare handoff {i}: {e}"));
         bare.push(chain.reports.last().map_or(0.0, |r| r.downtime_ns() as f64 / 1000.0));
         commit.extend(chain.reports.last().map(|r| r.resumed_ns.saturating_sub(r.loaded_ns) as f64 / 1000.0));
+        if let Some(r) = chain.reports.last().filter(|r| r.loaded_seen_ns > 0 && r.commit_sent_ns > 0) {
+            let us = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1000.0;
+            loaded_transit.push(us(r.loaded_ns, r.loaded_seen_ns));
+            deciding.push(us(r.loaded_seen_ns, r.commit_sent_ns));
+            commit_transit.push(us(r.commit_sent_ns, r.resumed_ns));
+        }
         let t = std::time::Instant::now();
         let out = cprd.cprctl(&["--json", "upgrade", "one"]);
         wall.push(t.elapsed().as_secs_f64() * 1e3);
@@ -353,7 +362,13 @@ fn daemon_bench(args: &Args) {
     print_row("cprd UpgradeVM downtime (D-Bus), us", &d, 0);
     print_row("cprctl upgrade wall time, ms", &w, 1);
     print_row("the commit in a bare handoff (Loaded sent to KVM_RUN), us", &summarize(&commit), 0);
+    if !deciding.is_empty() {
+        print_row("  of which Loaded in transit (new VMM -> arbiter), us", &summarize(&loaded_transit), 0);
+        print_row("  of which the arbiter deciding (Loaded read -> Commit sent), us", &summarize(&deciding), 0);
+        print_row("  of which Commit in transit (arbiter -> new VMM), us", &summarize(&commit_transit), 0);
+    }
     print_row("one seqpacket round trip between two idle processes, us", &summarize(&round_trip), 0);
+    print_row("  the same, the two processes on different CPUs, us", &summarize(&round_trip_cross), 0);
     if !during_all.is_empty() {
         print_row(&format!("downtime of each VM during UpgradeAll({}), us", args.vms), &summarize(&during_all), 0);
     }
@@ -366,15 +381,25 @@ fn daemon_bench(args: &Args) {
 /// `n` round trips of one small message between this process and a child on a `SOCK_SEQPACKET`
 /// pair, each side blocking in `recv`, each after both sides sat idle for 0.5 ms, as the arbiter
 /// and the new VMM are around the commit; in µs.
-fn seqpacket_round_trips(n: usize) -> Vec<f64> {
+/// With `cross_cpu`, the two sides are pinned to different CPUs (the other side's CPU has gone
+/// idle when the message comes, as the arbiter's has while a new VMM restores); else the kernel
+/// places them (then usually on one CPU, where a wake-up costs no inter-processor interrupt).
+fn seqpacket_round_trips(n: usize, cross_cpu: bool) -> Vec<f64> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     use std::os::fd::AsFd;
+    let pin = |cpu: usize| {
+        let mut set = nix::sched::CpuSet::new();
+        if cross_cpu && set.set(cpu).is_ok() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        }
+    };
     let (ours, theirs) =
         socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::empty()).expect("socketpair");
     // SAFETY: the child only echoes on its socket and exits; no locks are taken after fork.
     match unsafe { nix::unistd::fork() }.expect("fork") {
         nix::unistd::ForkResult::Child => {
             drop(ours);
+            pin(1);
             let mut buf = [0u8; 64];
             while let Ok(k) = nix::sys::socket::recv(
                 std::os::fd::AsRawFd::as_raw_fd(&theirs),
@@ -397,6 +422,9 @@ fn seqpacket_round_trips(n: usize) -> Vec<f64> {
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(theirs);
+            // Only the measuring thread is pinned, and only while it measures.
+            let before = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+            pin(0);
             let fd = std::os::fd::AsRawFd::as_raw_fd(&ours.as_fd());
             let mut buf = [0u8; 64];
             let samples = (0..n)
@@ -411,6 +439,9 @@ fn seqpacket_round_trips(n: usize) -> Vec<f64> {
                 .collect();
             drop(ours);
             let _ = nix::sys::wait::waitpid(child, None);
+            if let Some(set) = before {
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+            }
             samples
         }
     }

@@ -172,6 +172,9 @@ struct Live<'a> {
     commit: Option<OwnedFd>,
     child: Option<Child>,
     report: Option<HandoffReport>,
+    /// When `Loaded` was read, and when `Commit` went out (monotonic ns): the commit's parts.
+    loaded_seen_ns: u64,
+    commit_sent_ns: u64,
     /// Each thing that went wrong, in order, for the caller.
     failures: Vec<String>,
 }
@@ -237,7 +240,10 @@ impl Live<'_> {
             if new_ready {
                 return match wire::recv::<ToArbiter>(commit.as_fd(), Some(Duration::ZERO)) {
                     Ok(r) => match r.msg {
-                        ToArbiter::Loaded => Event::NewLoaded,
+                        ToArbiter::Loaded => {
+                            self.loaded_seen_ns = cpr_proto::monotonic_ns();
+                            Event::NewLoaded
+                        }
                         ToArbiter::Running(_) => Event::NewRunning,
                         ToArbiter::Rejected { reason } => {
                             Event::NewFailed(self.why_new_failed(&format!("the new VMM rejected the state: {reason}")))
@@ -284,13 +290,15 @@ impl Sides for Live<'_> {
 
     fn commit(&mut self) -> Event {
         let Some(commit) = &self.commit else { return Event::NewFailed("no commit channel".into()) };
+        self.commit_sent_ns = cpr_proto::monotonic_ns();
         if let Err(e) = wire::send(commit.as_fd(), &FromArbiter::Commit, &[]) {
             return Event::NewFailed(format!("cannot send the commit: {e}"));
         }
         match wire::recv::<ToArbiter>(commit.as_fd(), Some(self.req.timeout())) {
             Ok(r) => match r.msg {
                 ToArbiter::Running(report) => {
-                    self.report = Some(report);
+                    let (loaded_seen_ns, commit_sent_ns) = (self.loaded_seen_ns, self.commit_sent_ns);
+                    self.report = Some(HandoffReport { loaded_seen_ns, commit_sent_ns, ..report });
                     Event::NewRunning
                 }
                 other => Event::NewFailed(format!("the new VMM answered the commit with {other:?}")),
@@ -409,6 +417,8 @@ pub fn hand_off(
         commit: None,
         child: None,
         report: None,
+        loaded_seen_ns: 0,
+        commit_sent_ns: 0,
         failures: Vec::new(),
     };
     let first = forward(&mut live, connected);

@@ -145,6 +145,12 @@ pub struct HandoffReport {
     /// predates the arbiter's commit). `resumed_ns - loaded_ns` is the price of the commit.
     #[serde(default)]
     pub loaded_ns: u64,
+    /// Arbiter: `Loaded` was read (0 where no arbiter stamped it).
+    #[serde(default)]
+    pub loaded_seen_ns: u64,
+    /// Arbiter: the decision was persisted and `Commit` is being sent.
+    #[serde(default)]
+    pub commit_sent_ns: u64,
     /// New side: the vCPUs were released into `KVM_RUN` (downtime ends).
     pub resumed_ns: u64,
     /// New side's process id.
