@@ -825,3 +825,51 @@ fn the_new_vmm_runs_nothing_before_the_arbiter_decides_even_past_every_timeout()
     let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
     assert_eq!(st["state"], "running", "{st}");
 }
+/// Issue 13's hole in recovery: a cprd restarted in the middle of a handoff watched the old VMM on
+/// a clock of its own (3 × the handoff timeout it now had + 1 s) and, once that ran out with the
+/// old VMM still waiting for the new one, killed the new VMM and adopted the old one as it was:
+/// paused for ever, the guest lost. Here the handoff runs with a long timeout (the old VMM, paused,
+/// waits up to 60 s for a new VMM that stopped itself holding the whole state) and cprd is killed
+/// and started again with a short one (1 s), as after an operator or a package shortened it. The
+/// restarted cprd must not decide by a clock: the handoff never reached its decision, so the new
+/// VMM is killed, confirmed dead, and the old one resumed. (On e6c560d the guest falls silent.)
+#[test]
+fn a_cprd_restarted_with_a_shorter_timeout_mid_upgrade_still_resumes_the_old_vmm() {
+    require_kvm();
+    let wrappers = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[&format!("{}/*", wrappers.path().display())]);
+    std::fs::create_dir_all(config.join("config.d")).expect("mkdir");
+    let timeout = config.join("config.d/50-timeout.toml");
+    std::fs::write(&timeout, "[handoff]\ntimeout_ms = 60000\n").expect("write");
+    define_vm(&config, "vm1", "memory = \"64M\"\n");
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let mut s = Setup { _dir: dir, _bus: bus, cprd };
+    let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:after-state exec REAL \"$@\"");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    // The new VMM holds the state and stopped itself; the old one has paused the guest.
+    let (mut upgrade, new_pid) = upgrade_until_stalled(&s.cprd, "vm1", &stall);
+    s.cprd.kill9();
+    let _ = upgrade.wait();
+    std::fs::write(&timeout, "[handoff]\ntimeout_ms = 1000\n").expect("write");
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    let after = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["generation"], before["generation"], "rolled back, not handed off");
+    assert_eq!(after["main_pid"], before["main_pid"], "the old VMM holds the guest");
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(new_pid)), "the stalled new VMM was killed");
+    // Resumed, not merely adopted: a guest left paused prints nothing.
+    let console = s.cprd.runtime_dir.join("vms/vm1.console");
+    let seq = heartbeats(&console).last().map_or(0, |h| h.seq);
+    assert!(
+        wait_until(Duration::from_secs(20), || heartbeats(&console).last().map_or(0, |h| h.seq) > seq + 1),
+        "vm1 is silent after heartbeat {seq}: the old VMM holds the guest paused\n{}",
+        s.cprd.log_text()
+    );
+    console_ok(&s, "vm1");
+}

@@ -354,3 +354,170 @@ fn a_cprd_that_dies_before_deciding_is_followed_by_one_that_rolls_back() {
     assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 1, "a good upgrade follows");
     still_running(&s, "lin", 3);
 }
+/// A QEMU that cprd cannot reach once it is started to take a guest over (`-incoming`): its QMP
+/// chardev listens at `@QMP@`, a socket only the test uses, instead of on the socket cprd bound and
+/// handed it at fd 4. Fd 4 stays open and listening, so cprd's connection goes through and is
+/// never greeted: cprd waits for the new QEMU until its handoff timeout. Started any other way
+/// (cprd's pre-flight probe), it is QEMU unchanged.
+const UNREACHABLE_QEMU: &str = r#"#!/bin/sh
+case " $* " in *" -incoming "*) ;; *) exec @QEMU@ "$@" ;; esac
+for a in "$@"; do
+    shift
+    case "$a" in
+    socket,id=qmp,fd=4,*) set -- "$@" "socket,id=qmp,path=@QMP@,server=on,wait=off" ;;
+    *) set -- "$@" "$a" ;;
+    esac
+done
+exec @QEMU@ "$@"
+"#;
+
+/// The run state of the QEMU whose monitor listens at `qmp` (`query-status` on a connection of its
+/// own), or `None` while it cannot be asked.
+fn qmp_status(qmp: &Path) -> Option<String> {
+    let stream = std::os::unix::net::UnixStream::connect(qmp).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut writer = stream.try_clone().ok()?;
+    writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n").ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let msg: serde_json::Value = serde_json::from_str(&line).ok()?;
+        if let Some(state) = msg.pointer("/return/status").and_then(serde_json::Value::as_str) {
+            return Some(state.to_string());
+        }
+    }
+}
+
+/// An upgrade of `lin` to [`UNREACHABLE_QEMU`], caught while cprd waits for the new QEMU.
+struct Unreachable {
+    /// The running `cprctl upgrade` (stderr piped).
+    upgrade: std::process::Child,
+    /// The new QEMU's monitor (the test's).
+    qmp: std::path::PathBuf,
+    /// Every run state the new QEMU reported there.
+    seen: std::collections::BTreeSet<String>,
+    /// Probe lines the guest printed in two seconds once the new QEMU had the whole state, while
+    /// cprd had decided nothing (the old QEMU was stopped): a guest that runs then runs in a QEMU
+    /// nobody committed to.
+    undecided_lines: u64,
+}
+
+/// Starts that upgrade, waits until the new QEMU holds the whole guest state (its monitor answers
+/// with another state than `inmigrate`), then counts the probe lines of the next two seconds.
+/// Checks that cprd still waits for the new QEMU then.
+fn upgrade_to_an_unreachable_qemu(s: &Setup) -> Unreachable {
+    use std::os::unix::fs::PermissionsExt;
+    let qmp = s.dir.path().join("new-qmp.sock");
+    let binary = s.dir.path().join("fake-unreachable-qemu");
+    let script =
+        UNREACHABLE_QEMU.replace("@QMP@", &qmp.display().to_string()).replace("@QEMU@", &qemu().display().to_string());
+    std::fs::write(&binary, script).expect("write the wrapper");
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let binary = binary.display().to_string();
+    let mut upgrade = s
+        .cprd
+        .cprctl_command(&["upgrade", "lin", "--binary", &binary])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cprctl upgrade");
+    let mut seen = std::collections::BTreeSet::new();
+    let loaded = wait_until(Duration::from_secs(60), || {
+        let state = qmp_status(&qmp);
+        let loaded = state.as_deref().is_some_and(|st| st != "inmigrate");
+        seen.extend(state);
+        loaded
+    });
+    assert!(loaded, "the new QEMU never had the guest's state: {seen:?}\n{}", s.cprd.log_text());
+    // What the guest printed before the old QEMU stopped it is in the console log by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let from = last_seq(s, "lin");
+    std::thread::sleep(Duration::from_secs(2));
+    seen.extend(qmp_status(&qmp));
+    let undecided_lines = last_seq(s, "lin").saturating_sub(from);
+    assert!(
+        upgrade.try_wait().expect("cprctl upgrade").is_none(),
+        "cprd, which cannot reach the new QEMU, should still wait for it (handoff timeout 15 s; a slow host?)"
+    );
+    Unreachable { upgrade, qmp, seen, undecided_lines }
+}
+
+/// Issue 13's QEMU hole: the incoming QEMU ran the guest by itself as soon as the migration
+/// completed, while cprd, which had not seen it run, could still give up on it, kill it and `cont`
+/// the old QEMU over RAM the new one had been changing. Here cprd cannot reach the new QEMU's
+/// monitor, so it waits for it until its handoff timeout (15 s) and rolls back. Until then no
+/// QEMU may run the guest (the new one holds the state paused: -S, and cprd's `cont` is the
+/// commit), and the guest comes out of the rollback whole, in the old QEMU. (On e6c560d the new
+/// QEMU runs the guest for the whole timeout, then the old one is resumed from the pause.)
+#[test]
+fn a_new_qemu_that_cprd_cannot_reach_runs_nothing_and_the_old_one_resumes_the_guest_whole() {
+    let s = setup(&[("lin", vm_definition("128M", ""))], &[]);
+    start_and_wait(&s, "lin");
+    let before = status(&s, "lin");
+    let Unreachable { mut upgrade, qmp, mut seen, undecided_lines } = upgrade_to_an_unreachable_qemu(&s);
+    // cprd gives up on the new QEMU at its handoff timeout, kills it and resumes the old one.
+    let ended = wait_until(Duration::from_secs(120), || {
+        seen.extend(qmp_status(&qmp));
+        upgrade.try_wait().ok().flatten().is_some()
+    });
+    assert!(ended, "the upgrade never ended\n{}", s.cprd.log_text());
+    let out = upgrade.wait_with_output().expect("cprctl upgrade");
+    assert!(!out.status.success() && text(&out).contains("UpgradeFailed"), "{}", text(&out));
+    assert!(
+        undecided_lines <= 1,
+        "the guest printed {undecided_lines} probe lines in a new QEMU nobody had committed to (it reported \
+         {seen:?}), and then the old QEMU was resumed from the pause: the guest ran in two places"
+    );
+    let after = status(&s, "lin");
+    assert_eq!(
+        (&after["state"], &after["generation"], &after["main_pid"]),
+        (&serde_json::json!("running"), &before["generation"], &before["main_pid"]),
+        "the old QEMU runs the guest again: {}",
+        text(&out)
+    );
+    still_running(&s, "lin", 25);
+    assert!(
+        !seen.contains("running") && seen.contains("paused"),
+        "the new QEMU held the whole state, paused, and ran nothing: {seen:?}"
+    );
+}
+
+/// The same hole in recovery: cprd is killed while it waits for a new QEMU that already holds the
+/// whole state. The next cprd used to find the old QEMU's migration `completed`, fail to see the
+/// new one run (its monitor is out of reach), SIGKILL it without waiting for it to die and `cont`
+/// the old one, over RAM the new one had been running the guest on since the migration completed.
+/// Now it rolls back from its journal (`switching`: before any decision): the new QEMU, paused by
+/// -S, ran nothing; it is killed and confirmed dead, then the old one resumes the guest whole.
+#[test]
+fn a_cprd_killed_while_an_unreachable_new_qemu_holds_the_state_is_followed_by_a_whole_rollback() {
+    let mut s = setup(&[("lin", vm_definition("128M", ""))], &[]);
+    start_and_wait(&s, "lin");
+    let before = status(&s, "lin");
+    let Unreachable { mut upgrade, qmp, seen, undecided_lines } = upgrade_to_an_unreachable_qemu(&s);
+    s.cprd.kill9();
+    let _ = upgrade.wait();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(s.dir.path(), &s.bus, &config);
+    assert!(wait_until(Duration::from_secs(10), || qmp_status(&qmp).is_none()), "the new QEMU is gone");
+    assert!(
+        undecided_lines <= 1,
+        "the guest printed {undecided_lines} probe lines in a new QEMU nobody had committed to (it reported \
+         {seen:?}), and then the old QEMU was resumed from the pause: the guest ran in two places"
+    );
+    let after = status(&s, "lin");
+    assert_eq!(
+        (&after["state"], &after["generation"], &after["main_pid"]),
+        (&serde_json::json!("running"), &before["generation"], &before["main_pid"]),
+        "rolled back to the old QEMU\n{}",
+        s.cprd.log_text()
+    );
+    still_running(&s, "lin", 25);
+    assert!(
+        !seen.contains("running") && seen.contains("paused"),
+        "the new QEMU held the whole state, paused, and ran nothing: {seen:?}"
+    );
+}
