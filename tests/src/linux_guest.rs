@@ -66,6 +66,10 @@ pub struct ProbeLine {
     pub gap_us: u64,
     /// Checksum of the probe's RAM region.
     pub sum: String,
+    /// The guest's uptime (CLOCK_MONOTONIC), ms.
+    pub up_ms: u64,
+    /// Local timer interrupts the guest has taken, all CPUs (`None` from an older probe).
+    pub timer_irqs: Option<u64>,
 }
 
 /// Parses the probe's periodic lines out of console text.
@@ -83,11 +87,12 @@ pub fn probe_line(line: &str) -> Option<ProbeLine> {
     let boot = f.next()?.to_string();
     let mut get = |k: &str| f.next().and_then(|x| x.strip_prefix(k)).map(str::to_string);
     let seq = get("seq=")?.parse().ok()?;
-    let _up = get("up_ms=")?;
+    let up_ms = get("up_ms=")?.parse().ok()?;
     let gap_us = get("gap_us=")?.parse().ok()?;
     let maxgap_us = get("maxgap_us=")?.parse().ok()?;
     let sum = get("sum=")?;
-    Some(ProbeLine { boot, seq, maxgap_us, gap_us, sum })
+    let timer_irqs = get("loc=").and_then(|n| n.parse().ok());
+    Some(ProbeLine { boot, seq, maxgap_us, gap_us, sum, up_ms, timer_irqs })
 }
 
 #[cfg(test)]
