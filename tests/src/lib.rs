@@ -353,4 +353,6 @@ pub fn is_stopped(pid: u32) -> bool {
 pub mod container;
 /// Private bus and cprd helpers.
 pub mod daemon;
+/// The L1 test machine: hardware-style KVM on TCG-emulated AMD SVM.
+pub mod l1;
 pub mod linux_guest;
