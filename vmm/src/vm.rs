@@ -99,6 +99,19 @@ pub fn open_kvm() -> Result<Kvm> {
     Kvm::new().map_err(|e| VmmError::NoKvm(e.to_string()))
 }
 
+/// CPUID.1:ECX bit 24: the local APIC's TSC-deadline timer mode.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Tells the guest of the TSC-deadline timer where KVM emulates it (`KVM_CAP_TSC_DEADLINE_TIMER`).
+/// KVM before Linux 6.13 does not report it in `KVM_GET_SUPPORTED_CPUID` although it emulates it
+/// (QEMU sets it itself); a guest not told calibrates the LAPIC timer against the PIT instead,
+/// which under nested SVM failed in one boot of seven and left the guest with no local timer.
+fn advertise_tsc_deadline(table: &mut [kvm_cpuid_entry2], emulated: bool) {
+    if let Some(leaf1) = table.iter_mut().find(|e| e.function == 1 && e.index == 0).filter(|_| emulated) {
+        leaf1.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+    }
+}
+
 /// CPUID for vCPU `index`: the base table with its APIC id filled in.
 fn cpuid_for(base: &[kvm_cpuid_entry2], index: u8) -> Result<kvm_bindings::CpuId> {
     let mut entries = base.to_vec();
@@ -162,11 +175,16 @@ impl VmCore {
 
         let base_cpuid = match parts.cpuid {
             Some(c) => c,
-            None => kvm_handle
-                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?
-                .as_slice()
-                .to_vec(),
+            None => {
+                let mut table = kvm_handle
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?
+                    .as_slice()
+                    .to_vec();
+                let tsc_deadline = kvm_handle.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+                advertise_tsc_deadline(&mut table, tsc_deadline);
+                table
+            }
         };
         let mut vcpus = Vec::with_capacity(usize::from(parts.vcpus));
         for index in 0..parts.vcpus {
@@ -255,4 +273,19 @@ pub fn spawn_vcpu_threads(core: &Arc<VmCore>) -> Result<()> {
         core.coord.register_thread(handle.as_pthread_t());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tsc_deadline_timer_is_advertised_only_where_kvm_emulates_it() {
+        let leaf = |function: u32, ecx: u32| kvm_cpuid_entry2 { function, ecx, ..Default::default() };
+        let mut table = vec![leaf(0, 0), leaf(1, 0x8000_0001)];
+        advertise_tsc_deadline(&mut table, false);
+        assert_eq!(table[1].ecx, 0x8000_0001);
+        advertise_tsc_deadline(&mut table, true);
+        assert_eq!((table[0].ecx, table[1].ecx), (0, 0x8100_0001));
+    }
 }
