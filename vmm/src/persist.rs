@@ -193,6 +193,9 @@ fn restore_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError
     move |e| VmmError::Restore(format!("{what}: {e}"))
 }
 
+/// The local APIC timer's deadline in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
 /// Restores one vCPU, in QEMU's order with the TSC offset last. Returns MSRs the host refused.
 /// With `caps.sync_regs`, regs, sregs and events are written to `kvm_run` and applied by KVM at
 /// the vCPU's first `KVM_RUN`.
@@ -221,7 +224,10 @@ pub fn restore_vcpu(vcpu: &mut VcpuFd, s: &VcpuState, caps: &HostCaps) -> Result
     if let (Some(xcrs), true) = (&s.xcrs, caps.xcrs) {
         vcpu.set_xcrs(xcrs).map_err(restore_err("KVM_SET_XCRS"))?;
     }
-    let skipped = set_msrs(vcpu, &s.msrs)?;
+    // The TSC-deadline MSR is written last (see below); every other MSR now.
+    let (deadline, others): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) =
+        s.msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+    let mut skipped = set_msrs(vcpu, &others)?;
     vcpu.set_mp_state(s.mp_state).map_err(restore_err("KVM_SET_MP_STATE"))?;
     vcpu.set_lapic(&s.lapic).map_err(restore_err("KVM_SET_LAPIC"))?;
     if !caps.sync_regs {
@@ -232,6 +238,13 @@ pub fn restore_vcpu(vcpu: &mut VcpuFd, s: &VcpuState, caps: &HostCaps) -> Result
         vcpu_attr_ioctl(vcpu, KVM_SET_DEVICE_ATTR(), &tsc_attr(&mut offset))
             .map_err(restore_err("KVM_SET_DEVICE_ATTR(TSC_OFFSET)"))?;
     }
+    // An armed TSC deadline (the LAPIC timer in TSC-deadline mode, what Linux uses where CPUID
+    // offers it) only holds once the LAPIC is in that mode (KVM_SET_LAPIC switching the timer
+    // mode clears the deadline) and is read against the guest's TSC, so it goes after both the
+    // LAPIC and the TSC offset, as QEMU does (`kvm_put_tscdeadline_msr`). Written before them, it
+    // was lost: the guest's next timer interrupt never came, and an idle Linux guest slept for
+    // ever after its second or third handoff.
+    skipped.extend(set_msrs(vcpu, &deadline)?);
     Ok(skipped)
 }
 
