@@ -104,3 +104,74 @@ fn twenty_handoffs_of_a_one_vcpu_linux_guest() {
 fn twenty_handoffs_of_a_two_vcpu_linux_guest() {
     chain(2, 20);
 }
+
+/// Rollback and finishing forward with a Linux guest (the bare arbiter, `cpr-vmm handoff`):
+/// the new VMM is killed after it has read the whole state but before the decision, so the old
+/// VMM resumes the guest; then a new VMM stops right after it reported `Loaded` (the arbiter has
+/// decided and sent `Commit`), is held a second and continued, and takes the guest forward. The
+/// guest runs on through both, whole.
+#[test]
+fn a_linux_guest_runs_on_through_a_rollback_and_a_late_commit() {
+    let script = format!(
+        r#"lines() {{ n=$(grep -c '^PROBE boot' /tmp/l2.console 2>/dev/null); echo "${{n:-0}}"; }}
+now() {{ cut -d. -f1 /proc/uptime; }}
+wait_lines() {{ end=$(($(now) + 120)); while [ "$(now)" -lt $end ] && [ "$(lines)" -lt "$1" ]; do sleep 0.2; done; }}
+# The pid of a cpr-vmm that stopped itself at a stall point (state T), once there is one.
+stalled() {{
+    end=$(($(now) + 120))
+    while [ "$(now)" -lt $end ]; do
+        for p in $(pidof cpr-vmm); do
+            [ "$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)" = T ] && {{ echo $p; return; }}
+        done
+        sleep 0.1
+    done
+}}
+cpr-vmm --control /run/vm.0.sock --memory 256M --vcpus 1 --kernel /l2/vmlinux --initrd /l2/guest.cpio.gz \
+    --cmdline '{CMDLINE}' --serial-out /tmp/l2.console 2>/tmp/vmm.err &
+old=$!
+wait_lines 10
+CPR_VMM_FAULT=stall:after-state cpr-vmm handoff --control /run/vm.0.sock --new-control /run/vm.1.sock \
+    >/tmp/h1 2>&1 &
+arbiter=$!
+new=$(stalled)
+n=$(lines)
+kill -9 $new
+wait $arbiter
+echo "ROLLBACK rc=$? new=$new old_alive=$(kill -0 $old 2>/dev/null && echo 1 || echo 0) at_line=$n $(tr '\n' ' ' </tmp/h1)"
+wait_lines $((n + 10))
+CPR_VMM_FAULT=stall:after-loaded cpr-vmm handoff --control /run/vm.0.sock --new-control /run/vm.2.sock \
+    >/tmp/h2 2>&1 &
+arbiter=$!
+new=$(stalled)
+n=$(lines)
+sleep 1
+kill -CONT $new
+wait $arbiter
+echo "FORWARD rc=$? new=$new new_alive=$(kill -0 $new 2>/dev/null && echo 1 || echo 0) at_line=$n $(tr '\n' ' ' </tmp/h2)"
+wait_lines $((n + 10))
+sleep 1
+echo "END lines=$(lines) old_alive=$(kill -0 $old 2>/dev/null && echo 1 || echo 0)"
+cat /tmp/l2.console >/dev/ttyS1
+for p in $(pidof cpr-vmm); do kill $p; done
+"#
+    );
+    let run = l1::run(&script, &["cpr-vmm"], Duration::from_secs(600));
+    assert_eq!(run.rc, Some(0), "{}", run.dump());
+    let rollback = run.console.lines().find(|l| l.starts_with("ROLLBACK")).unwrap_or("");
+    assert!(rollback.contains("old_alive=1") && !rollback.contains("rc=0 "), "rolled back\n{}", run.dump());
+    let forward = run.console.lines().find(|l| l.starts_with("FORWARD")).unwrap_or("");
+    assert!(forward.contains("new_alive=1"), "the new VMM took the guest forward\n{}", run.dump());
+    let end = run.console.lines().find(|l| l.starts_with("END")).unwrap_or("");
+    assert!(end.contains("old_alive=0"), "the old VMM is gone after the commit\n{}", run.dump());
+    let lines = probe_lines(&run.second_console);
+    let rollback_at = run.value("ROLLBACK", "at_line").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX);
+    let forward_at = run.value("FORWARD", "at_line").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX);
+    assert!(lines.len() >= forward_at + 10 && forward_at >= rollback_at + 10, "the guest ran on\n{}", run.dump());
+    check_probe(&lines).unwrap_or_else(|e| panic!("{e}\n{}", run.dump()));
+    let ticks: Vec<u64> = lines.iter().filter_map(|l| l.timer_irqs).collect();
+    assert!(ticks.windows(2).all(|w| w[1] > w[0]), "the local timer stopped: {ticks:?}\n{}", run.dump());
+    for trouble in TROUBLE {
+        assert!(!run.second_console.contains(trouble), "the guest's kernel says {trouble:?}\n{}", run.dump());
+    }
+    println!("{rollback}\n{forward}\n{end}\n{} probe lines, L1 run {:.1} s", lines.len(), run.elapsed.as_secs_f64());
+}
