@@ -402,10 +402,9 @@ impl Engine {
         self.ask(|reply| owner::Request::History { reply })
     }
 
-    /// Checks a VMM binary against the allow-list: a match, a regular file owned by root, not
-    /// group- or world-writable.
-    pub fn check_binary(&self, binary: &Path) -> Result<(), CprdError> {
-        let settings = self.settings();
+    /// Checks a VMM binary against the allow-list of `settings`: a match, a regular file owned by
+    /// root, not group- or world-writable.
+    fn check_binary(&self, settings: &Settings, binary: &Path) -> Result<(), CprdError> {
         let text = binary.to_string_lossy();
         if !binary.is_absolute() || !settings.allowed_vmm.iter().any(|p| p.matches(&text)) {
             let allowed: Vec<&str> = settings.allowed_vmm.iter().map(glob::Pattern::as_str).collect();
@@ -433,13 +432,14 @@ impl Engine {
         }
     }
 
-    fn binary_for(&self, def: &VmDef, requested: &str) -> Result<PathBuf, CprdError> {
+    /// The binary to run for `def` (`requested`, else the definition's, else the default), checked.
+    fn binary_for(&self, settings: &Settings, def: &VmDef, requested: &str) -> Result<PathBuf, CprdError> {
         let binary = if requested.is_empty() {
-            def.vmm_binary.clone().unwrap_or_else(|| Self::default_binary(&self.settings(), def))
+            def.vmm_binary.clone().unwrap_or_else(|| Self::default_binary(settings, def))
         } else {
             PathBuf::from(requested)
         };
-        self.check_binary(&binary)?;
+        self.check_binary(settings, &binary)?;
         Ok(binary)
     }
 
@@ -449,7 +449,7 @@ impl Engine {
         if self.view(name)?.state == VmState::Running {
             return Ok(());
         }
-        let binary = self.binary_for(&def, "")?;
+        let binary = self.binary_for(&self.settings(), &def, "")?;
         let owner::Claim::Claimed { def, .. } = self.claim(name, owner::Purpose::Start)? else { return Ok(()) };
         let dir = self.runtime_dir.join("vms");
         match (self.backends)(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
@@ -556,7 +556,9 @@ impl Engine {
     pub fn upgrade(self: &Arc<Self>, name: &str, binary: &str) -> Result<(u64, u64), CprdError> {
         let id = now_usec();
         let def = self.def(name)?;
-        let binary = self.binary_for(&def, binary)?;
+        // One snapshot of the settings for the whole upgrade: allow-list, default binary, timeout.
+        let settings = self.settings();
+        let binary = self.binary_for(&settings, &def, binary)?;
         let backend = (self.backends)(def.backend)?;
         if let Err(e) = backend.preflight(&binary, &def, &self.runtime_dir.join("vms")) {
             // Refused before anything was touched; still an upgrade attempt for the history.
@@ -580,7 +582,6 @@ impl Engine {
             })
         };
         let mut journal = self.journal(name);
-        let settings = self.settings();
         let req = backend::UpgradeRequest {
             name,
             record: &record,
@@ -645,7 +646,7 @@ impl Engine {
         id: u64,
         outcome: Result<(u64, u64), CprdError>,
     ) -> Result<(u64, u64), CprdError> {
-        let reported = outcome.as_ref().map(|r| *r).map_err(Clone::clone);
+        let reported = outcome.clone();
         self.ask(|reply| owner::Request::UpgradeEnded { name: name.to_string(), id, outcome: reported, reply });
         outcome
     }
