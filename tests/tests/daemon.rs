@@ -21,10 +21,20 @@ impl Drop for Setup {
 }
 
 fn setup(vms: &[&str], extra_allowed: &[&str]) -> Setup {
+    setup_with_timeout(vms, extra_allowed, None)
+}
+
+/// Like [`setup`], with `[handoff] timeout_ms` set by the config.d fragment [`TIMEOUT_FRAGMENT`]
+/// when given.
+fn setup_with_timeout(vms: &[&str], extra_allowed: &[&str], timeout_ms: Option<u64>) -> Setup {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
     let bus = PrivateBus::start(dir.path());
     let config = write_config(dir.path(), extra_allowed);
+    if let Some(ms) = timeout_ms {
+        std::fs::create_dir_all(config.join("config.d")).expect("mkdir");
+        std::fs::write(config.join(TIMEOUT_FRAGMENT), format!("[handoff]\ntimeout_ms = {ms}\n")).expect("write");
+    }
     for vm in vms {
         define_vm(&config, vm, "memory = \"64M\"\nvcpus = 1\n");
     }
@@ -193,10 +203,18 @@ fn wrapper(dir: &Path, name: &str, body: &str) -> String {
 
 /// A directory for wrapper scripts and a setup whose allow-list covers it.
 fn setup_with_wrappers(vms: &[&str]) -> (tempfile::TempDir, Setup) {
+    setup_with_wrappers_and_timeout(vms, None)
+}
+
+/// The config.d fragment that sets the handoff timeout (relative to the configuration directory).
+const TIMEOUT_FRAGMENT: &str = "config.d/50-timeout.toml";
+
+/// Like [`setup_with_wrappers`], with the handoff timeout of [`setup_with_timeout`].
+fn setup_with_wrappers_and_timeout(vms: &[&str], timeout_ms: Option<u64>) -> (tempfile::TempDir, Setup) {
     let wrappers = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let glob = format!("{}/*", wrappers.path().display());
-    let s = setup(vms, &[&glob]);
+    let s = setup_with_timeout(vms, &[&glob], timeout_ms);
     (wrappers, s)
 }
 
@@ -792,17 +810,7 @@ fn an_operator_resumes_the_old_vmm_of_a_vm_that_needs_attention() {
 /// the guest must come out of it whole, in exactly one VMM.
 #[test]
 fn the_new_vmm_runs_nothing_before_the_arbiter_decides_even_past_every_timeout() {
-    require_kvm();
-    let wrappers = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bus = PrivateBus::start(dir.path());
-    let config = write_config(dir.path(), &[&format!("{}/*", wrappers.path().display())]);
-    std::fs::create_dir_all(config.join("config.d")).expect("mkdir");
-    std::fs::write(config.join("config.d/50-short.toml"), "[handoff]\ntimeout_ms = 500\n").expect("write");
-    define_vm(&config, "vm1", "memory = \"64M\"\n");
-    let cprd = Cprd::start(dir.path(), &bus, &config);
-    let s = Setup { _dir: dir, _bus: bus, cprd };
+    let (wrappers, s) = setup_with_wrappers_and_timeout(&["vm1"], Some(500));
     let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:during-restore exec REAL \"$@\"");
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     let (mut upgrade, new_pid) = upgrade_until_stalled(&s.cprd, "vm1", &stall);
@@ -835,18 +843,8 @@ fn the_new_vmm_runs_nothing_before_the_arbiter_decides_even_past_every_timeout()
 /// VMM is killed, confirmed dead, and the old one resumed. (On e6c560d the guest falls silent.)
 #[test]
 fn a_cprd_restarted_with_a_shorter_timeout_mid_upgrade_still_resumes_the_old_vmm() {
-    require_kvm();
-    let wrappers = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(wrappers.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bus = PrivateBus::start(dir.path());
-    let config = write_config(dir.path(), &[&format!("{}/*", wrappers.path().display())]);
-    std::fs::create_dir_all(config.join("config.d")).expect("mkdir");
-    let timeout = config.join("config.d/50-timeout.toml");
-    std::fs::write(&timeout, "[handoff]\ntimeout_ms = 60000\n").expect("write");
-    define_vm(&config, "vm1", "memory = \"64M\"\n");
-    let cprd = Cprd::start(dir.path(), &bus, &config);
-    let mut s = Setup { _dir: dir, _bus: bus, cprd };
+    let (wrappers, mut s) = setup_with_wrappers_and_timeout(&["vm1"], Some(60_000));
+    let timeout = s.cprd.config_dir.join(TIMEOUT_FRAGMENT);
     let stall = wrapper(wrappers.path(), "stalls.sh", "CPR_VMM_FAULT=stall:after-state exec REAL \"$@\"");
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
