@@ -446,6 +446,34 @@ fn upgrade_to_an_unreachable_qemu(s: &Setup) -> Unreachable {
     Unreachable { upgrade, qmp, seen, undecided_lines }
 }
 
+/// What both tests of an unreachable new QEMU require once it is over: no probe line while nobody
+/// had committed, the old QEMU (`before`) running the guest again, whole, and the new QEMU never
+/// `running` but `paused` with the whole state. `context` goes into the rollback's message.
+fn assert_ran_nowhere_and_rolled_back(
+    s: &Setup,
+    before: &serde_json::Value,
+    undecided_lines: u64,
+    seen: &std::collections::BTreeSet<String>,
+    context: &str,
+) {
+    assert!(
+        undecided_lines <= 1,
+        "the guest printed {undecided_lines} probe lines in a new QEMU nobody had committed to (it reported \
+         {seen:?}), and then the old QEMU was resumed from the pause: the guest ran in two places"
+    );
+    let after = status(s, "lin");
+    assert_eq!(
+        (&after["state"], &after["generation"], &after["main_pid"]),
+        (&serde_json::json!("running"), &before["generation"], &before["main_pid"]),
+        "the old QEMU runs the guest again: {context}"
+    );
+    still_running(s, "lin", 25);
+    assert!(
+        !seen.contains("running") && seen.contains("paused"),
+        "the new QEMU held the whole state, paused, and ran nothing: {seen:?}"
+    );
+}
+
 /// Issue 13's QEMU hole: the incoming QEMU ran the guest by itself as soon as the migration
 /// completed, while cprd, which had not seen it run, could still give up on it, kill it and `cont`
 /// the old QEMU over RAM the new one had been changing. Here cprd cannot reach the new QEMU's
@@ -458,32 +486,16 @@ fn a_new_qemu_that_cprd_cannot_reach_runs_nothing_and_the_old_one_resumes_the_gu
     let s = setup(&[("lin", vm_definition("128M", ""))], &[]);
     start_and_wait(&s, "lin");
     let before = status(&s, "lin");
-    let Unreachable { mut upgrade, qmp, mut seen, undecided_lines } = upgrade_to_an_unreachable_qemu(&s);
+    let mut caught = upgrade_to_an_unreachable_qemu(&s);
     // cprd gives up on the new QEMU at its handoff timeout, kills it and resumes the old one.
     let ended = wait_until(Duration::from_secs(120), || {
-        seen.extend(qmp_status(&qmp));
-        upgrade.try_wait().ok().flatten().is_some()
+        caught.seen.extend(qmp_status(&caught.qmp));
+        caught.upgrade.try_wait().ok().flatten().is_some()
     });
     assert!(ended, "the upgrade never ended\n{}", s.cprd.log_text());
-    let out = upgrade.wait_with_output().expect("cprctl upgrade");
+    let out = caught.upgrade.wait_with_output().expect("cprctl upgrade");
     assert!(!out.status.success() && text(&out).contains("UpgradeFailed"), "{}", text(&out));
-    assert!(
-        undecided_lines <= 1,
-        "the guest printed {undecided_lines} probe lines in a new QEMU nobody had committed to (it reported \
-         {seen:?}), and then the old QEMU was resumed from the pause: the guest ran in two places"
-    );
-    let after = status(&s, "lin");
-    assert_eq!(
-        (&after["state"], &after["generation"], &after["main_pid"]),
-        (&serde_json::json!("running"), &before["generation"], &before["main_pid"]),
-        "the old QEMU runs the guest again: {}",
-        text(&out)
-    );
-    still_running(&s, "lin", 25);
-    assert!(
-        !seen.contains("running") && seen.contains("paused"),
-        "the new QEMU held the whole state, paused, and ran nothing: {seen:?}"
-    );
+    assert_ran_nowhere_and_rolled_back(&s, &before, caught.undecided_lines, &caught.seen, &text(&out));
 }
 
 /// The same hole in recovery: cprd is killed while it waits for a new QEMU that already holds the
@@ -497,27 +509,11 @@ fn a_cprd_killed_while_an_unreachable_new_qemu_holds_the_state_is_followed_by_a_
     let mut s = setup(&[("lin", vm_definition("128M", ""))], &[]);
     start_and_wait(&s, "lin");
     let before = status(&s, "lin");
-    let Unreachable { mut upgrade, qmp, seen, undecided_lines } = upgrade_to_an_unreachable_qemu(&s);
+    let mut caught = upgrade_to_an_unreachable_qemu(&s);
     s.cprd.kill9();
-    let _ = upgrade.wait();
+    let _ = caught.upgrade.wait();
     let config = s.cprd.config_dir.clone();
     s.cprd = Cprd::start(s.dir.path(), &s.bus, &config);
-    assert!(wait_until(Duration::from_secs(10), || qmp_status(&qmp).is_none()), "the new QEMU is gone");
-    assert!(
-        undecided_lines <= 1,
-        "the guest printed {undecided_lines} probe lines in a new QEMU nobody had committed to (it reported \
-         {seen:?}), and then the old QEMU was resumed from the pause: the guest ran in two places"
-    );
-    let after = status(&s, "lin");
-    assert_eq!(
-        (&after["state"], &after["generation"], &after["main_pid"]),
-        (&serde_json::json!("running"), &before["generation"], &before["main_pid"]),
-        "rolled back to the old QEMU\n{}",
-        s.cprd.log_text()
-    );
-    still_running(&s, "lin", 25);
-    assert!(
-        !seen.contains("running") && seen.contains("paused"),
-        "the new QEMU held the whole state, paused, and ran nothing: {seen:?}"
-    );
+    assert!(wait_until(Duration::from_secs(10), || qmp_status(&caught.qmp).is_none()), "the new QEMU is gone");
+    assert_ran_nowhere_and_rolled_back(&s, &before, caught.undecided_lines, &caught.seen, &s.cprd.log_text());
 }
