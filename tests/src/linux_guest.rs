@@ -125,6 +125,16 @@ pub fn check_probe(lines: &[ProbeLine]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that the guest's local timer ticked between any two probe lines (each line reports
+/// the count, and it grows from line to line).
+pub fn check_timer_ticks(lines: &[ProbeLine]) -> Result<(), String> {
+    let ticks: Vec<u64> = lines.iter().filter_map(|l| l.timer_irqs).collect();
+    if ticks.len() != lines.len() || ticks.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(format!("the local timer did not tick between every two lines: {ticks:?}"));
+    }
+    Ok(())
+}
+
 /// A network namespace the test created (`ip netns add`), deleted on drop.
 #[derive(Debug)]
 pub struct NetNs {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use cpr_tests::linux_guest::probe_lines;
+use cpr_tests::linux_guest::{check_timer_ticks, probe_lines};
 use cpr_tests::{code, hardware_kvm, l1, run_vmm};
 
 /// The L2 command line that boots fast under nested SVM on TCG: no CMOS RTC or i8042 probing
@@ -84,12 +84,7 @@ done
         let lines = probe_lines(part);
         assert!(lines.len() >= 10, "{vcpus} vCPUs: the probe runs\n{}", run.dump());
         assert!(lines.windows(2).all(|w| w[1].seq == w[0].seq + 1), "{vcpus} vCPUs: no hole\n{}", run.dump());
-        let ticks: Vec<u64> = lines.iter().filter_map(|l| l.timer_irqs).collect();
-        assert!(
-            ticks.len() == lines.len() && ticks.windows(2).all(|w| w[1] > w[0]),
-            "{vcpus} vCPUs: the local timer ticks between lines: {ticks:?}\n{}",
-            run.dump()
-        );
+        check_timer_ticks(&lines).unwrap_or_else(|e| panic!("{vcpus} vCPUs: {e}\n{}", run.dump()));
         let boot = run.value(&format!("BOOT vcpus={vcpus}"), "end").and_then(|e| e.parse::<f64>().ok());
         let began = run.value(&format!("BOOT vcpus={vcpus}"), "start").and_then(|e| e.parse::<f64>().ok());
         println!(
