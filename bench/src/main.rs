@@ -45,6 +45,17 @@ struct Args {
     /// Hops per driver and RAM size (with --qemu).
     #[arg(long, default_value_t = 10)]
     hops: usize,
+    /// Instead: a Linux guest under cpr-vmm and one under QEMU with accel=kvm, both on
+    /// hardware-style KVM (the L1 test machine: Debian's kvm_amd on TCG-emulated SVM), upgraded
+    /// in turn through cprd; prints the downtime of each and their ratio.
+    #[arg(long)]
+    linux: bool,
+    /// Upgrades of each VM (with --linux).
+    #[arg(long, default_value_t = 20)]
+    upgrades: usize,
+    /// vCPUs of each Linux guest (with --linux).
+    #[arg(long, default_value_t = 1)]
+    linux_vcpus: u8,
 }
 
 /// One hop of a QEMU guest.
@@ -278,6 +289,83 @@ fn print_row(label: &str, s: &Summary, decimals: usize) {
 }
 
 /// The report's title and the command line that reproduces it.
+/// `--linux`: one L1 run (`cpr_tests::l1`) with cprd on a system bus, a Linux probe guest under
+/// cpr-vmm and one under QEMU (`accel=kvm`), both running the whole time, upgraded in turn (one
+/// of each per round, after each guest printed three more probe lines), so both backends see the
+/// same conditions.
+fn linux_bench(args: &Args) {
+    use cpr_tests::l1;
+    let script = format!(
+        r#"{helpers}
+start_cprd
+linux_vm cprvmm cpr-vmm {vcpus}
+linux_vm qemu qemu {vcpus}
+cprctl start cprvmm && cprctl start qemu || echo "START failed"
+wait_lines cprvmm 10
+wait_lines qemu 10
+i=0
+while [ $i -lt {upgrades} ]; do
+    i=$((i + 1))
+    for vm in cprvmm qemu; do
+        n=$(lines $vm)
+        out=$(cprctl --json upgrade $vm 2>&1) || {{ echo "FAILED $vm $out"; break 2; }}
+        echo "UPGRADE $vm $out"
+        wait_lines $vm $((n + 3))
+    done
+done
+for vm in cprvmm qemu; do cprctl stop $vm; done
+grep 'cpr-transfer of' /tmp/cprd.log | sed 's/^/CPRD-LOG: /'
+"#,
+        helpers = l1::cprd_helpers(),
+        vcpus = args.linux_vcpus,
+        upgrades = args.upgrades
+    );
+    let run = l1::run_with(
+        &script,
+        &["cprd", "cprctl", "cpr-vmm"],
+        &[l1::Extra::Bus, l1::Extra::Qemu],
+        Duration::from_secs(600 + 60 * args.upgrades as u64),
+    );
+    let downtimes = |vm: &str| -> Vec<f64> {
+        run.console
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("UPGRADE {vm} ")))
+            .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok()?["downtime_usec"].as_f64())
+            .collect()
+    };
+    // QEMU's own figure for each cpr-transfer (query-migrate's downtime), as cprd logs it.
+    let qemu_own: Vec<f64> = run
+        .console
+        .lines()
+        .filter(|l| l.starts_with("CPRD-LOG: "))
+        .filter_map(|l| l.split("QMP downtime ").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect();
+    let cprvmm = summarize(&downtimes("cprvmm"));
+    let qemu = summarize(&downtimes("qemu"));
+    let own = summarize(&qemu_own);
+    if cprvmm.n < args.upgrades || qemu.n < args.upgrades {
+        eprintln!("not every upgrade succeeded:\n{}", run.dump());
+        std::process::exit(1);
+    }
+    println!(
+        "L1: QEMU TCG -cpu EPYC, 1 emulated CPU, Debian's kvm_amd (TCG-emulated SVM with NPT); each guest: Linux {} vCPU, \
+         256 MiB, the probe every 100 ms; {} upgrades each through cprd, alternating; L1 ran {:.0} s",
+        args.linux_vcpus,
+        args.upgrades,
+        run.elapsed.as_secs_f64()
+    );
+    println!("downtime = cprd's figure: the guest's pause to its resume (cpr-vmm: the VMMs' clocks; QEMU: STOP -> RESUME events)");
+    println!();
+    println!("| backend | n | downtime min us | median | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    for (name, s) in [("cpr-vmm", cprvmm), ("QEMU accel=kvm", qemu), ("QEMU accel=kvm, QEMU's own figure", own)] {
+        println!("| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} |", s.n, s.min, s.median, s.p99, s.max);
+    }
+    println!();
+    println!("ratio cpr-vmm / QEMU accel=kvm, median downtime: {:.3}", cprvmm.median / qemu.median);
+}
+
 fn print_title(title: &str) {
     let cmd: Vec<String> = std::env::args().collect();
     println!("# {title}\ncommand: {}", cmd.join(" "));
@@ -530,6 +618,12 @@ fn main() {
         print_title("cprd restart benchmark (real systemd 254 in systemd-nspawn)");
         println!();
         systemd_bench(&args, tsc_ticks_per_us());
+        return;
+    }
+    if args.linux {
+        print_title("Linux guests on hardware-style KVM: cpr-vmm vs QEMU accel=kvm");
+        println!();
+        linux_bench(&args);
         return;
     }
     if args.qemu {

@@ -67,16 +67,36 @@ impl Drop for Guard {
     }
 }
 
+/// What an L1 image holds besides busybox, the kvm-amd modules, the L2 kernels and the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extra {
+    /// A system bus as a host has one: `dbus-daemon` and the stock `system.conf`, unchanged, with
+    /// cprd's bus policy, and the users and groups it names (start it with `dbus-daemon --system`).
+    Bus,
+    /// `qemu-system-x86_64` (this machine's, QEMU >= 10.0) and the firmware it boots Linux with.
+    Qemu,
+}
+
 /// Boots L1 with `script` as `/l1/run.sh` and the workspace binaries `binaries` in `/bin`, and
 /// waits until it powers off (or `timeout`, when it is killed).
 pub fn run(script: &str, binaries: &[&str], timeout: Duration) -> L1Run {
+    run_with(script, binaries, &[], timeout)
+}
+
+/// [`run`] with `extras` in the image as well.
+pub fn run_with(script: &str, binaries: &[&str], extras: &[Extra], timeout: Duration) -> L1Run {
     let dir = tempfile::tempdir().expect("tempdir");
     let script_path = dir.path().join("run.sh");
     std::fs::write(&script_path, script).expect("write run.sh");
     let initrd = dir.path().join("l1.cpio.gz");
     let builder = Path::new(env!("CARGO_MANIFEST_DIR")).join("l1/build-initramfs");
     let bins: Vec<PathBuf> = binaries.iter().map(|b| crate::bin(b)).collect();
+    let flags = extras.iter().map(|e| match e {
+        Extra::Bus => "--bus",
+        Extra::Qemu => "--qemu",
+    });
     let out = Command::new(&builder)
+        .args(flags)
         .arg(&initrd)
         .arg(&script_path)
         .args(&bins)
@@ -114,4 +134,57 @@ pub fn run(script: &str, binaries: &[&str], timeout: Duration) -> L1Run {
     let rc = console.lines().find_map(|l| l.strip_prefix("L1-DONE rc=")).and_then(|n| n.trim().parse().ok());
     let qemu_stderr = std::fs::read_to_string(dir.path().join("qemu-stderr")).unwrap_or_default();
     L1Run { console, second_console, rc, elapsed: started.elapsed(), qemu_stderr }
+}
+
+/// The L2 command line for Linux guests in L1, under cpr-vmm and QEMU alike: a fast boot under
+/// nested SVM (no CMOS or keyboard probing, no PCI scan, every IRQ on CPU 0, which keeps a busy
+/// console from starving a second vCPU of this one emulated CPU), kernel warnings on the console
+/// (a clocksource-watchdog complaint is a warning), and the probe every 100 ms.
+pub const L2_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 loglevel=5 initcall_blacklist=cmos_init,i8042_init \
+                              pci=off irqaffinity=0 probe_ms=100";
+
+/// Shell functions for L1 scripts that drive VMs through cprd, as a host does: in an image with
+/// [`Extra::Bus`] and the binaries `cprd`, `cprctl` and `cpr-vmm` (and [`Extra::Qemu`] for QEMU
+/// VMs). cprd and cprctl run with their defaults: the system bus, `/etc/cprd`, `/run/cprd`.
+/// - `start_cprd [VAR=VALUE...]`: starts the system bus (once) and cprd with that environment,
+///   logging to `/tmp/cprd.log`, and waits until cprd answers and has re-attached its VMs; the
+///   allow-list is `/bin/*` and `/usr/bin/qemu-system-*`, the handoff timeout 60 s.
+/// - `linux_vm NAME BACKEND VCPUS`: defines the Linux probe guest NAME, 256 MiB (`cpr-vmm` boots
+///   `/l2/vmlinux`, `qemu` boots `/l2/vmlinuz` with `accel = "kvm"`), and has a running cprd
+///   reload its configuration.
+/// - `lines NAME`: the probe lines on NAME's console so far; `wait_lines NAME N`: waits until there
+///   are N (at most 60 s); `now`: L1's uptime in seconds.
+/// - `end_vm NAME`: prints NAME's status and the history with a prefix, puts NAME's console on
+///   the second serial port, stops NAME and prints cprd's log.
+pub fn cprd_helpers() -> String {
+    format!(
+        r#"now() {{ cut -d. -f1 /proc/uptime; }}
+start_cprd() {{
+    [ -e /run/dbus/pid ] || dbus-daemon --system --fork || echo "L1: dbus-daemon did not start"
+    mkdir -p /etc/cprd/vms
+    printf '[vmm]\nallowed = ["/bin/*", "/usr/bin/qemu-system-*"]\ndefault = "/bin/cpr-vmm"\nqemu = "/usr/bin/qemu-system-x86_64"\n\n[handoff]\ntimeout_ms = 60000\n' >/etc/cprd/cprd.toml
+    env "$@" CPRD_STDERR=1 NO_COLOR=1 cprd 2>>/tmp/cprd.log &
+    cprd_pid=$!
+    end=$(($(now) + 60))
+    while ! cprctl list >/tmp/list 2>&1 || grep -q starting /tmp/list; do
+        if [ "$(now)" -ge $end ] || ! kill -0 $cprd_pid 2>/dev/null; then echo "L1: cprd did not come up"; return 1; fi
+        sleep 0.1
+    done
+}}
+linux_vm() {{
+    if [ "$2" = qemu ]; then kernel=/l2/vmlinuz accel='accel = "kvm"'; else kernel=/l2/vmlinux accel=; fi
+    printf 'backend = "%s"\nmemory = "256M"\nvcpus = %s\nkernel = "%s"\ninitrd = "/l2/guest.cpio.gz"\ncmdline = "%s"\n%s\n' \
+        "$2" "$3" "$kernel" "{L2_CMDLINE}" "$accel" >/etc/cprd/vms/$1.toml
+    if [ -n "$cprd_pid" ]; then cprctl reload || echo "L1: cprctl reload failed"; fi
+}}
+lines() {{ n=$(grep -c '^PROBE boot' /run/cprd/vms/$1.console 2>/dev/null); echo "${{n:-0}}"; }}
+wait_lines() {{ end=$(($(now) + 60)); while [ "$(now)" -lt $end ] && [ "$(lines $1)" -lt "$2" ]; do sleep 0.2; done; }}
+end_vm() {{
+    cprctl status $1 | sed 's/^/STATUS: /'
+    cprctl history | sed 's/^/HISTORY: /'
+    cat /run/cprd/vms/$1.console >/dev/ttyS1
+    cprctl stop $1 >/dev/null 2>&1; echo "STOPPED rc=$?"
+    sed 's/^/CPRD-LOG: /' /tmp/cprd.log
+}}"#
+    )
 }

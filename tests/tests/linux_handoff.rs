@@ -1,19 +1,16 @@
-//! Handing running Linux guests from one cpr-vmm process to another, on hardware-style KVM: in the
-//! L1 test machine (Debian's `kvm_amd` on TCG-emulated AMD SVM, `cpr_tests::l1`), since this
-//! machine's own `/dev/kvm` (`kvm_pvm`) cannot boot Linux. The guest's probe tells whether it
-//! noticed: same boot, no hole in its sequence, its clock without a jump beyond the pause, its
-//! local timer ticking on, and no lockup, stall or clocksource complaint in its kernel log.
+//! Upgrading the VMM under running Linux guests through cprd, on hardware-style KVM: in the L1
+//! test machine (Debian's `kvm_amd` on TCG-emulated AMD SVM, `cpr_tests::l1`), since this
+//! machine's own `/dev/kvm` (`kvm_pvm`) cannot boot Linux. Inside L1 a host's parts run as on a
+//! host: the system bus (stock `system.conf`), cprd with its defaults, `cprctl`; the VMMs are
+//! cpr-vmm and QEMU with `accel=kvm`. The guest's probe tells whether it noticed: same boot, no
+//! hole in its sequence, its clock without a jump beyond the pause, its local timer ticking on,
+//! and no lockup, stall or clocksource complaint in its kernel log.
 #![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
 use std::time::Duration;
 
-use cpr_tests::l1;
+use cpr_tests::l1::{self, Extra};
 use cpr_tests::linux_guest::{ProbeLine, check_probe, check_timer_ticks, probe_lines};
-
-/// The L2 command line (see linux_boot.rs): fast boot under nested SVM, kernel warnings on the
-/// console (a clocksource-watchdog complaint is a warning), the probe every 100 ms.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 loglevel=5 initcall_blacklist=cmos_init,i8042_init pci=off \
-                       irqaffinity=0 probe_ms=100";
 
 /// Kernel log lines that say a guest suffered from a handoff.
 const TROUBLE: [&str; 8] = [
@@ -27,14 +24,6 @@ const TROUBLE: [&str; 8] = [
     "Call Trace",
 ];
 
-/// Shell functions for the L1 scripts: `lines` (probe lines on the guest's console so far),
-/// `alive` (a cpr-vmm runs), `now` (L1's uptime, s), `wait_lines N` (until the console has N
-/// probe lines, no VMM is left, or 120 s have passed).
-const SCRIPT_HELPERS: &str = r#"lines() { n=$(grep -c '^PROBE boot' /tmp/l2.console 2>/dev/null); echo "${n:-0}"; }
-alive() { [ -n "$(pidof cpr-vmm)" ]; }
-now() { cut -d. -f1 /proc/uptime; }
-wait_lines() { end=$(($(now) + 120)); while [ "$(now)" -lt $end ] && alive && [ "$(lines)" -lt "$1" ]; do sleep 0.2; done; }"#;
-
 /// What every Linux handoff test requires of the guest's console: one boot, the probe's sequence
 /// without a hole and its RAM unchanged, and no [`TROUBLE`] in the kernel log.
 fn check_guest(run: &l1::L1Run, lines: &[ProbeLine]) {
@@ -44,41 +33,64 @@ fn check_guest(run: &l1::L1Run, lines: &[ProbeLine]) {
     }
 }
 
-/// The L1 script: boots a guest of `vcpus` vCPUs, waits for its probe, hands it over `hops`
-/// times (`cpr-vmm handoff`, the bare arbiter), lets it run on, and puts its console on the
-/// second serial port.
-fn chain_script(vcpus: u8, hops: u32) -> String {
+/// The L1 script: cprd starts the guest `vm` (`backend`, `vcpus`), waits for its probe, upgrades
+/// it `hops` times (`cprctl upgrade`, each after the probe printed three more lines), lets it run
+/// on, and ends it ([`l1::cprd_helpers`]' `end_vm`).
+fn chain_script(backend: &str, vcpus: u8, hops: u32) -> String {
     format!(
-        r#"{SCRIPT_HELPERS}
-cpr-vmm --control /run/vm.0.sock --memory 256M --vcpus {vcpus} --kernel /l2/vmlinux --initrd /l2/guest.cpio.gz \
-    --cmdline '{CMDLINE}' --serial-out /tmp/l2.console 2>/tmp/vmm.err &
-wait_lines 10
-echo "BOOTED lines=$(lines)"
+        r#"{helpers}
+start_cprd
+linux_vm vm {backend} {vcpus}
+cprctl start vm; echo "START rc=$?"
+wait_lines vm 10
+echo "BOOTED lines=$(lines vm)"
 g=0
-while [ $g -lt {hops} ] && alive; do
-    n=$(lines)
-    # To a file: the new VMM it starts inherits the descriptor and keeps it open.
-    timeout 120 cpr-vmm handoff --control /run/vm.$g.sock --new-control /run/vm.$((g + 1)).sock >/tmp/handoff 2>&1
-    echo "HANDOFF $((g + 1)) rc=$? at_line=$n $(cat /tmp/handoff)"
+while [ $g -lt {hops} ]; do
+    n=$(lines vm)
+    out=$(cprctl upgrade vm 2>&1); rc=$?
     g=$((g + 1))
-    wait_lines $((n + 3))
+    echo "UPGRADE $g rc=$rc at_line=$n $out"
+    [ $rc = 0 ] || break
+    wait_lines vm $((n + 3))
 done
-n=$(lines)
-wait_lines $((n + 20))
-echo "END lines=$(lines)"
-cat /tmp/l2.console >/dev/ttyS1
-sed 's/^/VMM-STDERR: /' /tmp/vmm.err
-for p in $(pidof cpr-vmm); do kill $p; done
-"#
+n=$(lines vm)
+wait_lines vm $((n + 20))
+echo "END lines=$(lines vm) vmms=$(pidof cpr-vmm qemu-system-x86_64 | wc -w)"
+end_vm vm
+"#,
+        helpers = l1::cprd_helpers()
     )
 }
 
-/// Runs the chain in L1 and checks what the guest saw.
-fn chain(vcpus: u8, hops: u32) {
-    let run = l1::run(&chain_script(vcpus, hops), &["cpr-vmm"], Duration::from_secs(600));
+/// The downtimes cprd reported for the upgrades on L1's console, µs.
+fn downtimes(run: &l1::L1Run) -> Vec<u64> {
+    run.console
+        .lines()
+        .filter(|l| l.starts_with("UPGRADE"))
+        .filter_map(|l| l.split("downtime ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Runs the chain in L1 and checks what cprd did and what the guest saw.
+fn chain(backend: &str, vcpus: u8, hops: u32) {
+    let extras: &[Extra] = if backend == "qemu" { &[Extra::Bus, Extra::Qemu] } else { &[Extra::Bus] };
+    let run =
+        l1::run_with(&chain_script(backend, vcpus, hops), &["cprd", "cprctl", "cpr-vmm"], extras, Duration::from_secs(900));
     assert_eq!(run.rc, Some(0), "{}", run.dump());
-    let ok = run.console.lines().filter(|l| l.starts_with("HANDOFF") && l.contains(" rc=0 ")).count();
-    assert_eq!(ok, usize::try_from(hops).unwrap_or(0), "every handoff succeeded\n{}", run.dump());
+    assert!(run.console.contains("START rc=0"), "cprd started the VM\n{}", run.dump());
+    for g in 1..=hops {
+        let line = run.console.lines().find(|l| l.starts_with(&format!("UPGRADE {g} "))).unwrap_or("");
+        assert!(
+            line.contains(" rc=0 ") && line.contains(&format!("upgraded to generation {g},")),
+            "upgrade {g} succeeded: {line:?}\n{}",
+            run.dump()
+        );
+    }
+    assert_eq!(run.value("END", "vmms").as_deref(), Some("1"), "one VMM runs the guest\n{}", run.dump());
+    for status in ["STATUS: state: running".to_string(), format!("STATUS: generation: {hops}")] {
+        assert!(run.console.contains(&status), "cprctl status says {status:?}\n{}", run.dump());
+    }
+    assert!(run.console.contains("STOPPED rc=0"), "cprd stopped the VM\n{}", run.dump());
     let lines: Vec<ProbeLine> = probe_lines(&run.second_console);
     assert!(lines.len() > 40, "the probe ran on\n{}", run.dump());
     check_guest(&run, &lines);
@@ -89,37 +101,44 @@ fn chain(vcpus: u8, hops: u32) {
     let worst = lines.iter().map(|l| l.gap_us).max().unwrap_or(0);
     assert!(lines.windows(2).all(|w| w[1].up_ms >= w[0].up_ms), "the guest's clock went backwards\n{}", run.dump());
     assert!(worst < 2_000_000, "the guest saw a {worst} us gap\n{}", run.dump());
-    let downtimes: Vec<u64> = run
-        .console
-        .lines()
-        .filter_map(|l| l.split("downtime ").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
     println!(
-        "{vcpus} vCPUs, {hops} handoffs: {} probe lines, longest guest gap {worst} us, downtimes (us) {downtimes:?}, L1 run {:.1} s",
+        "{backend}, {vcpus} vCPUs, {hops} upgrades through cprd: {} probe lines, longest guest gap {worst} us, \
+         downtimes (us) {:?}, L1 run {:.1} s",
         lines.len(),
+        downtimes(&run),
         run.elapsed.as_secs_f64()
     );
 }
 
 #[test]
-fn twenty_handoffs_of_a_one_vcpu_linux_guest() {
-    chain(1, 20);
+fn twenty_upgrades_of_a_one_vcpu_linux_guest_under_cpr_vmm() {
+    chain("cpr-vmm", 1, 20);
 }
 
 #[test]
-fn twenty_handoffs_of_a_two_vcpu_linux_guest() {
-    chain(2, 20);
+fn twenty_upgrades_of_a_two_vcpu_linux_guest_under_cpr_vmm() {
+    chain("cpr-vmm", 2, 20);
 }
 
-/// Rollback and finishing forward with a Linux guest (the bare arbiter, `cpr-vmm handoff`):
-/// the new VMM is killed after it has read the whole state but before the decision, so the old
-/// VMM resumes the guest; then a new VMM stops right after it reported `Loaded` (the arbiter has
-/// decided and sent `Commit`), is held a second and continued, and takes the guest forward. The
-/// guest runs on through both, whole.
+/// The QEMU backend on the accelerator production hosts use (`accel=kvm`), not TCG.
 #[test]
-fn a_linux_guest_runs_on_through_a_rollback_and_a_late_commit() {
+fn twenty_upgrades_of_a_two_vcpu_linux_guest_under_qemu_kvm() {
+    chain("qemu", 2, 20);
+}
+
+/// A rollback and two ways forward with a Linux guest, through cprd:
+/// 1. the new VMM has read and restored the whole state and is killed before it reports
+///    `Loaded`: cprd rolls back and the old VMM resumes the guest;
+/// 2. cprd dies right after the new VMM reported running the guest (`die-at:new-running`): the
+///    restarted cprd adopts the new VMM and ends the old one;
+/// 3. the new VMM stops right after it reported `Loaded` (cprd has decided and sent `Commit`), is
+///    held a second and continued: cprd waits for it and finishes forward.
+///
+/// The guest runs on, whole, through all three.
+#[test]
+fn a_linux_guest_runs_on_through_a_rollback_a_cprd_crash_and_a_late_commit() {
     let script = format!(
-        r#"{SCRIPT_HELPERS}
+        r#"{helpers}
 # The pid of a cpr-vmm that stopped itself at a stall point (state T), once there is one.
 stalled() {{
     end=$(($(now) + 120))
@@ -130,52 +149,91 @@ stalled() {{
         sleep 0.1
     done
 }}
-cpr-vmm --control /run/vm.0.sock --memory 256M --vcpus 1 --kernel /l2/vmlinux --initrd /l2/guest.cpio.gz \
-    --cmdline '{CMDLINE}' --serial-out /tmp/l2.console 2>/tmp/vmm.err &
-old=$!
-wait_lines 10
-CPR_VMM_FAULT=stall:after-state cpr-vmm handoff --control /run/vm.0.sock --new-control /run/vm.1.sock \
-    >/tmp/h1 2>&1 &
-arbiter=$!
+alive() {{ kill -0 $1 2>/dev/null && echo 1 || echo 0; }}
+for point in after-state after-loaded; do
+    printf '#!/bin/sh\nCPR_VMM_FAULT=stall:%s exec /bin/cpr-vmm "$@"\n' $point >/bin/stall-$point
+    chmod 0755 /bin/stall-$point
+done
+start_cprd CPRD_FAULT=die-at:new-running
+linux_vm vm cpr-vmm 1
+cprctl start vm; echo "START rc=$?"
+wait_lines vm 10
+old=$(pidof cpr-vmm)
+cprctl upgrade vm --binary /bin/stall-after-state >/tmp/u1 2>&1 &
+upgrade=$!
 new=$(stalled)
-n=$(lines)
+n=$(lines vm)
 kill -9 $new
-wait $arbiter
-echo "ROLLBACK rc=$? new=$new old_alive=$(kill -0 $old 2>/dev/null && echo 1 || echo 0) at_line=$n $(tr '\n' ' ' </tmp/h1)"
-wait_lines $((n + 10))
-CPR_VMM_FAULT=stall:after-loaded cpr-vmm handoff --control /run/vm.0.sock --new-control /run/vm.2.sock \
-    >/tmp/h2 2>&1 &
-arbiter=$!
+wait $upgrade
+echo "ROLLBACK rc=$? old_alive=$(alive $old) at_line=$n $(tr '\n' ' ' </tmp/u1)"
+echo "AFTER-ROLLBACK $(cprctl status vm | tr '\n' ' ')"
+wait_lines vm $((n + 10))
+n=$(lines vm)
+cprctl upgrade vm >/tmp/u2 2>&1
+echo "CRASH rc=$? cprd_alive=$(alive $cprd_pid) at_line=$n $(tr '\n' ' ' </tmp/u2)"
+start_cprd
+echo "AFTER-RESTART old_alive=$(alive $old) $(cprctl status vm | tr '\n' ' ')"
+wait_lines vm $((n + 10))
+n=$(lines vm)
+mid=$(pidof cpr-vmm)
+cprctl upgrade vm --binary /bin/stall-after-loaded >/tmp/u3 2>&1 &
+upgrade=$!
 new=$(stalled)
-n=$(lines)
 sleep 1
 kill -CONT $new
-wait $arbiter
-echo "FORWARD rc=$? new=$new new_alive=$(kill -0 $new 2>/dev/null && echo 1 || echo 0) at_line=$n $(tr '\n' ' ' </tmp/h2)"
-wait_lines $((n + 10))
+wait $upgrade
+echo "FORWARD rc=$? new_alive=$(alive $new) mid_alive=$(alive $mid) at_line=$n $(tr '\n' ' ' </tmp/u3)"
+wait_lines vm $((n + 10))
 sleep 1
-echo "END lines=$(lines) old_alive=$(kill -0 $old 2>/dev/null && echo 1 || echo 0)"
-cat /tmp/l2.console >/dev/ttyS1
-for p in $(pidof cpr-vmm); do kill $p; done
-"#
+echo "END lines=$(lines vm) vmms=$(pidof cpr-vmm | wc -w)"
+end_vm vm
+"#,
+        helpers = l1::cprd_helpers()
     );
-    let run = l1::run(&script, &["cpr-vmm"], Duration::from_secs(600));
+    let run = l1::run_with(&script, &["cprd", "cprctl", "cpr-vmm"], &[Extra::Bus], Duration::from_secs(900));
     assert_eq!(run.rc, Some(0), "{}", run.dump());
-    let rollback = run.console.lines().find(|l| l.starts_with("ROLLBACK")).unwrap_or("");
+    let line = |prefix: &str| run.console.lines().find(|l| l.starts_with(prefix)).unwrap_or("").to_string();
+    let rollback = line("ROLLBACK");
     assert!(rollback.contains("old_alive=1") && !rollback.contains("rc=0 "), "rolled back\n{}", run.dump());
-    let forward = run.console.lines().find(|l| l.starts_with("FORWARD")).unwrap_or("");
-    assert!(forward.contains("new_alive=1"), "the new VMM took the guest forward\n{}", run.dump());
-    let end = run.console.lines().find(|l| l.starts_with("END")).unwrap_or("");
-    assert!(end.contains("old_alive=0"), "the old VMM is gone after the commit\n{}", run.dump());
+    let after_rollback = line("AFTER-ROLLBACK");
+    assert!(
+        after_rollback.contains("state: running") && after_rollback.contains("generation: 0"),
+        "the old VMM runs the guest\n{}",
+        run.dump()
+    );
+    let crash = line("CRASH");
+    assert!(crash.contains("cprd_alive=0") && !crash.contains("rc=0 "), "cprd died in the upgrade\n{}", run.dump());
+    let restart = line("AFTER-RESTART");
+    assert!(
+        restart.contains("state: running") && restart.contains("generation: 1"),
+        "the restarted cprd adopted the new VMM\n{}",
+        run.dump()
+    );
+    let forward = line("FORWARD");
+    assert!(
+        forward.contains("rc=0 ") && forward.contains("new_alive=1") && forward.contains("mid_alive=0"),
+        "cprd finished the held commit forward\n{}",
+        run.dump()
+    );
+    assert!(run.console.contains("STATUS: generation: 2"), "{}", run.dump());
+    assert_eq!(run.value("END", "vmms").as_deref(), Some("1"), "one VMM runs the guest\n{}", run.dump());
+    assert!(run.console.contains("STOPPED rc=0"), "cprd stopped the VM\n{}", run.dump());
     let lines = probe_lines(&run.second_console);
-    let rollback_at = run.value("ROLLBACK", "at_line").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX);
-    let forward_at = run.value("FORWARD", "at_line").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX);
-    assert!(lines.len() >= forward_at + 10 && forward_at >= rollback_at + 10, "the guest ran on\n{}", run.dump());
+    let at = |prefix: &str| run.value(prefix, "at_line").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX);
+    assert!(
+        at("CRASH") >= at("ROLLBACK") + 10 && at("FORWARD") >= at("CRASH") + 10 && lines.len() >= at("FORWARD") + 10,
+        "the guest ran on\n{}",
+        run.dump()
+    );
     check_guest(&run, &lines);
     // The timer counts that can be read grow from line to line. Not every line's can be read
     // here: the second held on purpose before the commit makes the guest's clocksource watchdog
     // note a long readout interval, and that kernel line may land inside a probe line.
     let ticks: Vec<u64> = lines.iter().filter_map(|l| l.timer_irqs).collect();
     assert!(ticks.windows(2).all(|w| w[1] > w[0]), "the local timer stopped: {ticks:?}\n{}", run.dump());
-    println!("{rollback}\n{forward}\n{end}\n{} probe lines, L1 run {:.1} s", lines.len(), run.elapsed.as_secs_f64());
+    println!(
+        "{rollback}\n{crash}\n{restart}\n{forward}\n{} probe lines, L1 run {:.1} s",
+        lines.len(),
+        run.elapsed.as_secs_f64()
+    );
 }
