@@ -297,7 +297,9 @@ fn linux_bench(args: &Args) {
     use cpr_tests::l1;
     let script = format!(
         r#"{helpers}
+heartbeat
 start_cprd
+echo "CPRD UP"
 linux_vm cprvmm cpr-vmm {vcpus}
 linux_vm qemu qemu {vcpus}
 cprctl start cprvmm && cprctl start qemu || echo "START failed"
@@ -308,11 +310,14 @@ while [ $i -lt {upgrades} ]; do
     i=$((i + 1))
     for vm in cprvmm qemu; do
         n=$(lines $vm)
-        out=$(cprctl --json upgrade $vm 2>&1) || {{ echo "FAILED $vm $out"; break 2; }}
+        out=$(timeout 180 cprctl --json upgrade $vm 2>&1) || {{ echo "FAILED $vm $out"; break 2; }}
         echo "UPGRADE $vm $out"
         wait_lines $vm $((n + 3))
+        echo "WAITED $vm at=$(cut -d' ' -f1 /proc/uptime) lines=$n..$(lines $vm)"
     done
 done
+tail -5 /run/cprd/vms/cprvmm.console >/dev/ttyS1
+tail -5 /run/cprd/vms/qemu.console >/dev/ttyS1
 for vm in cprvmm qemu; do cprctl stop $vm; done
 grep 'cpr-transfer of' /tmp/cprd.log | sed 's/^/CPRD-LOG: /'
 "#,
@@ -344,10 +349,7 @@ grep 'cpr-transfer of' /tmp/cprd.log | sed 's/^/CPRD-LOG: /'
     let cprvmm = summarize(&downtimes("cprvmm"));
     let qemu = summarize(&downtimes("qemu"));
     let own = summarize(&qemu_own);
-    if cprvmm.n < args.upgrades || qemu.n < args.upgrades {
-        eprintln!("not every upgrade succeeded:\n{}", run.dump());
-        std::process::exit(1);
-    }
+    assert!(cprvmm.n >= args.upgrades && qemu.n >= args.upgrades, "not every upgrade succeeded:\n{}", run.dump());
     println!(
         "L1: QEMU TCG -cpu EPYC, 1 emulated CPU, Debian's kvm_amd (TCG-emulated SVM with NPT); each guest: Linux {} vCPU, \
          256 MiB, the probe every 100 ms; {} upgrades each through cprd, alternating; L1 ran {:.0} s",
@@ -355,7 +357,9 @@ grep 'cpr-transfer of' /tmp/cprd.log | sed 's/^/CPRD-LOG: /'
         args.upgrades,
         run.elapsed.as_secs_f64()
     );
-    println!("downtime = cprd's figure: the guest's pause to its resume (cpr-vmm: the VMMs' clocks; QEMU: STOP -> RESUME events)");
+    println!(
+        "downtime = cprd's figure: the guest's pause to its resume (cpr-vmm: the VMMs' clocks; QEMU: STOP -> RESUME events)"
+    );
     println!();
     println!("| backend | n | downtime min us | median | p99 | max |");
     println!("|---|---|---|---|---|---|");

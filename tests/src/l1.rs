@@ -154,6 +154,8 @@ pub const L2_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 loglevel=5 initcall
 ///   reload its configuration.
 /// - `lines NAME`: the probe lines on NAME's console so far; `wait_lines NAME N`: waits until there
 ///   are N (at most 60 s); `now`: L1's uptime in seconds.
+/// - `heartbeat`: every 30 s, in the background, prints L1's processes and the tail of cprd's log
+///   (for the dump when something hangs).
 /// - `end_vm NAME`: prints NAME's status and the history with a prefix, puts NAME's console on
 ///   the second serial port, stops NAME and prints cprd's log.
 pub fn cprd_helpers() -> String {
@@ -176,6 +178,13 @@ linux_vm() {{
     printf 'backend = "%s"\nmemory = "256M"\nvcpus = %s\nkernel = "%s"\ninitrd = "/l2/guest.cpio.gz"\ncmdline = "%s"\n%s\n' \
         "$2" "$3" "$kernel" "{L2_CMDLINE}" "$accel" >/etc/cprd/vms/$1.toml
     if [ -n "$cprd_pid" ]; then cprctl reload || echo "L1: cprctl reload failed"; fi
+}}
+heartbeat() {{
+    (while sleep 30; do
+        echo "HEARTBEAT $(cut -d' ' -f1 /proc/uptime)"
+        ps -o pid,stat,time,args | grep -v '\[' | cut -c1-120
+        tail -3 /tmp/cprd.log
+    done) &
 }}
 lines() {{ n=$(grep -c '^PROBE boot' /run/cprd/vms/$1.console 2>/dev/null); echo "${{n:-0}}"; }}
 wait_lines() {{ end=$(($(now) + 60)); while [ "$(now)" -lt $end ] && [ "$(lines $1)" -lt "$2" ]; do sleep 0.2; done; }}

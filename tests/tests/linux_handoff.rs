@@ -39,15 +39,16 @@ fn check_guest(run: &l1::L1Run, lines: &[ProbeLine]) {
 fn chain_script(backend: &str, vcpus: u8, hops: u32) -> String {
     format!(
         r#"{helpers}
+heartbeat
 start_cprd
 linux_vm vm {backend} {vcpus}
-cprctl start vm; echo "START rc=$?"
+timeout 180 cprctl start vm; echo "START rc=$?"
 wait_lines vm 10
 echo "BOOTED lines=$(lines vm)"
 g=0
 while [ $g -lt {hops} ]; do
     n=$(lines vm)
-    out=$(cprctl upgrade vm 2>&1); rc=$?
+    out=$(timeout 180 cprctl upgrade vm 2>&1); rc=$?
     g=$((g + 1))
     echo "UPGRADE $g rc=$rc at_line=$n $out"
     [ $rc = 0 ] || break
@@ -74,8 +75,12 @@ fn downtimes(run: &l1::L1Run) -> Vec<u64> {
 /// Runs the chain in L1 and checks what cprd did and what the guest saw.
 fn chain(backend: &str, vcpus: u8, hops: u32) {
     let extras: &[Extra] = if backend == "qemu" { &[Extra::Bus, Extra::Qemu] } else { &[Extra::Bus] };
-    let run =
-        l1::run_with(&chain_script(backend, vcpus, hops), &["cprd", "cprctl", "cpr-vmm"], extras, Duration::from_secs(900));
+    let run = l1::run_with(
+        &chain_script(backend, vcpus, hops),
+        &["cprd", "cprctl", "cpr-vmm"],
+        extras,
+        Duration::from_secs(900),
+    );
     assert_eq!(run.rc, Some(0), "{}", run.dump());
     assert!(run.console.contains("START rc=0"), "cprd started the VM\n{}", run.dump());
     for g in 1..=hops {
@@ -154,9 +159,10 @@ for point in after-state after-loaded; do
     printf '#!/bin/sh\nCPR_VMM_FAULT=stall:%s exec /bin/cpr-vmm "$@"\n' $point >/bin/stall-$point
     chmod 0755 /bin/stall-$point
 done
+heartbeat
 start_cprd CPRD_FAULT=die-at:new-running
 linux_vm vm cpr-vmm 1
-cprctl start vm; echo "START rc=$?"
+timeout 180 cprctl start vm; echo "START rc=$?"
 wait_lines vm 10
 old=$(pidof cpr-vmm)
 cprctl upgrade vm --binary /bin/stall-after-state >/tmp/u1 2>&1 &
