@@ -2,9 +2,10 @@
 //! owns policy and bookkeeping; a backend owns the mechanics of its VMM. `cpr-vmm` is built;
 //! QEMU (issue 6) plugs in here behind the same trait.
 
+use cpr_spawn::Executable;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ pub struct UpgradeRequest<'a> {
     /// The running VMM.
     pub record: &'a VmRecord,
     /// The new binary (already allowed and pre-flighted).
-    pub binary: &'a Path,
+    pub binary: &'a Executable,
     /// Control socket for the new VMM.
     pub new_control: PathBuf,
     /// Timeout of each wait on the new VMM.
@@ -83,10 +84,10 @@ impl UpgradeError {
 /// The mechanics of one kind of VMM.
 pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     /// Asks a candidate binary whether it can take a running guest over; touches nothing.
-    fn preflight(&self, binary: &Path, def: &VmDef, scratch: &Path) -> Result<(), CprdError>;
+    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path) -> Result<(), CprdError>;
     /// Starts a VMM for `def` with its files under `dir`; returns its record, the guest-RAM
     /// memfd cprd keeps, and the process.
-    fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError>;
+    fn start(&self, def: &VmDef, binary: &Executable, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError>;
     /// Hands the guest to a new VMM of `req.binary`, rolling back on failure.
     fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError>;
     /// Stops the VMM (asks it, or kills it with `force`) and waits until it is gone.
@@ -128,17 +129,17 @@ pub fn for_kind(kind: BackendKind) -> Result<&'static dyn VmmBackend, CprdError>
 pub struct CprVmm;
 
 impl VmmBackend for CprVmm {
-    fn preflight(&self, binary: &Path, _def: &VmDef, _scratch: &Path) -> Result<(), CprdError> {
+    fn preflight(&self, binary: &Executable, _def: &VmDef, _scratch: &Path) -> Result<(), CprdError> {
         preflight(binary)
     }
 
-    fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+    fn start(&self, def: &VmDef, binary: &Executable, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
         let control = dir.join(format!("{}.0.sock", def.name));
         let console = def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name)));
         let log = dir.join(format!("{}.log", def.name));
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
-        let mut cmd = Command::new(binary);
+        let mut cmd = binary.command();
         cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
         match &def.guest {
             GuestDef::TestGuest => {}
@@ -161,7 +162,7 @@ impl VmmBackend for CprVmm {
             .map_err(|e| CprdError::StartFailed(format!("cannot hand guest RAM to the VMM: {e}")))?;
         let _ = std::fs::remove_file(&control);
         let mut child =
-            cmd.spawn().map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.display())))?;
+            cmd.spawn().map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.path().display())))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
             if let Ok(c) = ControlClient::connect(&control) {
@@ -187,7 +188,7 @@ impl VmmBackend for CprVmm {
             generation: 0,
             main_pid: child.id(),
             control,
-            vmm_binary: binary.to_path_buf(),
+            vmm_binary: binary.path().to_path_buf(),
             vmm_version: version,
             last_downtime_usec: 0,
             console,
@@ -197,7 +198,9 @@ impl VmmBackend for CprVmm {
     }
 
     fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError> {
-        let mut h = HandoffRequest::new(req.record.control.clone(), req.new_control.clone(), req.binary.to_path_buf());
+        let mut h =
+            HandoffRequest::new(req.record.control.clone(), req.new_control.clone(), req.binary.path().to_path_buf());
+        h.executable = Some(req.binary.clone());
         h.vm = req.name.to_string();
         h.old_pid = Some(req.record.main_pid);
         h.timeout_ms = req.timeout_ms;
@@ -206,12 +209,9 @@ impl VmmBackend for CprVmm {
         h.spawned = Some(req.on_spawn);
         match hand_off(&h, req.journal, req.record.generation) {
             Ok(out) => {
-                // The build id cprd already knows when the new VMM runs the very file cprd
-                // checked (same inode); asking the VMM would make it hash its binary now.
-                let version = same_file(format!("/proc/{}/exe", out.child.id()), req.binary)
-                    .then(|| crate::engine::binary_build_id(req.binary))
-                    .flatten()
-                    .or_else(|| {
+                // The new VMM runs the very file cprd opened and checked, whose build id cprd
+                // knows; asking the VMM would make it hash its binary now.
+                let version = crate::engine::executable_build_id(req.binary).or_else(|| {
                         ControlClient::connect(&req.new_control).ok().and_then(|c| {
                             match c.call(&Request::Describe, &[]) {
                                 Ok(Response::Describe(d)) => Some(d.build_id),
@@ -314,8 +314,8 @@ pub fn end_process(pid: u32, asked: bool) {
 static PREFLIGHT_OK: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
 
 /// Asks a candidate VMM binary which state formats it reads, before anything is touched.
-fn preflight(binary: &Path) -> Result<(), CprdError> {
-    let key = crate::engine::binary_build_id(binary).map(|id| (binary.to_path_buf(), id));
+fn preflight(binary: &Executable) -> Result<(), CprdError> {
+    let key = crate::engine::executable_build_id(binary).map(|id| (binary.path().to_path_buf(), id));
     let lock = |m: &'static Mutex<Vec<(PathBuf, String)>>| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if key.as_ref().is_some_and(|k| lock(&PREFLIGHT_OK).contains(k)) {
         return Ok(());
@@ -330,14 +330,15 @@ fn preflight(binary: &Path) -> Result<(), CprdError> {
 /// How long a candidate binary may take to say which state formats it reads.
 const STATE_FORMATS_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
-    let mut child = Command::new(binary)
+fn ask_state_formats(binary: &Executable) -> Result<(), CprdError> {
+    let mut child = binary
+        .command()
         .arg("--state-formats")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| CprdError::Incompatible(format!("cannot run {}: {e}", binary.display())))?;
+        .map_err(|e| CprdError::Incompatible(format!("cannot run {}: {e}", binary.path().display())))?;
     // A binary that does not answer in time is refused (and killed), never waited for.
     let deadline = Instant::now() + STATE_FORMATS_TIMEOUT;
     let status = loop {
@@ -349,7 +350,7 @@ fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
                 let _ = child.wait();
                 return Err(CprdError::Incompatible(format!(
                     "{} did not say which state formats it reads within {STATE_FORMATS_TIMEOUT:?}; nothing was changed",
-                    binary.display()
+                    binary.path().display()
                 )));
             }
         }
@@ -369,19 +370,10 @@ fn ask_state_formats(binary: &Path) -> Result<(), CprdError> {
     if !out.status.success() || !reads.contains(&cpr_proto::state::FORMAT_MAJOR) {
         return Err(CprdError::Incompatible(format!(
             "{} does not read state format {} (it says {:?}); nothing was changed",
-            binary.display(),
+            binary.path().display(),
             cpr_proto::state::FORMAT_MAJOR,
             text.trim()
         )));
     }
     Ok(())
-}
-
-/// Whether two paths name the same file (device and inode), following symlinks.
-fn same_file(a: impl AsRef<Path>, b: impl AsRef<Path>) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
 }

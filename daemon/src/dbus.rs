@@ -92,6 +92,36 @@ pub struct Manager {
     pub engine: Arc<Engine>,
 }
 
+/// The longest VMM binary path a caller may pass (PATH_MAX).
+pub const MAX_BINARY_ARG: usize = 4096;
+
+/// Checks a VM name from a caller before anything else sees it: 1 to 64 characters of
+/// `A-Z a-z 0-9 - _` (the names `vms/NAME.toml` may have). The error quotes none of it, only its
+/// length: a reply or a log line never echoes unbounded input (a 7 MiB name quoted with `{:?}`
+/// made a reply above the bus's message limit, and the bus dropped cprd).
+pub fn checked_name(name: &str) -> Result<&str, CprdError> {
+    if crate::config::valid_vm_name(name) {
+        Ok(name)
+    } else {
+        Err(CprdError::InvalidArgument(format!(
+            "a VM name is 1 to 64 characters of A-Z, a-z, 0-9, '-' and '_' (got {} bytes)",
+            name.len()
+        )))
+    }
+}
+
+/// Checks a VMM binary argument's length (the allow-list checks the rest).
+fn checked_binary(binary: &str) -> Result<&str, CprdError> {
+    if binary.len() <= MAX_BINARY_ARG && !binary.contains('\0') {
+        Ok(binary)
+    } else {
+        Err(CprdError::InvalidArgument(format!(
+            "a VMM binary is a path of at most {MAX_BINARY_ARG} bytes (got {} bytes)",
+            binary.len()
+        )))
+    }
+}
+
 #[interface(name = "org.cprd1.Manager")]
 impl Manager {
     /// (name, state, backend, generation) of every VM.
@@ -107,6 +137,7 @@ impl Manager {
     /// The object path of a VM.
     #[zbus(name = "GetVM")]
     async fn get_vm(&self, name: String) -> Result<zbus::OwnedObjectPath, CprdError> {
+        checked_name(&name)?;
         self.engine.view(&name)?;
         zbus::OwnedObjectPath::try_from(vm_path(&name))
             .map_err(|e| CprdError::InvalidArgument(format!("{name:?}: {e}")))
@@ -120,6 +151,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), CprdError> {
+        checked_name(&name)?;
         authorize(conn, &header).await?;
         let e = Arc::clone(&self.engine);
         blocking(move || e.start(&name)).await?
@@ -134,6 +166,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), CprdError> {
+        checked_name(&name)?;
         authorize(conn, &header).await?;
         let e = Arc::clone(&self.engine);
         blocking(move || e.stop(&name, force)).await?
@@ -148,6 +181,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), CprdError> {
+        checked_name(&name)?;
         authorize(conn, &header).await?;
         let e = Arc::clone(&self.engine);
         blocking(move || e.resume(&name)).await?
@@ -162,6 +196,8 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(u64, u64), CprdError> {
+        checked_name(&name)?;
+        checked_binary(&binary)?;
         authorize(conn, &header).await?;
         let e = Arc::clone(&self.engine);
         blocking(move || e.upgrade(&name, &binary)).await?
@@ -175,6 +211,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+        checked_binary(&binary)?;
         authorize(conn, &header).await?;
         let e = Arc::clone(&self.engine);
         blocking(move || e.upgrade_all(&binary)).await

@@ -285,14 +285,24 @@ fn now_usec() -> u64 {
 /// records and reloads ask for it on every upgrade. Packages replace binaries by rename (a new
 /// inode), so an upgraded binary is always hashed anew.
 pub fn binary_build_id(path: &Path) -> Option<String> {
+    build_id_cached(path, path)
+}
+
+/// [`binary_build_id`] of an opened binary: the file it has open, remembered under its path.
+pub fn executable_build_id(exe: &cpr_spawn::Executable) -> Option<String> {
+    build_id_cached(exe.path(), &exe.proc_path())
+}
+
+/// The content id of the file at `read`, remembered under `path`.
+fn build_id_cached(path: &Path, read: &Path) -> Option<String> {
     type Key = (PathBuf, u64, u64, i64, i64);
     static KNOWN: Mutex<Vec<(Key, String)>> = Mutex::new(Vec::new());
-    let m = std::fs::metadata(path).ok()?;
+    let m = std::fs::metadata(read).ok()?;
     let key: Key = (path.to_path_buf(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
     if let Some((_, id)) = lock(&KNOWN).iter().find(|(k, _)| *k == key) {
         return Some(id.clone());
     }
-    let id = cpr_proto::build_id_of(path)?;
+    let id = cpr_proto::build_id_of(read)?;
     let mut known = lock(&KNOWN);
     known.retain(|(k, _)| k.0 != key.0);
     known.push((key, id.clone()));
@@ -402,26 +412,27 @@ impl Engine {
         self.ask(|reply| owner::Request::History { reply })
     }
 
-    /// Checks a VMM binary against the allow-list of `settings`: a match, a regular file owned by
-    /// root, not group- or world-writable.
-    fn check_binary(&self, settings: &Settings, binary: &Path) -> Result<(), CprdError> {
+    /// Checks a VMM binary against the allow-list of `settings` and opens it: the path matches a
+    /// pattern with no `*` standing for a `/`, and [`cpr_spawn::Executable::open_trusted`]
+    /// accepts it (no `.` or `..`, no symbolic link anywhere, the file and every directory on
+    /// its way root-owned and not writable by group or others). What runs is the opened file.
+    fn check_binary(&self, settings: &Settings, binary: &Path) -> Result<cpr_spawn::Executable, CprdError> {
         let text = binary.to_string_lossy();
-        if !binary.is_absolute() || !settings.allowed_vmm.iter().any(|p| p.matches(&text)) {
+        cpr_spawn::exec::check_written_as_resolved(binary)
+            .map_err(|e| CprdError::NotAllowed(format!("{text}: {e}")))?;
+        let options = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: true,
+        };
+        if !binary.is_absolute() || !settings.allowed_vmm.iter().any(|p| p.matches_path_with(binary, options)) {
             let allowed: Vec<&str> = settings.allowed_vmm.iter().map(glob::Pattern::as_str).collect();
             return Err(CprdError::NotAllowed(format!(
                 "{text} is not in the VMM allow-list {allowed:?} (vmm.allowed in {}/cprd.toml)",
                 self.config_dir.display()
             )));
         }
-        let meta = std::fs::metadata(binary).map_err(|e| CprdError::NotAllowed(format!("{text}: {e}")))?;
-        if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-            return Err(CprdError::NotAllowed(format!(
-                "{text} must be a regular file owned by root and not writable by group or others (mode {:o}, uid {})",
-                meta.mode() & 0o7777,
-                meta.uid()
-            )));
-        }
-        Ok(())
+        cpr_spawn::Executable::open_trusted(binary).map_err(|e| CprdError::NotAllowed(format!("{text}: {e}")))
     }
 
     /// The binary a VM runs when its definition names none: per backend, from the settings.
@@ -433,14 +444,18 @@ impl Engine {
     }
 
     /// The binary to run for `def` (`requested`, else the definition's, else the default), checked.
-    fn binary_for(&self, settings: &Settings, def: &VmDef, requested: &str) -> Result<PathBuf, CprdError> {
+    fn binary_for(
+        &self,
+        settings: &Settings,
+        def: &VmDef,
+        requested: &str,
+    ) -> Result<cpr_spawn::Executable, CprdError> {
         let binary = if requested.is_empty() {
             def.vmm_binary.clone().unwrap_or_else(|| Self::default_binary(settings, def))
         } else {
             PathBuf::from(requested)
         };
-        self.check_binary(settings, &binary)?;
-        Ok(binary)
+        self.check_binary(settings, &binary)
     }
 
     /// Starts a VM. Starting a running VM is a successful no-op.
@@ -612,7 +627,7 @@ impl Engine {
                 let _ = std::fs::remove_file(old_control);
                 record.generation = up.generation;
                 record.main_pid = up.child.id();
-                record.vmm_binary = binary;
+                record.vmm_binary = binary.path().to_path_buf();
                 record.vmm_version = up.version;
                 record.last_downtime_usec = up.downtime_usec;
                 (owner::HandoffEnd::Committed(record), Some(up.child))

@@ -124,8 +124,14 @@ async fn run(
     let mut int =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let lost = bus_lost(&conn);
+    tokio::pin!(lost);
     loop {
         tokio::select! {
+            why = &mut lost => {
+                // The VMs are untouched; the service manager restarts cprd, which re-attaches.
+                return Err(format!("lost the bus connection ({why}); exiting so that cprd is restarted"));
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             // systemd's Type=notify-reload (and `kill -HUP`) ask for a reload with SIGHUP.
@@ -143,6 +149,19 @@ async fn run(
     // VMMs run in their own sessions and keep running; the next cprd re-attaches them.
     tracing::info!("cprd stopping; {} keep running", engine.status_line());
     Ok(())
+}
+
+/// Resolves once the bus connection is gone: the bus daemon exited, or dropped cprd (as it does
+/// after a message above its size limit). A cprd off the bus would run on, deaf to every call.
+async fn bus_lost(conn: &zbus::Connection) -> String {
+    use futures_util::StreamExt;
+    let mut messages = zbus::MessageStream::from(conn);
+    while let Some(message) = messages.next().await {
+        if let Err(e) = message {
+            return e.to_string();
+        }
+    }
+    "the bus closed the connection".into()
 }
 
 fn main() -> std::process::ExitCode {

@@ -12,6 +12,7 @@
 //! cprd's own console end included: every QEMU generation is handed it at [`CONSOLE_KEEP_FD`]
 //! for exactly this purpose and never uses it.
 
+use cpr_spawn::Executable;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -240,7 +241,7 @@ fn paths(dir: &Path, name: &str, generation: u64) -> (PathBuf, PathBuf) {
 }
 
 impl Qemu {
-    fn spawn(&self, held: &Held, binary: &Path, qmp: &Path, extra: &[String], log: &Path) -> Result<Child, String> {
+    fn spawn(&self, held: &Held, binary: &Executable, qmp: &Path, extra: &[String], log: &Path) -> Result<Child, String> {
         let listener = cpr_qemu::spawn::listen_at(qmp).map_err(|e| format!("cannot bind {}: {e}", qmp.display()))?;
         let mut fds = held.fds();
         fds.push((cmdline::QMP_FD, listener.as_fd()));
@@ -252,31 +253,31 @@ impl Qemu {
             .open(log)
             .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
         cpr_qemu::spawn::spawn(binary, &args, &fds, Some(stderr))
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))
+            .map_err(|e| format!("cannot start {}: {e}", binary.path().display()))
     }
 
-    fn probe(&self, binary: &Path, machine: &str, scratch: &Path) -> Result<String, CprdError> {
-        let key = crate::engine::binary_build_id(binary).unwrap_or_default();
+    fn probe(&self, binary: &Executable, machine: &str, scratch: &Path) -> Result<String, CprdError> {
+        let key = crate::engine::executable_build_id(binary).unwrap_or_default();
         if let Some((_, _, d)) =
-            lock(&self.probed).iter().find(|(b, k, _)| b == binary && *k == format!("{key}/{machine}"))
+            lock(&self.probed).iter().find(|(b, k, _)| b == binary.path() && *k == format!("{key}/{machine}"))
         {
             return Ok(d.clone());
         }
         let report = cpr_qemu::probe::probe(binary, machine, scratch, Duration::from_secs(20))
             .map_err(|e| CprdError::Incompatible(format!("{e}; nothing was changed")))?;
         let d = report.describe();
-        lock(&self.probed).push((binary.to_path_buf(), format!("{key}/{machine}"), d.clone()));
+        lock(&self.probed).push((binary.path().to_path_buf(), format!("{key}/{machine}"), d.clone()));
         Ok(d)
     }
 
     /// The runtime record of a VM's first QEMU (`pid` filled in once it runs).
-    fn record_for(def: &VmDef, binary: &Path, control: PathBuf, launch_args: Vec<String>, dir: &Path) -> VmRecord {
+    fn record_for(def: &VmDef, binary: &Executable, control: PathBuf, launch_args: Vec<String>, dir: &Path) -> VmRecord {
         VmRecord {
             generation: 0,
             main_pid: 0,
             control,
-            vmm_binary: binary.to_path_buf(),
-            vmm_version: crate::engine::binary_build_id(binary).unwrap_or_default(),
+            vmm_binary: binary.path().to_path_buf(),
+            vmm_version: crate::engine::executable_build_id(binary).unwrap_or_default(),
             last_downtime_usec: 0,
             console: def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name))),
             launch_args,
@@ -285,11 +286,11 @@ impl Qemu {
 }
 
 impl VmmBackend for Qemu {
-    fn preflight(&self, binary: &Path, def: &VmDef, scratch: &Path) -> Result<(), CprdError> {
+    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path) -> Result<(), CprdError> {
         self.probe(binary, &def.machine, scratch).map(drop)
     }
 
-    fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+    fn start(&self, def: &VmDef, binary: &Executable, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
         let start_failed = |m: String| CprdError::StartFailed(format!("{}: {m}", def.name));
         let spec = spec_of(def)?;
         let version = self.probe(binary, &def.machine, dir)?;
@@ -354,7 +355,7 @@ impl VmmBackend for Qemu {
             from_generation: req.record.generation,
             old: VmmRef { pid: req.record.main_pid, control: req.record.control.clone() },
             new: VmmRef { pid: child.id(), control: req.new_control.clone() },
-            binary: req.binary.to_path_buf(),
+            binary: req.binary.path().to_path_buf(),
         };
         let result = transfer::transfer(
             Transfer {
@@ -389,7 +390,7 @@ impl VmmBackend for Qemu {
                     generation,
                     child,
                     downtime_usec,
-                    version: crate::engine::binary_build_id(req.binary).unwrap_or_default(),
+                    version: crate::engine::executable_build_id(req.binary).unwrap_or_default(),
                 })
             }
             Err(e) => {

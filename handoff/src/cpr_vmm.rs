@@ -46,6 +46,9 @@ pub struct HandoffRequest {
     pub new_control: PathBuf,
     /// The new VMM binary.
     pub binary: PathBuf,
+    /// The new VMM binary opened and checked (cprd's allow-list): run as that open file instead
+    /// of by `binary`'s path, so that what runs is what was checked.
+    pub executable: Option<cpr_spawn::Executable>,
     /// Timeout of each wait on a VMM, in milliseconds.
     pub timeout_ms: u64,
     /// Extra environment for the new VMM (fault injection in tests).
@@ -70,6 +73,7 @@ impl HandoffRequest {
             old_pid: None,
             new_control,
             binary,
+            executable: None,
             timeout_ms: 5000,
             env: Vec::new(),
             stderr: None,
@@ -117,7 +121,7 @@ fn pair(kind: SockType) -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// Starts `binary --incoming` with the three channel ends at fds 3, 4 and 5.
 fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd, commit: &OwnedFd) -> Result<Child, String> {
-    let mut cmd = Command::new(&req.binary);
+    let mut cmd = req.executable.as_ref().map_or_else(|| Command::new(&req.binary), cpr_spawn::Executable::command);
     cmd.arg("--incoming")
         .arg("--cpr-fd")
         .arg(CPR_FD.to_string())

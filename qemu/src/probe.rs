@@ -47,8 +47,13 @@ pub enum ProbeError {
 
 /// Starts `binary` with no machine, asks it over QMP, and stops it. `scratch` is a directory
 /// for the probe's QMP socket.
-pub fn probe(binary: &Path, machine: &str, scratch: &Path, timeout: Duration) -> Result<ProbeReport, ProbeError> {
-    let name = binary.display().to_string();
+pub fn probe(
+    binary: &cpr_spawn::Executable,
+    machine: &str,
+    scratch: &Path,
+    timeout: Duration,
+) -> Result<ProbeReport, ProbeError> {
+    let name = binary.path().display().to_string();
     let not_qemu = |why: String| ProbeError::NotQemu(name.clone(), why);
     let sock = scratch.join(format!("probe-{}-{}.sock", std::process::id(), crate::transfer::unique()));
     let listener =

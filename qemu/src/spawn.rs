@@ -3,17 +3,17 @@
 use std::fs::File;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 /// Starts `binary args...` with each `(target, fd)` at `target`, stdin on /dev/null and
 /// stdout and stderr to `stderr` (else /dev/null), in a new session (signals to cprd's process group never reach it).
 pub fn spawn(
-    binary: &Path,
+    binary: &cpr_spawn::Executable,
     args: &[String],
     fds: &[(RawFd, BorrowedFd<'_>)],
     stderr: Option<File>,
 ) -> std::io::Result<Child> {
-    let mut cmd = Command::new(binary);
+    let mut cmd = binary.command();
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
     if let Some(out) = stderr.as_ref().and_then(|f| f.try_clone().ok()) {
         cmd.stdout(out);

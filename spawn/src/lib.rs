@@ -5,7 +5,10 @@
 //! names. All of it happens between `fork` and `exec`, where only async-signal-safe calls are
 //! allowed and a mistake overwrites a descriptor silently, so it is written once, here.
 
+pub mod exec;
 pub mod sched;
+
+pub use exec::{Executable, UntrustedPath};
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -24,6 +27,12 @@ pub fn place_fds(cmd: &mut Command, fds: &[(RawFd, BorrowedFd<'_>)], new_session
     }
     if let Some((bad, _)) = fds.iter().find(|(target, _)| *target < 3) {
         return Err(std::io::Error::other(format!("fd {bad} is stdio; hand stdio with Command's own methods")));
+    }
+    if let Some((bad, _)) = fds.iter().find(|(target, _)| *target >= exec::EXEC_FD_FLOOR) {
+        return Err(std::io::Error::other(format!(
+            "fd {bad} is at or above {}, where an Executable keeps its file",
+            exec::EXEC_FD_FLOOR
+        )));
     }
     let plan: Vec<(RawFd, RawFd)> = fds.iter().map(|(target, fd)| (*target, fd.as_raw_fd())).collect();
     // Copies go above every target, so that placing one target never overwrites a source (or a
@@ -80,15 +89,15 @@ mod tests {
 
     #[test]
     fn sources_sitting_on_each_others_targets_land_swapped() {
-        let (a, b) = (at(&file_with("a"), 400), at(&file_with("b"), 401));
+        let (a, b) = (at(&file_with("a"), 200), at(&file_with("b"), 201));
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "cat /proc/self/fd/400 /proc/self/fd/401; test -e /proc/self/fd/402 || echo none"]);
-        place_fds(&mut cmd, &[(401, a.as_fd()), (400, b.as_fd())], false).expect("plan");
+        cmd.args(["-c", "cat /proc/self/fd/200 /proc/self/fd/201; test -e /proc/self/fd/202 || echo none"]);
+        place_fds(&mut cmd, &[(201, a.as_fd()), (200, b.as_fd())], false).expect("plan");
         let out = cmd.output().expect("run");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "banone\n");
         // The parent's descriptors are unchanged.
         assert_eq!(
-            std::fs::read_link("/proc/self/fd/400").ok(),
+            std::fs::read_link("/proc/self/fd/200").ok(),
             std::fs::read_link(format!("/proc/self/fd/{}", a.as_raw_fd())).ok()
         );
     }
@@ -96,12 +105,12 @@ mod tests {
     #[test]
     fn a_source_already_at_its_target_stays_and_becomes_inheritable() {
         let f = file_with("same");
-        let fd = at(&f, 410);
+        let fd = at(&f, 210);
         // SAFETY: fcntl on an fd this test owns.
-        unsafe { libc::fcntl(410, libc::F_SETFD, libc::FD_CLOEXEC) };
+        unsafe { libc::fcntl(210, libc::F_SETFD, libc::FD_CLOEXEC) };
         let mut cmd = Command::new("cat");
-        cmd.arg("/proc/self/fd/410");
-        place_fds(&mut cmd, &[(410, fd.as_fd())], false).expect("plan");
+        cmd.arg("/proc/self/fd/210");
+        place_fds(&mut cmd, &[(210, fd.as_fd())], false).expect("plan");
         assert_eq!(cmd.output().expect("run").stdout, b"same");
     }
 

@@ -61,6 +61,13 @@ impl PrivateBus {
     }
 }
 
+impl PrivateBus {
+    /// Ends the bus daemon now (SIGKILL), as a crash of the system bus would.
+    pub fn kill(&self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 impl Drop for PrivateBus {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGTERM);

@@ -871,3 +871,170 @@ fn a_cprd_restarted_with_a_shorter_timeout_mid_upgrade_still_resumes_the_old_vmm
     );
     console_ok(&s, "vm1");
 }
+
+/// Issue 15's allow-list bypasses, each refused with `NotAllowed` and its reason, and the VM
+/// untouched: before, the glob's `*` matched `/`, `..` was never resolved, symbolic links were
+/// followed, and parent directories were not checked, so a script outside the allowed directory
+/// ran as root. `evil` (outside it) leaves a mark when it runs; it never does.
+#[test]
+fn the_allow_list_refuses_every_way_around_it() {
+    let (d, s) = setup_with_wrappers(&["vm1"]);
+    let allowed = d.path();
+    let base = tempfile::tempdir().expect("tempdir");
+    let mark = base.path().join("evil-ran");
+    let outside = base.path().join("outside");
+    std::fs::create_dir(&outside).expect("mkdir");
+    let evil = outside.join("evil");
+    let real = cpr_tests::bin("cpr-vmm");
+    std::fs::write(&evil, format!("#!/bin/sh\ntouch {}\nexec {} \"$@\"\n", mark.display(), real.display()))
+        .expect("write evil");
+    std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Inside the allowed directory: a subdirectory, a symbolic link, a file not owned by root.
+    std::fs::create_dir(allowed.join("sub")).expect("mkdir");
+    std::fs::copy(&evil, allowed.join("sub/evil")).expect("copy");
+    std::os::unix::fs::symlink(&evil, allowed.join("link")).expect("symlink");
+    std::fs::copy(&evil, allowed.join("not-root")).expect("copy");
+    nix::unistd::chown(&allowed.join("not-root"), Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    let good = wrapper(allowed, "good", "exec REAL \"$@\"");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    let cases = [
+        (format!("{}/../outside/evil", allowed.display()), "`..`"),
+        (format!("{}/./good", allowed.display()), "`..`"),
+        (format!("{}/sub/evil", allowed.display()), "not in the VMM allow-list"),
+        (format!("{}/link", allowed.display()), "is a symbolic link"),
+        (format!("{}/not-root", allowed.display()), "owned by uid 65534"),
+    ];
+    for (binary, reason) in &cases {
+        let out = s.cprd.cprctl(&["upgrade", "vm1", "--binary", binary]);
+        assert_eq!(out.status.code(), Some(5), "{binary} refused as NotAllowed: {}", text(&out));
+        assert!(text(&out).contains(reason), "{binary}: the reason names {reason:?}: {}", text(&out));
+    }
+    // The allowed file itself, in a directory that others may write to (not sticky).
+    std::fs::set_permissions(allowed, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+    let out = s.cprd.cprctl(&["upgrade", "vm1", "--binary", &good]);
+    assert_eq!(out.status.code(), Some(5), "refused: {}", text(&out));
+    assert!(text(&out).contains("writable by group or others (mode 775)"), "{}", text(&out));
+    std::fs::set_permissions(allowed, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let after = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(after["generation"], before["generation"], "nothing was upgraded");
+    assert_eq!(after["main_pid"], before["main_pid"], "the same VMM runs the guest");
+    assert!(!mark.exists(), "the script outside the allow-list never ran");
+    // And what is allowed still runs: a wrapper script in the allowed directory, run as the file
+    // cprd opened.
+    let out = s.cprd.cprctl(&["upgrade", "vm1", "--binary", &good]);
+    assert!(out.status.success(), "{}", text(&out));
+    console_ok(&s, "vm1");
+}
+
+/// A symbolic link flipped between an allowed script and one outside the allow-list while
+/// upgrades run: every upgrade either runs the allowed script or is refused; the flipped target
+/// never runs (before, cprd checked the path and then executed it by path again).
+#[test]
+fn a_symlink_flipped_during_upgrades_never_runs_its_target() {
+    let (d, s) = setup_with_wrappers(&["vm1"]);
+    let allowed = d.path().to_path_buf();
+    let base = tempfile::tempdir().expect("tempdir");
+    let mark = base.path().join("evil-ran");
+    let evil = base.path().join("evil");
+    let real = cpr_tests::bin("cpr-vmm");
+    std::fs::write(&evil, format!("#!/bin/sh\ntouch {}\nexec {} \"$@\"\n", mark.display(), real.display()))
+        .expect("write evil");
+    std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let good = wrapper(&allowed, "good", "exec REAL \"$@\"");
+    let flip = allowed.join("flip");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, allowed, good, evil) = (stop.clone(), allowed.clone(), good.clone(), evil.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Atomic swaps by rename: `flip` is the allowed file one moment, a link the next.
+                let tmp = allowed.join(format!(".flip{n}"));
+                if n % 2 == 0 {
+                    let _ = std::fs::hard_link(&good, &tmp);
+                } else {
+                    let _ = std::os::unix::fs::symlink(&evil, &tmp);
+                }
+                let _ = std::fs::rename(&tmp, allowed.join("flip"));
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            n
+        })
+    };
+    let (mut ran, mut refused) = (0, 0);
+    for _ in 0..12 {
+        let out = s.cprd.cprctl(&["upgrade", "vm1", "--binary", &flip.display().to_string()]);
+        if out.status.success() {
+            ran += 1;
+        } else {
+            assert_eq!(out.status.code(), Some(5), "refused as NotAllowed, or ran: {}", text(&out));
+            refused += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.join().expect("flipper");
+    assert!(!mark.exists(), "the link's target ran ({ran} upgrades ran, {refused} refused, {flips} flips)");
+    console_ok(&s, "vm1");
+    println!("{ran} upgrades ran the allowed file, {refused} were refused, {flips} flips");
+}
+
+/// Calls `org.cprd1.Manager.GetVM(name)` on `address` with zbus (a 7 MiB argument does not fit
+/// on a command line): the reply, or the error as text.
+fn get_vm_raw(address: &str, name: &str) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(address)
+            .build()
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.call_method(Some("org.cprd1"), "/org/cprd1", Some("org.cprd1.Manager"), "GetVM", &(name,))
+            .await
+            .map(|m| format!("{:?}", m.body().deserialize::<zbus::OwnedObjectPath>()))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Issue 15: one `GetVM` with a 7 MiB name of U+0001 characters (anyone may call `GetVM`) made
+/// cprd's `NoSuchVM` reply quote it with `{:?}`, about 42 MiB, above dbus-daemon's 32 MiB limit:
+/// the bus dropped cprd, which ran on deaf to every later call. Names are now checked first and
+/// never echoed.
+#[test]
+fn a_huge_vm_name_gets_a_short_error_and_cprd_stays_on_the_bus() {
+    let s = setup(&["vm1"], &[]);
+    let huge = "\u{1}".repeat(7 << 20);
+    let err = get_vm_raw(&s.cprd.address, &huge).expect_err("no such VM");
+    assert!(err.contains("org.cprd1.Error.InvalidArgument"), "a named error: {}", &err[..err.len().min(300)]);
+    assert!(err.len() < 300 && err.contains("got 7340032 bytes"), "short, with the length only: {}", &err[..err.len().min(300)]);
+    for bad in ["", "a/b", "../vm1", &"x".repeat(65)] {
+        let err = get_vm_raw(&s.cprd.address, bad).expect_err(bad);
+        assert!(err.contains("InvalidArgument"), "{bad:?}: {err}");
+    }
+    assert!(get_vm_raw(&s.cprd.address, "vm1").is_ok(), "and a good name is answered");
+    let out = s.cprd.cprctl(&["list"]);
+    assert!(out.status.success(), "cprd is still on the bus: {}", text(&out));
+}
+
+/// Issue 15: a cprd that lost its bus connection ran on, deaf to every call. Now it exits
+/// non-zero so that its service manager restarts it; the VMs are untouched.
+#[test]
+fn cprd_exits_non_zero_when_the_bus_goes_away_and_vms_run_on() {
+    let mut s = setup(&["vm1"], &[]);
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let pid = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
+    s._bus.kill();
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = s.cprd.child.try_wait().ok().flatten();
+            status.is_some()
+        }),
+        "cprd still runs off the bus: {}",
+        s.cprd.log_text()
+    );
+    assert!(status.is_some_and(|st| !st.success()), "a failure exit: {status:?}");
+    assert!(s.cprd.log_text().contains("lost the bus connection"), "{}", s.cprd.log_text());
+    assert!(!cpr_tests::process_gone(pid), "the VMM runs on");
+}

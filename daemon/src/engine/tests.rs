@@ -50,18 +50,23 @@ fn kill(pid: u32) {
 }
 
 impl VmmBackend for Fake {
-    fn preflight(&self, _binary: &Path, _def: &VmDef, _scratch: &Path) -> Result<(), CprdError> {
+    fn preflight(&self, _binary: &cpr_spawn::Executable, _def: &VmDef, _scratch: &Path) -> Result<(), CprdError> {
         Ok(())
     }
 
-    fn start(&self, def: &VmDef, binary: &Path, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+    fn start(
+        &self,
+        def: &VmDef,
+        binary: &cpr_spawn::Executable,
+        dir: &Path,
+    ) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes).map_err(CprdError::StartFailed)?;
         let child = vmm_process();
         let record = VmRecord {
             generation: 0,
             main_pid: child.id(),
             control: dir.join(format!("{}.0.sock", def.name)),
-            vmm_binary: binary.to_path_buf(),
+            vmm_binary: binary.path().to_path_buf(),
             vmm_version: "fake".into(),
             last_downtime_usec: 0,
             console: dir.join(format!("{}.console", def.name)),
@@ -158,7 +163,7 @@ fn env(vms: &[(&str, &str)]) -> Env {
     std::fs::create_dir_all(config.join("vms")).expect("mkdir");
     std::fs::write(
         config.join("cprd.toml"),
-        "[vmm]\nallowed = [\"/usr/bin/*\", \"/bin/*\"]\ndefault = \"/bin/sleep\"\n",
+        "[vmm]\nallowed = [\"/usr/bin/*\"]\ndefault = \"/usr/bin/sleep\"\n",
     )
     .expect("write cprd.toml");
     for (name, body) in vms {
