@@ -161,8 +161,9 @@ impl VmmBackend for CprVmm {
         cpr_spawn::place_fds(&mut cmd, &[(3, memfd.as_fd())], true)
             .map_err(|e| CprdError::StartFailed(format!("cannot hand guest RAM to the VMM: {e}")))?;
         let _ = std::fs::remove_file(&control);
-        let mut child =
-            cmd.spawn().map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.path().display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.path().display())))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
             if let Ok(c) = ControlClient::connect(&control) {
@@ -211,7 +212,8 @@ impl VmmBackend for CprVmm {
             Ok(out) => {
                 // The new VMM runs the very file cprd opened and checked, whose build id cprd
                 // knows; asking the VMM would make it hash its binary now.
-                let version = crate::engine::executable_build_id(req.binary).or_else(|| {
+                let version = crate::engine::executable_build_id(req.binary)
+                    .or_else(|| {
                         ControlClient::connect(&req.new_control).ok().and_then(|c| {
                             match c.call(&Request::Describe, &[]) {
                                 Ok(Response::Describe(d)) => Some(d.build_id),

@@ -320,6 +320,16 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
             format!("machine: {machine:?} is an alias; name a versioned type such as {DEFAULT_MACHINE}"),
         ));
     }
+    // Values cprd writes into QEMU's comma-separated options: a `,` would add options of its own.
+    let word = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let words = std::iter::once(("machine".to_string(), machine.as_str()))
+        .chain(input.nic.iter().enumerate().map(|(i, n)| (format!("nic[{i}].model"), n.model.as_str())))
+        .chain(input.disk.iter().enumerate().map(|(i, d)| (format!("disk[{i}].format"), d.format.as_str())));
+    for (key, value) in words {
+        if !word(value) {
+            return Err(err(file, format!("{key}: {value:?} may only have letters, digits, '.', '-' and '_'")));
+        }
+    }
     for (i, nic) in input.nic.iter().enumerate() {
         if nic.tap.is_empty()
             || nic.tap.len() > 15
@@ -457,6 +467,19 @@ mod tests {
             load_vm(&bad).expect_err("nic on cpr-vmm").to_string().contains("nic: only VMs with backend = \"qemu\"")
         );
         let bad = write(d.path(), "vms/b.toml", "backend = \"qemu\"\nmemory = \"256M\"\n");
+        for (key, body) in [
+            ("machine", "machine = \"pc,accel=kvm-q35-10.0\"\n"),
+            ("nic[0].model", "[[nic]]\ntap = \"t0\"\nmodel = \"e1000,romfile=/x\"\n"),
+            ("disk[0].format", "[[disk]]\npath = \"/d\"\nformat = \"raw,file=/x\"\n"),
+        ] {
+            let f = write(
+                d.path(),
+                "vms/comma.toml",
+                &format!("backend = \"qemu\"\nmemory = \"256M\"\nkernel = \"/k\"\n{body}"),
+            );
+            let e = load_vm(&f).expect_err(key).to_string();
+            assert!(e.contains(key) && e.contains("may only have letters"), "{key}: {e}");
+        }
         assert!(load_vm(&bad).expect_err("no kernel").to_string().contains("set kernel"));
         let bad = write(
             d.path(),

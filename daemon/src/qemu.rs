@@ -241,7 +241,14 @@ fn paths(dir: &Path, name: &str, generation: u64) -> (PathBuf, PathBuf) {
 }
 
 impl Qemu {
-    fn spawn(&self, held: &Held, binary: &Executable, qmp: &Path, extra: &[String], log: &Path) -> Result<Child, String> {
+    fn spawn(
+        &self,
+        held: &Held,
+        binary: &Executable,
+        qmp: &Path,
+        extra: &[String],
+        log: &Path,
+    ) -> Result<Child, String> {
         let listener = cpr_qemu::spawn::listen_at(qmp).map_err(|e| format!("cannot bind {}: {e}", qmp.display()))?;
         let mut fds = held.fds();
         fds.push((cmdline::QMP_FD, listener.as_fd()));
@@ -271,7 +278,13 @@ impl Qemu {
     }
 
     /// The runtime record of a VM's first QEMU (`pid` filled in once it runs).
-    fn record_for(def: &VmDef, binary: &Executable, control: PathBuf, launch_args: Vec<String>, dir: &Path) -> VmRecord {
+    fn record_for(
+        def: &VmDef,
+        binary: &Executable,
+        control: PathBuf,
+        launch_args: Vec<String>,
+        dir: &Path,
+    ) -> VmRecord {
         VmRecord {
             generation: 0,
             main_pid: 0,

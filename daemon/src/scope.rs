@@ -26,9 +26,15 @@ pub async fn init(conn: &Connection) {
     }
 }
 
-/// The scope unit name for a VMM.
+/// The scope unit name for a VMM. The VM name is escaped as systemd escapes a unit name's parts
+/// (`systemd-escape`): of the characters a VM name may have (`A-Z a-z 0-9 - _`), `-` becomes
+/// `\x2d`, so that distinct VMs never share a name (`a-b` and `a_b` once both became `a_b`, and
+/// the second VMM stayed in cprd's own cgroup, to die with it).
 pub fn unit_name(vm: &str, generation: u64) -> String {
-    let escaped: String = vm.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let escaped: String = vm
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_string() } else { format!("\\x{:02x}", u32::from(c)) })
+        .collect();
     format!("cprd-vm-{escaped}-g{generation}.scope")
 }
 
@@ -87,5 +93,24 @@ pub fn settle_weight(vm: &str, generation: u64) {
     );
     if let Err(e) = s.runtime.block_on(call) {
         tracing::warn!(CPRD_VM = vm, "cannot put {unit} back at the default CPU weight: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distinct VM names give distinct units, escaped as systemd itself escapes (the real
+    /// `systemd-escape`).
+    #[test]
+    fn unit_names_are_systemd_escaped_and_never_collide() {
+        let names = ["a-b", "a_b", "ab", "a--b", "A-1_z"];
+        let units: std::collections::BTreeSet<String> = names.iter().map(|n| unit_name(n, 3)).collect();
+        assert_eq!(units.len(), names.len(), "{units:?}");
+        for name in names {
+            let out = std::process::Command::new("systemd-escape").arg(name).output().expect("systemd-escape");
+            let escaped = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert_eq!(unit_name(name, 3), format!("cprd-vm-{escaped}-g3.scope"), "{name}");
+        }
     }
 }

@@ -105,7 +105,8 @@ impl VmSpec {
             a.push("-drive".into());
             a.push(format!(
                 "if=virtio,id=disk{i},file={},format={},readonly={}",
-                d.path.display(),
+                // QEMU's option syntax: a `,` in a value is written `,,`.
+                d.path.display().to_string().replace(',', ",,"),
                 d.format,
                 if d.readonly { "on" } else { "off" }
             ));
@@ -176,6 +177,21 @@ mod tests {
         assert!(a.contains("pc-q35-10.0,accel=tcg,aux-ram-share=on,memory-backend=ram0"), "{a}");
         assert!(a.contains("-netdev tap,id=net0,fd=10 -device e1000,netdev=net0,mac=52:54:00:00:00:01"), "{a}");
         assert!(!a.contains("-cpu"), "TCG keeps QEMU's default CPU: {a}");
+    }
+
+    /// A `,` in a disk path is written `,,` (QEMU's option syntax), so a path cannot add options
+    /// (`/img,format=raw,file=/etc/shadow` once could).
+    #[test]
+    fn a_comma_in_a_disk_path_cannot_add_options() {
+        let mut s = spec();
+        s.disks.push(DiskSpec {
+            path: "/img,readonly=off,file=/etc/shadow".into(),
+            format: "raw".into(),
+            readonly: true,
+        });
+        let a = s.args();
+        let drive = a.iter().find(|x| x.starts_with("if=virtio")).expect("-drive");
+        assert_eq!(drive, "if=virtio,id=disk0,file=/img,,readonly=off,,file=/etc/shadow,format=raw,readonly=on");
     }
 
     #[test]

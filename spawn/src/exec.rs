@@ -132,13 +132,15 @@ impl Executable {
             move |source| UntrustedPath::Io { path, source }
         };
         let mut here = PathBuf::from("/");
-        let mut dir = File::from(open_at(
-            // SAFETY: AT_FDCWD is a valid dirfd for an absolute path.
-            unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
-            b"/",
-            libc::O_PATH | libc::O_DIRECTORY,
-        )
-        .map_err(io(&here))?);
+        let mut dir = File::from(
+            open_at(
+                // SAFETY: AT_FDCWD is a valid dirfd for an absolute path.
+                unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+                b"/",
+                libc::O_PATH | libc::O_DIRECTORY,
+            )
+            .map_err(io(&here))?,
+        );
         let last = names.len() - 1;
         for (i, name) in names.iter().enumerate() {
             // The directory the entry sits in: root-owned, and writable by others only if sticky

@@ -952,7 +952,7 @@ fn a_symlink_flipped_during_upgrades_never_runs_its_target() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // Atomic swaps by rename: `flip` is the allowed file one moment, a link the next.
                 let tmp = allowed.join(format!(".flip{n}"));
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     let _ = std::fs::hard_link(&good, &tmp);
                 } else {
                     let _ = std::os::unix::fs::symlink(&evil, &tmp);
@@ -986,10 +986,7 @@ fn a_symlink_flipped_during_upgrades_never_runs_its_target() {
 fn get_vm_raw(address: &str, name: &str) -> Result<String, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(address)
-            .build()
-            .await
-            .map_err(|e| e.to_string())?;
+        let conn = zbus::connection::Builder::address(address).build().await.map_err(|e| e.to_string())?;
         conn.call_method(Some("org.cprd1"), "/org/cprd1", Some("org.cprd1.Manager"), "GetVM", &(name,))
             .await
             .map(|m| format!("{:?}", m.body().deserialize::<zbus::OwnedObjectPath>()))
@@ -1007,7 +1004,11 @@ fn a_huge_vm_name_gets_a_short_error_and_cprd_stays_on_the_bus() {
     let huge = "\u{1}".repeat(7 << 20);
     let err = get_vm_raw(&s.cprd.address, &huge).expect_err("no such VM");
     assert!(err.contains("org.cprd1.Error.InvalidArgument"), "a named error: {}", &err[..err.len().min(300)]);
-    assert!(err.len() < 300 && err.contains("got 7340032 bytes"), "short, with the length only: {}", &err[..err.len().min(300)]);
+    assert!(
+        err.len() < 300 && err.contains("got 7340032 bytes"),
+        "short, with the length only: {}",
+        &err[..err.len().min(300)]
+    );
     for bad in ["", "a/b", "../vm1", &"x".repeat(65)] {
         let err = get_vm_raw(&s.cprd.address, bad).expect_err(bad);
         assert!(err.contains("InvalidArgument"), "{bad:?}: {err}");

@@ -57,7 +57,9 @@ fn heartbeats_ok(c: &Container, vm: &str) {
 #[test]
 fn restarts_kills_and_stop_start_of_cprd_leave_every_guest_running() {
     require_kvm();
-    let vms = [("a", "memory = \"64M\"\n"), ("b", "memory = \"64M\"\n"), ("c", "memory = \"64M\"\nvcpus = 2\n")];
+    // `a-b` and `a_b`: distinct VMs whose scopes once had the same name (the second VMM then
+    // stayed in cprd.service's cgroup and died with cprd).
+    let vms = [("a-b", "memory = \"64M\"\n"), ("a_b", "memory = \"64M\"\n"), ("c", "memory = \"64M\"\nvcpus = 2\n")];
     let c = Container::boot(&vms);
     c.sh("systemctl enable cprd 2>/dev/null; systemctl start cprd");
     for (vm, _) in vms {
@@ -87,13 +89,13 @@ fn restarts_kills_and_stop_start_of_cprd_leave_every_guest_running() {
         }
     }
     // And an upgrade still works, with the new VMM in a scope of its own.
-    c.sh("cprctl upgrade b");
-    let b = list(&c).as_array().and_then(|l| l.iter().find(|v| v["name"] == "b").cloned()).expect("b");
+    c.sh("cprctl upgrade a-b");
+    let b = list(&c).as_array().and_then(|l| l.iter().find(|v| v["name"] == "a-b").cloned()).expect("a-b");
     assert_eq!(b["generation"], 1);
     let cg = c.sh(&format!("cat /proc/{}/cgroup", b["main_pid"]));
-    assert!(cg.contains("cprd-vm-b-g1.scope"), "{cg}");
+    assert!(cg.contains("cprd-vm-a\\x2db-g1.scope"), "{cg}");
     // The upgrade record is in the journal with its fields.
-    let j = c.sh("journalctl CPRD_VM=b -o json --no-pager");
+    let j = c.sh("journalctl CPRD_VM=a-b -o json --no-pager");
     assert!(
         j.contains("\"CPRD_UPGRADE_ID\"")
             && j.contains("\"CPRD_DOWNTIME_USEC\"")

@@ -161,11 +161,8 @@ fn env(vms: &[(&str, &str)]) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("etc");
     std::fs::create_dir_all(config.join("vms")).expect("mkdir");
-    std::fs::write(
-        config.join("cprd.toml"),
-        "[vmm]\nallowed = [\"/usr/bin/*\"]\ndefault = \"/usr/bin/sleep\"\n",
-    )
-    .expect("write cprd.toml");
+    std::fs::write(config.join("cprd.toml"), "[vmm]\nallowed = [\"/usr/bin/*\"]\ndefault = \"/usr/bin/sleep\"\n")
+        .expect("write cprd.toml");
     for (name, body) in vms {
         std::fs::write(config.join("vms").join(format!("{name}.toml")), body).expect("write vm");
     }
