@@ -899,7 +899,15 @@ fn the_allow_list_refuses_every_way_around_it() {
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
     let cases = [
-        (format!("{}/../outside/evil", allowed.display()), "`..`"),
+        // `allowed/../BASE/outside/evil`: the script outside, reached from inside the allowed directory.
+        (
+            format!(
+                "{}/../{}/outside/evil",
+                allowed.display(),
+                base.path().file_name().unwrap_or_default().to_string_lossy()
+            ),
+            "`..`",
+        ),
         (format!("{}/./good", allowed.display()), "`..`"),
         (format!("{}/sub/evil", allowed.display()), "not in the VMM allow-list"),
         (format!("{}/link", allowed.display()), "is a symbolic link"),
