@@ -63,6 +63,10 @@ impl std::fmt::Display for Version {
     }
 }
 
+/// The longest QMP message cprd accepts, in bytes (the largest it asks for, `query-machines`, is
+/// tens of KiB).
+pub const MAX_MESSAGE: usize = 1 << 20;
+
 /// A negotiated QMP connection.
 #[derive(Debug)]
 pub struct Qmp {
@@ -105,24 +109,46 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Reads one message: a line of at most [`MAX_MESSAGE`] bytes, by `deadline`. Both hold
+    /// whatever the peer sends: the deadline is checked after every read, so neither a flood
+    /// without a newline nor a trickle of bytes keeps the caller past it.
     fn read_message(&mut self, deadline: Instant, what: &str) -> Result<Value, QmpError> {
-        let mut line = String::new();
+        let mut line = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(QmpError::Timeout(what.to_string()));
             }
             self.reader.get_ref().set_read_timeout(Some(left))?;
-            match self.reader.read_line(&mut line) {
-                Ok(0) => return Err(QmpError::Closed),
-                Ok(_) if line.ends_with('\n') => break,
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            let buf = match self.reader.fill_buf() {
+                Ok([]) => return Err(QmpError::Closed),
+                Ok(buf) => buf,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
+            };
+            let (taken, ended) = buf.iter().position(|b| *b == b'\n').map_or((buf.len(), false), |i| (i + 1, true));
+            line.extend_from_slice(&buf[..taken]);
+            self.reader.consume(taken);
+            if ended {
+                break;
+            }
+            if line.len() > MAX_MESSAGE {
+                return Err(QmpError::Protocol(format!(
+                    "{what}: a message longer than {MAX_MESSAGE} bytes (QMP messages are one line)"
+                )));
             }
         }
-        serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("{e} in {:?}", line.trim_end())))
+        serde_json::from_slice(&line).map_err(|e| {
+            let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).trim_end().to_string();
+            QmpError::Protocol(format!("{e} in {shown:?}"))
+        })
     }
 
     fn keep_event(&mut self, msg: &Value) -> bool {
@@ -190,5 +216,63 @@ impl Qmp {
     /// Events received so far, oldest first; the buffer is emptied.
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Negotiates on one end of a socket pair whose other end `peer` drives; returns the result
+    /// and how long it took.
+    fn negotiate_with(
+        peer: impl FnOnce(UnixStream) + Send + 'static,
+        timeout: Duration,
+    ) -> (Result<Qmp, QmpError>, Duration) {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let feeder = std::thread::spawn(move || peer(theirs));
+        let started = Instant::now();
+        let r = Qmp::negotiate(ours, timeout);
+        let took = started.elapsed();
+        drop(r.as_ref().ok());
+        let _ = feeder.join();
+        (r, took)
+    }
+
+    /// A peer (a fake QEMU: a real one never does this) that floods bytes without a newline:
+    /// refused once the line passes the limit, not buffered without end.
+    #[test]
+    fn a_message_without_end_is_refused_at_the_limit() {
+        let (r, _) = negotiate_with(
+            |mut s| {
+                let chunk = vec![b'x'; 64 << 10];
+                for _ in 0..40 {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            },
+            Duration::from_secs(20),
+        );
+        let e = r.expect_err("refused").to_string();
+        assert!(e.contains("longer than 1048576 bytes"), "{e}");
+    }
+
+    /// A peer that trickles a byte every 5 ms and never ends the line: the deadline holds.
+    #[test]
+    fn a_trickle_does_not_hold_the_caller_past_its_deadline() {
+        let (r, took) = negotiate_with(
+            |mut s| {
+                for _ in 0..400 {
+                    if s.write_all(b"x").is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            },
+            Duration::from_millis(300),
+        );
+        assert!(matches!(r, Err(QmpError::Timeout(_))), "{r:?}");
+        assert!(took < Duration::from_millis(1500), "returned after {took:?}");
     }
 }
