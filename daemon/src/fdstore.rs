@@ -76,6 +76,13 @@ pub fn keep_across_exec() -> String {
         .join(";")
 }
 
+/// Undoes [`keep_across_exec`] after an exec that failed: every held fd is close-on-exec again.
+pub fn close_on_exec_again() {
+    for fd in held().values() {
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    }
+}
+
 /// Takes the entries a re-executing image handed over (see [`keep_across_exec`]).
 pub fn take_from_previous_image() -> HashMap<String, OwnedFd> {
     let Ok(list) = std::env::var(REEXEC_FDS_ENV) else { return HashMap::new() };

@@ -42,5 +42,13 @@ pub fn exec(path: &PathBuf) -> std::io::Error {
         unsafe { libc::fcntl(raw, libc::F_SETFD, 0) };
         cmd.env(CONTROL_FD_ENV, raw.to_string());
     }
-    cmd.exec()
+    let err = cmd.exec();
+    // Still this image: everything made inheritable for the new one is close-on-exec again, or
+    // every VMM started from now on would inherit every guest's RAM.
+    crate::fdstore::close_on_exec_again();
+    if raw >= 0 {
+        // SAFETY: F_SETFD on our own listening socket only sets its close-on-exec flag.
+        unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    err
 }

@@ -118,9 +118,20 @@ impl Cprd {
 
     /// [`Cprd::start`] with extra environment (for instance `NOTIFY_SOCKET`).
     pub fn start_with_env(dir: &Path, bus: &PrivateBus, config_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_program(&bin("cprd"), dir, bus, config_dir, env)
+    }
+
+    /// [`Cprd::start_with_env`] from the cprd binary at `program` (a copy a test may replace).
+    pub fn start_program(
+        program: &Path,
+        dir: &Path,
+        bus: &PrivateBus,
+        config_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let runtime_dir = dir.join("run");
         let log = dir.join("cprd.log");
-        let mut cmd = Command::new(bin("cprd"));
+        let mut cmd = Command::new(program);
         cmd.arg("--bus-address")
             .arg(&bus.address)
             .arg("--config-dir")

@@ -1047,3 +1047,54 @@ fn cprd_exits_non_zero_when_the_bus_goes_away_and_vms_run_on() {
     assert!(s.cprd.log_text().contains("lost the bus connection"), "{}", s.cprd.log_text());
     assert!(!cpr_tests::process_gone(pid), "the VMM runs on");
 }
+
+/// The distinct guest-RAM memfds (by inode) a process holds: `/proc/PID/fd` links to
+/// `/memfd:cpr-vmm-ram` (a VMM may hold its own under two numbers).
+fn guest_ram_inodes(pid: u32) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Default::default() };
+    dir.filter_map(|e| {
+        let path = e.ok()?.path();
+        let target = std::fs::read_link(&path).ok()?;
+        target
+            .to_string_lossy()
+            .contains("memfd:cpr-vmm-ram")
+            .then(|| std::fs::metadata(&path).ok().map(|m| m.ino()))?
+    })
+    .collect()
+}
+
+/// Issue 15: a re-exec of cprd (SIGHUP after its binary changed) that failed left every held fd
+/// inheritable, so each VMM started afterwards got every other guest's RAM (vm1's memfd in vm2's
+/// VMM). Now a failed re-exec makes them close-on-exec again and cprd reloads in place.
+#[test]
+fn a_failed_re_exec_leaks_no_guest_ram_into_later_vmms() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    define_vm(&config, "vm1", "memory = \"64M\"\n");
+    define_vm(&config, "vm2", "memory = \"64M\"\n");
+    let copy = dir.path().join("cprd");
+    std::fs::copy(cpr_tests::bin("cprd"), &copy).expect("copy cprd");
+    let cprd = Cprd::start_program(&copy, dir.path(), &bus, &config, &[]);
+    let s = Setup { _dir: dir, _bus: bus, cprd };
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    // A "new build" that cannot be executed: its interpreter does not exist.
+    std::fs::remove_file(&copy).expect("rm");
+    std::fs::write(&copy, "#!/nonexistent/interpreter\n").expect("write");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cprd_pid = nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).unwrap_or(0));
+    nix::sys::signal::kill(cprd_pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || s.cprd.log_text().contains("cannot re-execute")),
+        "the re-exec failed and was logged: {}",
+        s.cprd.log_text()
+    );
+    assert!(s.cprd.cprctl(&["start", "vm2"]).status.success(), "cprd runs on: {}", s.cprd.log_text());
+    let vm2 = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm2"])));
+    let ram = guest_ram_inodes(vm2);
+    assert_eq!(ram.len(), 1, "vm2's VMM holds its own guest RAM and no other: inodes {ram:?}");
+    console_ok(&s, "vm1");
+    console_ok(&s, "vm2");
+}
