@@ -137,6 +137,9 @@ impl VmmBackend for CprVmm {
         let control = dir.join(format!("{}.0.sock", def.name));
         let console = def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name)));
         let log = dir.join(format!("{}.log", def.name));
+        // The VMM appends to it; cprd creates it, readable by group cprd only.
+        crate::files::open_console_log(&console)
+            .map_err(|e| CprdError::StartFailed(format!("cannot open {}: {e}", console.display())))?;
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
         let mut cmd = binary.command();

@@ -31,6 +31,8 @@ pub fn listener(stored: &mut HashMap<String, OwnedFd>, runtime_dir: &Path) -> st
     let _ = std::fs::remove_file(&path);
     let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(&path)?)?;
+    // Read-only (ping, list), for root and group cprd (it sits in the 0750 runtime directory).
+    crate::files::share_with_group(&path, 0o660);
     listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
     RAW_FD.store(std::os::fd::AsRawFd::as_raw_fd(&fd), std::sync::atomic::Ordering::SeqCst);
     Ok(fd)

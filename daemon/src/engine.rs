@@ -334,7 +334,7 @@ impl Engine {
             tracing::error!(CPRD_VM = name, "VM {name} quarantined: {e}");
             vms.insert(name, Vm { state: VmState::Quarantined, attention: Some(e.to_string()), ..Vm::stopped() });
         }
-        let _ = std::fs::create_dir_all(runtime_dir.join("vms"));
+        crate::files::runtime_dirs(&runtime_dir);
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let table = owner::Table {
             config_dir: config_dir.clone(),

@@ -7,6 +7,7 @@ mod dbus;
 mod engine;
 mod error;
 mod fdstore;
+mod files;
 mod qemu;
 mod reexec;
 mod sched;
@@ -165,6 +166,8 @@ async fn bus_lost(conn: &zbus::Connection) -> String {
 }
 
 fn main() -> std::process::ExitCode {
+    // First: nothing cprd or its VMMs create is readable by others unless given a mode.
+    files::set_umask();
     let cli = Cli::parse();
     if let Some(dir) = &cli.generate_man {
         use clap::CommandFactory;

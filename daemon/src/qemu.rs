@@ -211,7 +211,7 @@ fn pump_console(name: &str, serial_cprd: &OwnedFd, log: &Path) {
     let log = log.to_path_buf();
     let _ = std::thread::Builder::new().name(format!("console-{name}")).spawn(move || {
         let mut sock = std::fs::File::from(fd);
-        let Ok(mut out) = std::fs::OpenOptions::new().create(true).append(true).open(&log) else { return };
+        let Ok(mut out) = crate::files::open_console_log(&log) else { return };
         let mut buf = [0u8; 8192];
         loop {
             match sock.read(&mut buf) {

@@ -118,16 +118,18 @@ impl Cprd {
 
     /// [`Cprd::start`] with extra environment (for instance `NOTIFY_SOCKET`).
     pub fn start_with_env(dir: &Path, bus: &PrivateBus, config_dir: &Path, env: &[(&str, &str)]) -> Self {
-        Self::start_program(&bin("cprd"), dir, bus, config_dir, env)
+        Self::start_program(&bin("cprd"), dir, bus, config_dir, env, None)
     }
 
-    /// [`Cprd::start_with_env`] from the cprd binary at `program` (a copy a test may replace).
+    /// [`Cprd::start_with_env`] from the cprd binary at `program` (a copy a test may replace),
+    /// started with `umask` when given (else the test's own).
     pub fn start_program(
         program: &Path,
         dir: &Path,
         bus: &PrivateBus,
         config_dir: &Path,
         env: &[(&str, &str)],
+        umask: Option<u32>,
     ) -> Self {
         let runtime_dir = dir.join("run");
         let log = dir.join("cprd.log");
@@ -144,6 +146,16 @@ impl Cprd {
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"));
+        if let Some(mask) = umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask is async-signal-safe and touches nothing but the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         // Started as a service manager starts a daemon: leading a session of its own.
         cpr_spawn::place_fds(&mut cmd, &[], true).expect("a session of its own");
         let child = cmd.spawn().expect("start cprd");

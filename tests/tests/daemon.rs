@@ -1077,7 +1077,7 @@ fn a_failed_re_exec_leaks_no_guest_ram_into_later_vmms() {
     define_vm(&config, "vm2", "memory = \"64M\"\n");
     let copy = dir.path().join("cprd");
     std::fs::copy(cpr_tests::bin("cprd"), &copy).expect("copy cprd");
-    let cprd = Cprd::start_program(&copy, dir.path(), &bus, &config, &[]);
+    let cprd = Cprd::start_program(&copy, dir.path(), &bus, &config, &[], None);
     let s = Setup { _dir: dir, _bus: bus, cprd };
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     // A "new build" that cannot be executed: its interpreter does not exist.
@@ -1097,4 +1097,57 @@ fn a_failed_re_exec_leaks_no_guest_ram_into_later_vmms() {
     assert_eq!(ram.len(), 1, "vm2's VMM holds its own guest RAM and no other: inodes {ram:?}");
     console_ok(&s, "vm1");
     console_ok(&s, "vm2");
+}
+
+/// Runs `args` as uid and gid 65534 with no supplementary groups (`setpriv`).
+fn as_nobody(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
+/// Issue 15: file modes came from the umask. Under umask 000 another user connected to a VMM's
+/// control socket (guest RAM as a read-write fd, stop), and under 022 read console logs and
+/// records. Now cprd sets its own umask (077, inherited by its VMMs) and gives explicit modes:
+/// runtime directories 0750, console logs 0640 and its own read-only control socket 0660 (group
+/// cprd where it exists), records and VMM sockets owner-only.
+#[test]
+fn under_any_umask_another_user_reaches_no_vmm_socket_console_or_record() {
+    require_kvm();
+    for umask in [0o000, 0o022] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bus = PrivateBus::start(dir.path()); // makes `dir` 0755: others may look inside
+        let config = write_config(dir.path(), &[]);
+        define_vm(&config, "vm1", "memory = \"64M\"\n");
+        let cprd = Cprd::start_program(&cpr_tests::bin("cprd"), dir.path(), &bus, &config, &[], Some(umask));
+        let s = Setup { _dir: dir, _bus: bus, cprd };
+        assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+        let run = s.cprd.runtime_dir.clone();
+        let vms = run.join("vms");
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0);
+        let files = [
+            (run.clone(), 0o750),
+            (vms.clone(), 0o750),
+            (vms.join("vm1.console"), 0o640),
+            (vms.join("vm1.json"), 0o600),
+            (vms.join("vm1.0.sock"), 0o700), // a socket is bound 0777 less the umask (077)
+            (run.join("cprd.sock"), 0o660),
+        ];
+        for (path, want) in &files {
+            assert_eq!(mode(path), *want, "umask {umask:03o}: {} has mode {:o}", path.display(), mode(path));
+        }
+        let vmm_socket = vms.join("vm1.0.sock").display().to_string();
+        for path in [vms.join("vm1.console"), vms.join("vm1.json")] {
+            let out = as_nobody(&["cat", &path.display().to_string()]);
+            assert!(!out.status.success(), "umask {umask:03o}: uid 65534 read {}", path.display());
+        }
+        let out = as_nobody(&[&cpr_tests::bin("cprctl").display().to_string(), "ping", "--socket", &vmm_socket]);
+        assert!(!out.status.success(), "umask {umask:03o}: uid 65534 connected to the VMM: {}", text(&out));
+        let cprd_socket = run.join("cprd.sock").display().to_string();
+        let out = s.cprd.cprctl(&["ping", "--socket", &cprd_socket]);
+        assert!(out.status.success(), "root pings cprd's read-only socket: {}", text(&out));
+        console_ok(&s, "vm1");
+    }
 }
