@@ -119,7 +119,10 @@ pub fn run_with(script: &str, binaries: &[&str], extras: &[Extra], timeout: Dura
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        // A periodic local-timer tick, not TSC-deadline one-shots: twice an L1 running a nested
+        // QEMU stopped taking timer interrupts for good (TCG's SVM emulation lost one), idle
+        // with every sleep in it stuck; a periodic timer fires again after a lost interrupt.
+        .args(["-append", "console=ttyS0 panic=-1 quiet lapic=notscdeadline highres=off nohz=off"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("qemu-stderr")).expect("qemu-stderr"))
@@ -182,7 +185,7 @@ linux_vm() {{
 heartbeat() {{
     (while sleep 30; do
         echo "HEARTBEAT $(cut -d' ' -f1 /proc/uptime)"
-        ps -o pid,stat,time,args | grep -v '\[' | cut -c1-120
+        ps -o pid,stat,args | grep -v '\[' | cut -c1-120
         tail -3 /tmp/cprd.log
     done) &
 }}

@@ -154,7 +154,9 @@ stalled() {{
         sleep 0.1
     done
 }}
-alive() {{ kill -0 $1 2>/dev/null && echo 1 || echo 0; }}
+# 1 while process $1 runs (a zombie has ended: VMMs a dead cprd left are reaped by L1's init,
+# whenever it gets to it).
+alive() {{ st=$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null); [ -n "$st" ] && [ "$st" != Z ] && echo 1 || echo 0; }}
 for point in after-state after-loaded; do
     printf '#!/bin/sh\nCPR_VMM_FAULT=stall:%s exec /bin/cpr-vmm "$@"\n' $point >/bin/stall-$point
     chmod 0755 /bin/stall-$point
