@@ -104,8 +104,52 @@ pub fn run_with(script: &str, binaries: &[&str], extras: &[Extra], timeout: Dura
         .output()
         .expect("run tests/l1/build-initramfs");
     assert!(out.status.success(), "tests/l1/build-initramfs failed: {}", String::from_utf8_lossy(&out.stderr));
-    let console = dir.path().join("console");
-    let second = dir.path().join("second");
+    // Now and then an L1 running a nested QEMU (accel=kvm) goes silent for good while its CPU
+    // stays busy: even its 30 s heartbeat stops, so nothing in L1's user space runs any more
+    // (seen 4 times in about 25 such runs, at any point of the run, never with cpr-vmm alone;
+    // the cause lies in TCG's SVM emulation or nested KVM, not found yet). That is the test
+    // machine failing, not what runs in it: such a run is booted once more, and says so.
+    // One L1 at a time on this machine: two TCG L1s side by side (each a busy host thread, plus
+    // QEMU's own) made a nested QEMU guest stall for seconds, lose console lines and miss ticks.
+    let _one_at_a_time = L1_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match boot(dir.path(), &initrd, timeout) {
+        Boot::Frozen(run) => {
+            eprintln!(
+                "l1: L1 froze (no output for {} s, not even its heartbeat); booting it once more. The frozen \
+                 run:\n{}",
+                FROZEN_AFTER.as_secs(),
+                run.dump()
+            );
+            match boot(dir.path(), &initrd, timeout) {
+                Boot::Frozen(run) | Boot::Ended(run) => run,
+            }
+        }
+        Boot::Ended(run) => run,
+    }
+}
+
+/// Held while an L1 runs (see [`run_with`]).
+static L1_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How long an L1 may go without output before it counts as frozen (scripts that may be quiet
+/// longer print a heartbeat every 30 s).
+const FROZEN_AFTER: Duration = Duration::from_secs(100);
+
+/// How one boot of L1 ended.
+enum Boot {
+    /// It powered off, or was killed at the timeout.
+    Ended(L1Run),
+    /// It printed nothing for [`FROZEN_AFTER`] and was killed.
+    Frozen(L1Run),
+}
+
+/// Boots L1 from `initrd` with its consoles in `dir`, until it powers off, `timeout` passes or
+/// it freezes.
+fn boot(dir: &Path, initrd: &Path, timeout: Duration) -> Boot {
+    let console = dir.join("console");
+    let second = dir.join("second");
+    let _ = std::fs::remove_file(&console);
+    let _ = std::fs::remove_file(&second);
     let kernel = cache_dir().join("kernel/vmlinuz");
     let started = Instant::now();
     let child = Command::new(qemu())
@@ -118,25 +162,36 @@ pub fn run_with(script: &str, binaries: &[&str], extras: &[Extra], timeout: Dura
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
-        .arg(&initrd)
-        // A periodic local-timer tick, not TSC-deadline one-shots: twice an L1 running a nested
-        // QEMU stopped taking timer interrupts for good (TCG's SVM emulation lost one), idle
-        // with every sleep in it stuck; a periodic timer fires again after a lost interrupt.
-        .args(["-append", "console=ttyS0 panic=-1 quiet lapic=notscdeadline highres=off nohz=off"])
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("qemu-stderr")).expect("qemu-stderr"))
+        .stderr(std::fs::File::create(dir.join("qemu-stderr")).expect("qemu-stderr"))
         .spawn()
         .expect("start the L1 QEMU");
     let mut guard = Guard(Some(child));
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let (mut seen, mut seen_at) = ((0, 0), Instant::now());
+    let mut frozen = false;
     // Past the timeout the guard kills it: `rc` then stays `None`.
-    let _ = crate::wait_until(timeout, || guard.0.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()));
+    let _ = crate::wait_until(timeout, || {
+        if guard.0.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+            return true;
+        }
+        let now = (size(&console), size(&second));
+        if now != seen {
+            (seen, seen_at) = (now, Instant::now());
+        }
+        frozen = seen_at.elapsed() > FROZEN_AFTER;
+        frozen
+    });
     drop(guard);
     let console = String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).replace('\r', "");
     let second_console = String::from_utf8_lossy(&std::fs::read(&second).unwrap_or_default()).replace('\r', "");
     let rc = console.lines().find_map(|l| l.strip_prefix("L1-DONE rc=")).and_then(|n| n.trim().parse().ok());
-    let qemu_stderr = std::fs::read_to_string(dir.path().join("qemu-stderr")).unwrap_or_default();
-    L1Run { console, second_console, rc, elapsed: started.elapsed(), qemu_stderr }
+    let qemu_stderr = std::fs::read_to_string(dir.join("qemu-stderr")).unwrap_or_default();
+    let run = L1Run { console, second_console, rc, elapsed: started.elapsed(), qemu_stderr };
+    if frozen { Boot::Frozen(run) } else { Boot::Ended(run) }
 }
 
 /// The L2 command line for Linux guests in L1, under cpr-vmm and QEMU alike: a fast boot under
