@@ -99,9 +99,9 @@ pub const MAX_BINARY_ARG: usize = 4096;
 /// `A-Z a-z 0-9 - _` (the names `vms/NAME.toml` may have). The error quotes none of it, only its
 /// length: a reply or a log line never echoes unbounded input (a 7 MiB name quoted with `{:?}`
 /// made a reply above the bus's message limit, and the bus dropped cprd).
-pub fn checked_name(name: &str) -> Result<&str, CprdError> {
+pub fn checked_name(name: &str) -> Result<(), CprdError> {
     if crate::config::valid_vm_name(name) {
-        Ok(name)
+        Ok(())
     } else {
         Err(CprdError::InvalidArgument(format!(
             "a VM name is 1 to 64 characters of A-Z, a-z, 0-9, '-' and '_' (got {} bytes)",
@@ -111,9 +111,9 @@ pub fn checked_name(name: &str) -> Result<&str, CprdError> {
 }
 
 /// Checks a VMM binary argument's length (the allow-list checks the rest).
-fn checked_binary(binary: &str) -> Result<&str, CprdError> {
+fn checked_binary(binary: &str) -> Result<(), CprdError> {
     if binary.len() <= MAX_BINARY_ARG && !binary.contains('\0') {
-        Ok(binary)
+        Ok(())
     } else {
         Err(CprdError::InvalidArgument(format!(
             "a VMM binary is a path of at most {MAX_BINARY_ARG} bytes (got {} bytes)",

@@ -425,7 +425,7 @@ impl Engine {
             require_literal_separator: true,
             require_literal_leading_dot: true,
         };
-        if !binary.is_absolute() || !settings.allowed_vmm.iter().any(|p| p.matches_path_with(binary, options)) {
+        if !settings.allowed_vmm.iter().any(|p| p.matches_path_with(binary, options)) {
             let allowed: Vec<&str> = settings.allowed_vmm.iter().map(glob::Pattern::as_str).collect();
             return Err(CprdError::NotAllowed(format!(
                 "{text} is not in the VMM allow-list {allowed:?} (vmm.allowed in {}/cprd.toml)",
