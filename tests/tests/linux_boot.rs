@@ -54,7 +54,7 @@ fn linux_guests_of_one_and_two_vcpus_boot_to_the_probe() {
         --cmdline 'console=ttyS0 reboot=k panic=1 quiet {FAST} probe_ms=100' --serial-out /tmp/l2.$v 2>/tmp/err.$v &
     pid=$!
     i=0
-    while [ $i -lt 900 ] && kill -0 $pid 2>/dev/null && ! grep -q 'seq=10 ' /tmp/l2.$v 2>/dev/null; do
+    while [ $i -lt 900 ] && kill -0 $pid 2>/dev/null && ! grep -q 'seq=11 ' /tmp/l2.$v 2>/dev/null; do
         sleep 0.1; i=$((i + 1))
     done
     echo "BOOT vcpus=$v start=$start end=$(cut -d' ' -f1 /proc/uptime) alive=$(kill -0 $pid 2>/dev/null && echo 1 || echo 0)"
