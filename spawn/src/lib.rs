@@ -6,9 +6,11 @@
 //! allowed and a mistake overwrites a descriptor silently, so it is written once, here.
 
 pub mod exec;
+pub mod sandbox;
 pub mod sched;
 
 pub use exec::{Executable, UntrustedPath};
+pub use sandbox::Sandbox;
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
