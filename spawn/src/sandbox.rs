@@ -141,8 +141,8 @@ impl Plan {
     /// Only call between fork and exec (it changes the calling process's namespaces and ids).
     unsafe fn enter(&self) -> std::io::Result<()> {
         let null = std::ptr::null::<libc::c_char>();
-        // SAFETY (for the block): every pointer is a NUL-terminated string or a struct owned by
-        // `self`, alive for the call; the calls only affect this (child) process.
+        // SAFETY: every pointer is a NUL-terminated string or a struct owned by `self` or this
+        // frame, alive for the call; the calls only affect this (child) process.
         unsafe {
             check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS).into())?;
             check(libc::mount(null, self.root.as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, null.cast()).into())?;
