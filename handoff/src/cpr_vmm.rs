@@ -29,6 +29,10 @@ pub const CPR_FD: i32 = 3;
 pub const MAIN_FD: i32 = 4;
 /// Fd number of the commit channel in the new VMM.
 pub const COMMIT_FD: i32 = 5;
+/// Fd number of a boxed new VMM's control listener (bound by the arbiter).
+pub const CONTROL_FD: i32 = 6;
+/// Fd number of `/dev/kvm` in a boxed new VMM (opened by the arbiter).
+pub const KVM_FD: i32 = 7;
 
 /// How long a killed VMM may take to be confirmed dead.
 const KILL_CONFIRM: Duration = Duration::from_secs(10);
@@ -62,6 +66,9 @@ pub struct HandoffRequest {
     /// Start the new VMM in a session of its own, so that signals to the caller's process
     /// group (a daemon being stopped) never reach it.
     pub new_session: bool,
+    /// Run the new VMM in this box; the arbiter then binds its control socket and opens
+    /// `/dev/kvm` for it and hands both over, since the box lets it reach neither.
+    pub sandbox: Option<cpr_spawn::Sandbox>,
 }
 
 impl HandoffRequest {
@@ -80,6 +87,7 @@ impl HandoffRequest {
             extra_args: Vec::new(),
             spawned: None,
             new_session: false,
+            sandbox: None,
         }
     }
 
@@ -128,10 +136,24 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd, commit: &Owned
         .arg("--main-fd")
         .arg(MAIN_FD.to_string())
         .arg("--commit-fd")
-        .arg(COMMIT_FD.to_string())
-        .arg("--control")
-        .arg(&req.new_control)
-        .args(&req.extra_args);
+        .arg(COMMIT_FD.to_string());
+    // A boxed VMM can neither bind in cprd's directory nor open /dev/kvm: both are handed over.
+    let mut boxed = Vec::new();
+    if req.sandbox.is_some() {
+        let listener = cpr_proto::client::seqpacket_listen(&req.new_control)
+            .map_err(|e| format!("cannot bind {}: {e}", req.new_control.display()))?;
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+        cmd.arg("--control-fd").arg(CONTROL_FD.to_string()).arg("--kvm-fd").arg(KVM_FD.to_string());
+        boxed.push((CONTROL_FD, listener));
+        boxed.push((KVM_FD, OwnedFd::from(kvm)));
+    } else {
+        cmd.arg("--control").arg(&req.new_control);
+    }
+    cmd.args(&req.extra_args);
     for (k, v) in &req.env {
         cmd.env(k, v);
     }
@@ -143,12 +165,13 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd, commit: &Owned
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         cmd.stderr(f);
     }
-    cpr_spawn::place_fds(
-        &mut cmd,
-        &[(CPR_FD, cpr.as_fd()), (MAIN_FD, main.as_fd()), (COMMIT_FD, commit.as_fd())],
-        req.new_session,
-    )
-    .map_err(|e| format!("cannot hand the channels to the new VMM: {e}"))?;
+    let mut fds = vec![(CPR_FD, cpr.as_fd()), (MAIN_FD, main.as_fd()), (COMMIT_FD, commit.as_fd())];
+    fds.extend(boxed.iter().map(|(n, fd)| (*n, fd.as_fd())));
+    cpr_spawn::place_fds(&mut cmd, &fds, req.new_session)
+        .map_err(|e| format!("cannot hand the channels to the new VMM: {e}"))?;
+    if let Some(sandbox) = &req.sandbox {
+        sandbox.apply(&mut cmd).map_err(|e| format!("cannot box the new VMM in: {e}"))?;
+    }
     cmd.spawn().map_err(|e| format!("cannot start {}: {e}", req.binary.display()))
 }
 

@@ -22,6 +22,23 @@ pub fn seqpacket_connect(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Binds and listens on a control socket at `path`, replacing a stale socket file left by a dead
+/// process but never one someone still listens on (`AddrInUse`). The VMM binds its own when
+/// started by hand; cprd binds it for a VMM it boxes in and hands over the listener.
+pub fn seqpacket_listen(path: &Path) -> std::io::Result<OwnedFd> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() || seqpacket_connect(path).is_ok() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another process is listening there"));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    let addr = UnixAddr::new(path)?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr)?;
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(16).unwrap_or(nix::sys::socket::Backlog::MAXCONN))?;
+    Ok(fd)
+}
+
 /// A connection to one VMM's control socket.
 #[derive(Debug)]
 pub struct ControlClient {

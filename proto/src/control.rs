@@ -182,6 +182,8 @@ pub enum ErrorKind {
     Timeout,
     /// Something failed inside this VMM.
     Internal,
+    /// The caller may not use this socket (its uid is neither root nor the VMM's own).
+    Forbidden,
 }
 
 /// An error answer.

@@ -10,7 +10,7 @@ pub mod sandbox;
 pub mod sched;
 
 pub use exec::{Executable, UntrustedPath};
-pub use sandbox::Sandbox;
+pub use sandbox::{Sandbox, Writable};
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;

@@ -38,8 +38,18 @@ pub struct Sandbox {
     pub gid: u32,
     /// Supplementary groups (the group of `/dev/kvm`, where a VMM opens it itself).
     pub groups: Vec<u32>,
-    /// Directories under a hidden one that the VMM may write to, bound at their own paths.
-    pub writable: Vec<PathBuf>,
+    /// Host directories the VMM may write to, each bound at a path of its own in the box.
+    pub writable: Vec<Writable>,
+}
+
+/// A host directory bound, writable, into the box.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writable {
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// Where the VMM sees it: below one of the directories the box hides ([`HIDDEN`]), so
+    /// that the way to it is created in the box's own tmpfs.
+    pub inside: PathBuf,
 }
 
 /// A path as a C string.
@@ -269,21 +279,22 @@ impl Sandbox {
                 writable: true,
             });
         }
-        for dir in &self.writable {
-            let Some(top) = HIDDEN.iter().map(Path::new).find(|h| dir.starts_with(h) && dir != h) else {
+        for w in &self.writable {
+            let inside = &w.inside;
+            let Some(top) = HIDDEN.iter().map(Path::new).find(|h| inside.starts_with(h) && inside != h) else {
                 return Err(std::io::Error::other(format!(
                     "{} is not below a directory the sandbox hides ({})",
-                    dir.display(),
+                    inside.display(),
                     HIDDEN.join(", ")
                 )));
             };
-            if !dir.is_dir() {
-                return Err(std::io::Error::other(format!("{} is not a directory", dir.display())));
+            if !w.host.is_dir() {
+                return Err(std::io::Error::other(format!("{} is not a directory", w.host.display())));
             }
             binds.push(Bind {
-                source: c_path(dir)?,
-                target: c_path(dir)?,
-                dirs: prefixes_below(top, dir)?,
+                source: c_path(&w.host)?,
+                target: c_path(inside)?,
+                dirs: prefixes_below(top, inside)?,
                 writable: true,
             });
         }
@@ -344,18 +355,26 @@ mod tests {
             assert!(std::env::var_os("CI").is_none(), "CI runs as root");
             return;
         }
-        let run = tempfile::tempdir_in("/run").expect("tempdir in /run");
-        let writable = run.path().join("vm");
+        let host = tempfile::tempdir().expect("tempdir");
+        let writable = host.path().join("vm");
         std::fs::create_dir(&writable).expect("mkdir");
         nix::unistd::chown(&writable, Some(nix::unistd::Uid::from_raw(4_000_123)), None).expect("chown");
-        let s = Sandbox { uid: 4_000_123, gid: 4_000_124, groups: vec![4_000_125], writable: vec![writable.clone()] };
+        let inside = PathBuf::from("/run/cprd-vm/x");
+        let s = Sandbox {
+            uid: 4_000_123,
+            gid: 4_000_124,
+            groups: vec![4_000_125],
+            writable: vec![Writable { host: writable.clone(), inside: inside.clone() }],
+        };
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c").arg(format!(
             "id -u; id -g; id -G; grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status; \
              ls -A /run | tr '\\n' ' '; echo; ls -A /dev | tr '\\n' ' '; echo; \
              touch /etc/cprd-sandbox-probe 2>/dev/null && echo wrote-etc || echo etc-read-only; \
-             touch {w}/ok && echo wrote-own || echo own-read-only; echo x >/dev/null && echo null-ok",
-            w = writable.display()
+             touch {w}/ok && echo wrote-own || echo own-read-only; echo x >/dev/null && echo null-ok; \
+             touch {h}/no 2>/dev/null && echo wrote-host-path || echo host-path-read-only",
+            w = inside.display(),
+            h = host.path().display()
         ));
         s.apply(&mut cmd).expect("apply");
         let out = cmd.output().expect("run");
@@ -367,12 +386,12 @@ mod tests {
             assert!(text.contains(&format!("{set}:\t0000000000000000")), "{set} empty:\n{text}");
         }
         assert!(text.contains("NoNewPrivs:\t1"), "{text}");
-        let run_listing = lines[9];
-        let name = run.path().file_name().and_then(|n| n.to_str()).unwrap_or("?");
-        assert_eq!(run_listing.trim(), name, "/run holds only the way to the writable directory");
+        assert_eq!(lines[9].trim(), "cprd-vm", "/run holds only the way to the writable directory");
         let dev: Vec<&str> = lines[10].split_whitespace().collect();
         assert!(dev.iter().all(|d| ["null", "zero", "urandom", "random", "kvm", "fd"].contains(d)), "{dev:?}");
-        assert!(text.contains("etc-read-only") && text.contains("wrote-own") && text.contains("null-ok"), "{text}");
+        for said in ["etc-read-only", "wrote-own", "null-ok", "host-path-read-only"] {
+            assert!(text.contains(said), "{said}:\n{text}");
+        }
         assert!(writable.join("ok").exists());
         assert!(!Path::new("/etc/cprd-sandbox-probe").exists());
     }

@@ -2,12 +2,11 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cpr_proto::control::{ControlError, Description, ErrorKind, HandoffReport, Request, Response, RunState, VmmStatus};
 use cpr_proto::wire;
-use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
 
 use crate::devices::lock;
 use crate::error::{Result, VmmError};
@@ -141,32 +140,33 @@ impl Vmm {
 
 /// Binds the control socket at `path` (replacing a stale socket file left by a dead process).
 pub fn bind_control(path: &Path) -> Result<OwnedFd> {
-    let err = |e: std::io::Error| VmmError::ControlSocket { path: path.to_path_buf(), err: e };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() || seqpacket_connect(path).is_ok() {
-            return Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another process is listening there")));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    let fd =
-        socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(|e| err(e.into()))?;
-    let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| err(e.into()))?;
-    listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN)).map_err(|e| err(e.into()))?;
-    Ok(fd)
+    cpr_proto::client::seqpacket_listen(path)
+        .map_err(|err| VmmError::ControlSocket { path: path.to_path_buf(), err })
 }
 
 pub use cpr_proto::client::{ControlClient, seqpacket_connect};
 
-/// Serves the control socket on a background thread; one thread per connection.
-pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd, path: PathBuf) -> Result<()> {
+/// Whether a peer with `uid` may use the control socket: root (cprd) or this VMM's own user
+/// (whoever started it by hand). Whatever the socket file's mode says, nobody else gets in.
+fn peer_allowed(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// Serves the control socket on a background thread; one thread per connection. Each connection's
+/// peer is checked with `SO_PEERCRED` first (see [`peer_allowed`]).
+pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd) -> Result<()> {
     let listener = UnixListener::from(listener);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            let _keep = path;
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials);
+                if let Some(uid) = peer.as_ref().map_or(Some(u32::MAX), |c| Some(c.uid()).filter(|u| !peer_allowed(*u))) {
+                    let why = format!("uid {uid} may not use this VMM's control socket");
+                    let _ = wire::send(conn.as_fd(), &error(ErrorKind::Forbidden, why, false), &[]);
+                    continue;
+                }
                 let vmm = Arc::clone(&vmm);
                 let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
                     let fd = OwnedFd::from(conn);

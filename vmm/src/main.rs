@@ -61,8 +61,14 @@ struct HandoffArgs {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Control socket path (UNIX SOCK_SEQPACKET).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "control_fd")]
     control: Option<PathBuf>,
+    /// The control socket as an inherited listening descriptor (bound by whoever started us).
+    #[arg(long)]
+    control_fd: Option<i32>,
+    /// `/dev/kvm` as an inherited descriptor (default: open `/dev/kvm`).
+    #[arg(long)]
+    kvm_fd: Option<i32>,
     /// Guest RAM to create, e.g. 1G or 256M.
     #[arg(long, conflicts_with = "memory_fd")]
     memory: Option<String>,
@@ -91,8 +97,11 @@ struct RunArgs {
     #[arg(long)]
     touch: bool,
     /// File the serial console is appended to (default: standard output).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "serial_fd")]
     serial_out: Option<PathBuf>,
+    /// The serial console's output as an inherited descriptor.
+    #[arg(long)]
+    serial_fd: Option<i32>,
     /// Receive a running guest from an old VMM over --cpr-fd and --main-fd.
     #[arg(long, requires_all = ["cpr_fd", "main_fd", "commit_fd"])]
     incoming: bool,
@@ -138,7 +147,19 @@ fn inherited_fd(fd: i32, what: &str) -> Result<OwnedFd> {
     Ok(owned)
 }
 
-fn serial_out(path: Option<&PathBuf>) -> Result<File> {
+/// The control socket's listener: inherited (`--control-fd`) or bound here (`--control`).
+fn control_listener(a: &RunArgs) -> Result<Option<OwnedFd>> {
+    match (a.control_fd, &a.control) {
+        (Some(fd), _) => inherited_fd(fd, "control").map(Some),
+        (None, Some(p)) => bind_control(p).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+fn serial_out(path: Option<&PathBuf>, fd: Option<i32>) -> Result<File> {
+    if let Some(fd) = fd {
+        return inherited_fd(fd, "serial").map(File::from);
+    }
     match path {
         Some(p) => std::fs::OpenOptions::new()
             .create(true)
@@ -190,14 +211,14 @@ fn boot(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     if spec.kind() != cpr_proto::state::GuestKind::Linux && ram.bytes() < cpr_testguest::MIN_RAM_BYTES {
         return Err(VmmError::Memory("the test guest needs at least 16 MiB of RAM".into()));
     }
-    let listener = a.control.as_ref().map(|p| bind_control(p)).transpose()?;
-    let kvm_handle = open_kvm()?;
+    let listener = control_listener(a)?;
+    let kvm_handle = open_kvm(a.kvm_fd.map(|fd| inherited_fd(fd, "kvm")).transpose()?)?;
     let (tx, rx) = mpsc::channel();
     let parts = VmParts {
         ram,
         vcpus,
         cpuid: None,
-        serial_out: serial_out(a.serial_out.as_ref())?,
+        serial_out: serial_out(a.serial_out.as_ref(), a.serial_fd)?,
         guest_kind: spec.kind(),
         generation: 0,
     };
@@ -205,8 +226,8 @@ fn boot(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     load_guest(&core, &spec)?;
     let vmm = Vmm::new(Arc::clone(&core), RunState::Running);
     spawn_vcpu_threads(&core)?;
-    if let (Some(l), Some(p)) = (listener, &a.control) {
-        serve(Arc::clone(&vmm), l, p.clone())?;
+    if let Some(l) = listener {
+        serve(Arc::clone(&vmm), l)?;
     }
     core.coord.resume();
     Ok((vmm, rx))
@@ -216,11 +237,13 @@ fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     let cpr = inherited_fd(a.cpr_fd.unwrap_or(-1), "cpr")?;
     let main = inherited_fd(a.main_fd.unwrap_or(-1), "main")?;
     let commit = inherited_fd(a.commit_fd.unwrap_or(-1), "commit")?;
-    let listener = a.control.as_ref().map(|p| bind_control(p)).transpose()?;
+    let listener = control_listener(a)?;
+    let kvm = a.kvm_fd.map(|fd| inherited_fd(fd, "kvm")).transpose()?;
     let (tx, rx) = mpsc::channel();
-    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, a.dump_state.clone(), !a.no_prefault)?;
-    if let (Some(l), Some(p)) = (listener, &a.control) {
-        serve(Arc::clone(&vmm), l, p.clone())?;
+    let vmm =
+        cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, a.dump_state.clone(), !a.no_prefault, kvm)?;
+    if let Some(l) = listener {
+        serve(Arc::clone(&vmm), l)?;
     }
     Ok((vmm, rx))
 }

@@ -310,6 +310,7 @@ pub fn prepare_incoming(
     exit_tx: mpsc::Sender<ExitReason>,
     dump_state: Option<std::path::PathBuf>,
     prefault: bool,
+    kvm: Option<OwnedFd>,
 ) -> Result<Arc<Vmm>> {
     let hello = ToOld::Hello(Hello {
         protocol: CPR_PROTOCOL_VERSION,
@@ -337,7 +338,7 @@ pub fn prepare_incoming(
     if prefault {
         ram.prefault()?;
     }
-    let kvm_handle = crate::vm::open_kvm()?;
+    let kvm_handle = crate::vm::open_kvm(kvm)?;
     let guest_kind = res.guest;
     let parts = VmParts {
         ram,

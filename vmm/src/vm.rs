@@ -1,6 +1,7 @@
 //! One VM: KVM objects, guest RAM, devices and vCPU threads, and its boot-time set-up.
 
 use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -95,8 +96,14 @@ pub fn check_vcpus(vcpus: u32) -> Result<u8> {
 }
 
 /// Opens `/dev/kvm`.
-pub fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|e| VmmError::NoKvm(e.to_string()))
+pub fn open_kvm(handed: Option<OwnedFd>) -> Result<Kvm> {
+    let Some(fd) = handed else { return Kvm::new().map_err(|e| VmmError::NoKvm(e.to_string())) };
+    // SAFETY: `fd` is an open descriptor this process owns; it is checked to be KVM right after.
+    let kvm = unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) };
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v => Err(VmmError::NoKvm(format!("the handed KVM descriptor is not /dev/kvm (API version {v})"))),
+    }
 }
 
 /// CPUID.1:ECX bit 24: the local APIC's TSC-deadline timer mode.
