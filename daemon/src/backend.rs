@@ -37,6 +37,8 @@ pub struct UpgradeRequest<'a> {
     pub on_spawn: Sender<u32>,
     /// Where the handoff's record is persisted before every step that cannot be undone.
     pub journal: &'a mut dyn Journal,
+    /// The uid the new VMM's box runs as (`None`: no box).
+    pub uid: Option<u32>,
 }
 
 impl std::fmt::Debug for UpgradeRequest<'_> {
@@ -85,9 +87,15 @@ impl UpgradeError {
 pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     /// Asks a candidate binary whether it can take a running guest over; touches nothing.
     fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path) -> Result<(), CprdError>;
-    /// Starts a VMM for `def` with its files under `dir`; returns its record, the guest-RAM
-    /// memfd cprd keeps, and the process.
-    fn start(&self, def: &VmDef, binary: &Executable, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError>;
+    /// Starts a VMM for `def` with its files under `dir`, boxed in as `uid` if given; returns
+    /// its record, the guest-RAM memfd cprd keeps, and the process.
+    fn start(
+        &self,
+        def: &VmDef,
+        binary: &Executable,
+        dir: &Path,
+        uid: Option<u32>,
+    ) -> Result<(VmRecord, OwnedFd, Child), CprdError>;
     /// Hands the guest to a new VMM of `req.binary`, rolling back on failure.
     fn upgrade(&self, req: UpgradeRequest<'_>) -> Result<Upgraded, UpgradeError>;
     /// Stops the VMM (asks it, or kills it with `force`) and waits until it is gone.
@@ -124,6 +132,17 @@ pub fn for_kind(kind: BackendKind) -> Result<&'static dyn VmmBackend, CprdError>
     }
 }
 
+/// Where a first cpr-vmm finds its control listener (guest RAM is at 3).
+const FD_CONTROL: i32 = 4;
+/// `/dev/kvm`.
+const FD_KVM: i32 = 5;
+/// The console log, for appending.
+const FD_SERIAL: i32 = 6;
+/// The kernel image, read through `/proc/self/fd/7`.
+const FD_KERNEL: i32 = 7;
+/// The initramfs.
+const FD_INITRD: i32 = 8;
+
 /// cprd's own VMM, driven over its control socket.
 #[derive(Debug)]
 pub struct CprVmm;
@@ -133,27 +152,52 @@ impl VmmBackend for CprVmm {
         preflight(binary)
     }
 
-    fn start(&self, def: &VmDef, binary: &Executable, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+    fn start(
+        &self,
+        def: &VmDef,
+        binary: &Executable,
+        dir: &Path,
+        uid: Option<u32>,
+    ) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
         let control = dir.join(format!("{}.0.sock", def.name));
         let console = def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name)));
         let log = dir.join(format!("{}.log", def.name));
-        // The VMM appends to it; cprd creates it, readable by group cprd only.
-        crate::files::open_console_log(&console)
-            .map_err(|e| CprdError::StartFailed(format!("cannot open {}: {e}", console.display())))?;
+        let failed = |what: String| move |e: std::io::Error| CprdError::StartFailed(format!("{what}: {e}"));
+        // Everything the VMM needs from the host arrives as a descriptor, so that a boxed VMM
+        // opens no host path: guest RAM, its control listener, /dev/kvm, the console (created
+        // by cprd, readable by group cprd only), the kernel and initramfs.
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
+        let listener = cpr_proto::client::seqpacket_listen(&control)
+            .map_err(failed(format!("cannot bind {}", control.display())))?;
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(failed("cannot open /dev/kvm".into()))?;
+        let serial =
+            crate::files::open_console_log(&console).map_err(failed(format!("cannot open {}", console.display())))?;
+        let mut handed: Vec<(i32, OwnedFd)> =
+            vec![(3, memfd.try_clone().map_err(failed("cannot share guest RAM".into()))?)];
+        handed.push((FD_CONTROL, listener));
+        handed.push((FD_KVM, kvm.into()));
+        handed.push((FD_SERIAL, serial.into()));
         let mut cmd = binary.command();
         cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
         match &def.guest {
             GuestDef::TestGuest => {}
             GuestDef::Linux { kernel, initrd, cmdline } => {
-                cmd.arg("--kernel").arg(kernel).arg("--cmdline").arg(cmdline);
+                let image = |p: &Path| std::fs::File::open(p).map_err(failed(format!("cannot open {}", p.display())));
+                handed.push((FD_KERNEL, image(kernel)?.into()));
+                cmd.arg("--kernel").arg(format!("/proc/self/fd/{FD_KERNEL}")).arg("--cmdline").arg(cmdline);
                 if let Some(i) = initrd {
-                    cmd.arg("--initrd").arg(i);
+                    handed.push((FD_INITRD, image(i)?.into()));
+                    cmd.arg("--initrd").arg(format!("/proc/self/fd/{FD_INITRD}"));
                 }
             }
         }
-        cmd.arg("--control").arg(&control).arg("--serial-out").arg(&console);
+        cmd.arg("--control-fd").arg(FD_CONTROL.to_string());
+        cmd.arg("--kvm-fd").arg(FD_KVM.to_string()).arg("--serial-fd").arg(FD_SERIAL.to_string());
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -161,12 +205,18 @@ impl VmmBackend for CprVmm {
             .map_err(|e| CprdError::StartFailed(format!("cannot open {}: {e}", log.display())))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
         // A new session, so that signals to cprd's process group never reach the VMM.
-        cpr_spawn::place_fds(&mut cmd, &[(3, memfd.as_fd())], true)
-            .map_err(|e| CprdError::StartFailed(format!("cannot hand guest RAM to the VMM: {e}")))?;
-        let _ = std::fs::remove_file(&control);
+        let fds: Vec<_> = handed.iter().map(|(n, fd)| (*n, fd.as_fd())).collect();
+        cpr_spawn::place_fds(&mut cmd, &fds, true)
+            .map_err(|e| CprdError::StartFailed(format!("cannot hand its descriptors to the VMM: {e}")))?;
+        if let Some(uid) = uid {
+            crate::sandbox::vmm_box(uid, Vec::new(), false)
+                .apply(&mut cmd)
+                .map_err(failed("cannot box the VMM in".into()))?;
+        }
         let mut child = cmd
             .spawn()
             .map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.path().display())))?;
+        drop(handed);
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
             if let Ok(c) = ControlClient::connect(&control) {
@@ -197,6 +247,7 @@ impl VmmBackend for CprVmm {
             last_downtime_usec: 0,
             console,
             launch_args: Vec::new(),
+            vmm_uid: uid,
         };
         Ok((record, memfd, child))
     }
@@ -211,6 +262,8 @@ impl VmmBackend for CprVmm {
         h.new_session = true;
         h.stderr = Some(req.log);
         h.spawned = Some(req.on_spawn);
+        h.hand_over_fds = true;
+        h.sandbox = req.uid.map(|uid| crate::sandbox::vmm_box(uid, Vec::new(), false));
         match hand_off(&h, req.journal, req.record.generation) {
             Ok(out) => {
                 // The new VMM runs the very file cprd opened and checked, whose build id cprd

@@ -34,13 +34,39 @@ pub struct Settings {
     pub handoff_timeout_ms: u64,
     /// Where VM definitions live.
     pub vms_dir: PathBuf,
+    /// The box every VMM runs in, `None` when the operator turned it off.
+    pub sandbox: Option<SandboxSettings>,
 }
+
+/// Where VMM identities come from: each running VM gets a uid (and a gid of the same number)
+/// of its own from `first_uid .. first_uid + count`, kept across its upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxSettings {
+    /// The first uid cprd may give a VMM.
+    pub first_uid: u32,
+    /// How many uids it may give (at most that many VMs run at once).
+    pub count: u32,
+}
+
+/// The default first VMM uid: systemd's "unused" range starts at 0x70000000 (1879048192), above
+/// the container ranges (0x80000..0x6fffffff) and below the foreign range (0x7ffe0000); see
+/// systemd's UIDS-GIDS.md.
+pub const DEFAULT_FIRST_UID: u32 = 0x7000_0000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SettingsInput {
     vmm: Option<VmmInput>,
     handoff: Option<HandoffInput>,
+    sandbox: Option<SandboxInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SandboxInput {
+    enabled: Option<bool>,
+    first_uid: Option<u32>,
+    count: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,7 +141,26 @@ pub fn load_layered(vendor: Option<&Path>, dir: &Path) -> Result<Settings, Confi
     if !(100..=600_000).contains(&handoff_timeout_ms) {
         return Err(err(&main, format!("handoff.timeout_ms = {handoff_timeout_ms} is outside 100..=600000")));
     }
-    Ok(Settings { allowed_vmm, default_vmm, default_qemu, handoff_timeout_ms, vms_dir: dir.join("vms") })
+    let sandbox = sandbox_settings(input.sandbox).map_err(|m| err(&main, m))?;
+    Ok(Settings { allowed_vmm, default_vmm, default_qemu, handoff_timeout_ms, vms_dir: dir.join("vms"), sandbox })
+}
+
+/// The `[sandbox]` section, checked: on unless turned off; the uid range above the system's
+/// users (1000 and up are people; below 65536 is where distributions allocate) and not wrapping.
+fn sandbox_settings(input: Option<SandboxInput>) -> Result<Option<SandboxSettings>, String> {
+    let input = input.unwrap_or(SandboxInput { enabled: None, first_uid: None, count: None });
+    if input.enabled == Some(false) {
+        return Ok(None);
+    }
+    let first_uid = input.first_uid.unwrap_or(DEFAULT_FIRST_UID);
+    let count = input.count.unwrap_or(65536);
+    if first_uid < 65536 {
+        return Err(format!("sandbox.first_uid = {first_uid} is below 65536, where a system's own users live"));
+    }
+    if count == 0 || first_uid.checked_add(count).is_none_or(|end| end > 0xffff_fffe) {
+        return Err(format!("sandbox: first_uid = {first_uid} with count = {count} is not a range of uids"));
+    }
+    Ok(Some(SandboxSettings { first_uid, count }))
 }
 
 /// Which VMM runs a VM.

@@ -122,6 +122,10 @@ pub struct VmRecord {
     /// The VMM's command line arguments where every generation must get the same (QEMU).
     #[serde(default)]
     pub launch_args: Vec<String>,
+    /// The uid (and gid) the VMM's box runs as; `None`: not boxed in (sandbox turned off, or
+    /// started by a cprd before the sandbox).
+    #[serde(default)]
+    pub vmm_uid: Option<u32>,
 }
 
 /// A VM as the engine holds it.
@@ -140,6 +144,8 @@ pub struct Vm {
     /// VMMs besides the record's that may hold the guest (the new VMM of a handoff that ended
     /// in [`VmState::NeedsAttention`]); stopping the VM ends them too.
     pub other_pids: Vec<u32>,
+    /// The uid its VMMs' box runs as, kept from its first boxed start while cprd knows the VM.
+    pub uid: Option<u32>,
 }
 
 impl Vm {
@@ -151,6 +157,7 @@ impl Vm {
             attention: None,
             orphan_def: None,
             other_pids: Vec::new(),
+            uid: None,
         }
     }
 }
@@ -465,9 +472,9 @@ impl Engine {
             return Ok(());
         }
         let binary = self.binary_for(&self.settings(), &def, "")?;
-        let owner::Claim::Claimed { def, .. } = self.claim(name, owner::Purpose::Start)? else { return Ok(()) };
+        let owner::Claim::Claimed { def, uid, .. } = self.claim(name, owner::Purpose::Start)? else { return Ok(()) };
         let dir = self.runtime_dir.join("vms");
-        match (self.backends)(def.backend).and_then(|b| b.start(&def, &binary, &dir)) {
+        match (self.backends)(def.backend).and_then(|b| b.start(&def, &binary, &dir, uid)) {
             Ok((record, memfd, child)) => {
                 crate::scope::move_to_scope(name, record.generation, record.main_pid, None);
                 let pid = record.main_pid;
@@ -531,7 +538,7 @@ impl Engine {
 
     /// Stops a VM: asks its VMM to stop, or kills it with `force`. Stopping a stopped VM is a no-op.
     pub fn stop(&self, name: &str, force: bool) -> Result<(), CprdError> {
-        let owner::Claim::Claimed { was, def, record, others } = self.claim(name, owner::Purpose::Stop)? else {
+        let owner::Claim::Claimed { was, def, record, others, .. } = self.claim(name, owner::Purpose::Stop)? else {
             return Ok(());
         };
         // A VM that needs attention may have two VMMs, neither of which answers for sure: end both.
@@ -582,7 +589,8 @@ impl Engine {
             }
             return Err(e);
         }
-        let owner::Claim::Claimed { record: Some(mut record), .. } = self.claim(name, owner::Purpose::Upgrade)? else {
+        let owner::Claim::Claimed { record: Some(mut record), uid, .. } = self.claim(name, owner::Purpose::Upgrade)?
+        else {
             return Err(CprdError::InvalidArgument(format!("VM {name} has no running VMM")));
         };
         let generation = record.generation + 1;
@@ -606,6 +614,7 @@ impl Engine {
             log: self.runtime_dir.join("vms").join(format!("{name}.log")),
             on_spawn: tx,
             journal: &mut journal,
+            uid,
         };
         let result = backend.upgrade(req);
         let _ = recorder.join();
@@ -630,6 +639,7 @@ impl Engine {
                 record.vmm_binary = binary.path().to_path_buf();
                 record.vmm_version = up.version;
                 record.last_downtime_usec = up.downtime_usec;
+                record.vmm_uid = uid;
                 (owner::HandoffEnd::Committed(record), Some(up.child))
             }
             Err(backend::UpgradeError::RolledBack(m)) if cpr_handoff::process::is_gone(record.main_pid) => {

@@ -10,6 +10,7 @@ mod fdstore;
 mod files;
 mod qemu;
 mod reexec;
+mod sandbox;
 mod sched;
 mod scope;
 

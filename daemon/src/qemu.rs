@@ -47,6 +47,7 @@ struct Held {
     serial_qemu: OwnedFd,
     serial_cprd: OwnedFd,
     taps: Vec<OwnedFd>,
+    disks: Vec<OwnedFd>,
 }
 
 /// Fd-store name of QEMU's end of a VM's console socket pair.
@@ -64,6 +65,48 @@ fn tap_name(vm: &str, i: usize) -> String {
     format!("vm-{vm}-tap{i}")
 }
 
+/// Fd-store name of a VM's disk image `i`.
+fn disk_name(vm: &str, i: usize) -> String {
+    format!("vm-{vm}-disk{i}")
+}
+
+/// Where a boxed QEMU sees its VM's channel directory: the host path itself under `/run`
+/// (cprd's runtime directory there), else the host path below `/run/cprd-vm` (the box hides
+/// `/run` and rebuilds the way). Either way it is the host path's own, so the paths in
+/// `/proc/net/unix` of two VMs never coincide.
+fn channel_dir_inside(host: &Path) -> PathBuf {
+    if host.starts_with("/run") {
+        host.to_path_buf()
+    } else {
+        Path::new("/run/cprd-vm").join(host.strip_prefix("/").unwrap_or(host))
+    }
+}
+
+/// A boxed VM's channel directory on the host (the main and cpr sockets of its handoffs), made
+/// if missing: owned by the VMMs' uid, mode 0700.
+fn channel_dir(dir: &Path, name: &str, uid: u32) -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let chan = dir.join(format!("{name}.chan"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&chan) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", chan.display())),
+    }
+    let id = Some(nix::unistd::Uid::from_raw(uid));
+    nix::unistd::chown(&chan, id, Some(nix::unistd::Gid::from_raw(uid)))
+        .map_err(|e| format!("cannot hand {} to uid {uid}: {e}", chan.display()))?;
+    Ok(chan)
+}
+
+/// The box of a VM's QEMU: its uid, its channel directory writable, and `/dev/kvm`'s group when
+/// it runs on KVM.
+fn qemu_box(dir: &Path, name: &str, uid: u32, args: &[String]) -> Result<cpr_spawn::Sandbox, String> {
+    let host = channel_dir(dir, name, uid)?;
+    let writable = vec![cpr_spawn::Writable { inside: channel_dir_inside(&host), host }];
+    let kvm = args.iter().any(|a| a.contains("accel=kvm"));
+    Ok(crate::sandbox::vmm_box(uid, writable, kvm))
+}
+
 impl Held {
     /// Keeps the console ends and taps in systemd's fd store (and cprd's own list, which a
     /// re-executed image gets), so a restarted cprd takes them back from there.
@@ -73,12 +116,18 @@ impl Held {
         for (i, tap) in self.taps.iter().enumerate() {
             crate::fdstore::push(&tap_name(vm, i), tap.as_fd());
         }
+        for (i, disk) in self.disks.iter().enumerate() {
+            crate::fdstore::push(&disk_name(vm, i), disk.as_fd());
+        }
     }
 
     /// Removes them from the store.
     fn remove_from_store(&self, vm: &str) {
         crate::fdstore::remove(&qemu_serial_name(vm));
         crate::fdstore::remove(&cprd_serial_name(vm));
+        for i in 0..self.disks.len() {
+            crate::fdstore::remove(&disk_name(vm, i));
+        }
         for i in 0..self.taps.len() {
             crate::fdstore::remove(&tap_name(vm, i));
         }
@@ -93,6 +142,9 @@ impl Held {
         ];
         for (i, tap) in self.taps.iter().enumerate() {
             v.push((cmdline::TAP_FD_BASE + RawFd::try_from(i).unwrap_or(0), tap.as_fd()));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            v.push((cmdline::DISK_FD_BASE + RawFd::try_from(i).unwrap_or(0), disk.as_fd()));
         }
         v
     }
@@ -113,7 +165,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The QEMU command line inputs of a VM definition.
-pub fn spec_of(def: &VmDef) -> Result<VmSpec, CprdError> {
+pub fn spec_of(def: &VmDef, seccomp: bool) -> Result<VmSpec, CprdError> {
     let GuestDef::Linux { kernel, initrd, cmdline } = &def.guest else {
         return Err(CprdError::InvalidArgument(format!("VM {} has backend qemu but no kernel", def.name)));
     };
@@ -141,6 +193,7 @@ pub fn spec_of(def: &VmDef) -> Result<VmSpec, CprdError> {
             .iter()
             .map(|d| DiskSpec { path: d.path.clone(), format: d.format.clone(), readonly: d.readonly })
             .collect(),
+        seccomp,
     })
 }
 
@@ -157,6 +210,50 @@ fn default_mac(name: &str, index: usize) -> String {
         b[2],
         b[3].wrapping_add(u8::try_from(index % 256).unwrap_or(0))
     )
+}
+
+/// The descriptors in a QEMU's fd sets, as (opaque, QEMU's fd number), from `query-fdsets`.
+fn fdsets(qmp: &mut Qmp) -> Result<Vec<(String, RawFd)>, String> {
+    let sets = qmp.execute("query-fdsets", None).map_err(|e| format!("QMP query-fdsets: {e}"))?;
+    let mut out = Vec::new();
+    for set in sets.as_array().into_iter().flatten() {
+        for fd in set["fds"].as_array().into_iter().flatten() {
+            if let (Some(o), Some(n)) = (fd["opaque"].as_str(), fd["fd"].as_i64().and_then(|n| RawFd::try_from(n).ok()))
+            {
+                out.push((o.to_string(), n));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Opens the disk descriptors of a VM in the order [`VmSpec::disk_fds`] lays them out, and locks
+/// each image for the VM: exclusively if it is written, shared if read-only (`flock`). QEMU's own
+/// image locking is off (`file.locking=off`): its byte-range locks are per open file, and with
+/// the read-only and the read-write descriptor of one set both in use across a handoff the new
+/// QEMU refused `cont` with 'Failed to get "write" lock', after the commit. cprd's lock sits on
+/// the descriptors every generation shares, so it lives as long as the VM, across handoffs and
+/// cprd restarts, and a second VM cannot write an image that one VM uses.
+fn open_disks(spec: &VmSpec) -> Result<Vec<OwnedFd>, String> {
+    let mut fds = Vec::new();
+    for (i, rw) in spec.disk_fds() {
+        let disk = &spec.disks[i];
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(rw)
+            .open(&disk.path)
+            .map_err(|e| format!("cannot open disk {}: {e}", disk.path.display()))?;
+        if rw || disk.readonly {
+            let how = if rw { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+            // SAFETY: flock on a descriptor this function owns; the lock belongs to its open file.
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), how) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(format!("disk {} is in use by another VM or process ({e})", disk.path.display()));
+            }
+        }
+        fds.push(OwnedFd::from(file));
+    }
+    Ok(fds)
 }
 
 /// Opens (creating if needed) the tap device of `nic`, inside its network namespace if it
@@ -248,6 +345,7 @@ impl Qemu {
         qmp: &Path,
         extra: &[String],
         log: &Path,
+        sandbox: Option<&cpr_spawn::Sandbox>,
     ) -> Result<Child, String> {
         let listener = cpr_qemu::spawn::listen_at(qmp).map_err(|e| format!("cannot bind {}: {e}", qmp.display()))?;
         let mut fds = held.fds();
@@ -259,7 +357,7 @@ impl Qemu {
             .append(true)
             .open(log)
             .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-        cpr_qemu::spawn::spawn(binary, &args, &fds, Some(stderr))
+        cpr_qemu::spawn::spawn(binary, &args, &fds, Some(stderr), sandbox)
             .map_err(|e| format!("cannot start {}: {e}", binary.path().display()))
     }
 
@@ -294,6 +392,7 @@ impl Qemu {
             last_downtime_usec: 0,
             console: def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name))),
             launch_args,
+            vmm_uid: None,
         }
     }
 }
@@ -303,9 +402,15 @@ impl VmmBackend for Qemu {
         self.probe(binary, &def.machine, scratch).map(drop)
     }
 
-    fn start(&self, def: &VmDef, binary: &Executable, dir: &Path) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
+    fn start(
+        &self,
+        def: &VmDef,
+        binary: &Executable,
+        dir: &Path,
+        uid: Option<u32>,
+    ) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
         let start_failed = |m: String| CprdError::StartFailed(format!("{}: {m}", def.name));
-        let spec = spec_of(def)?;
+        let spec = spec_of(def, uid.is_some())?;
         let version = self.probe(binary, &def.machine, dir)?;
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| start_failed(format!("cannot create guest RAM: {e}")))?;
@@ -317,12 +422,15 @@ impl VmmBackend for Qemu {
         )
         .map_err(|e| start_failed(format!("cannot create the console socket pair: {e}")))?;
         let taps = def.nics.iter().map(open_tap).collect::<Result<Vec<_>, _>>().map_err(start_failed)?;
-        let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps };
+        let disks = open_disks(&spec).map_err(start_failed)?;
+        let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps, disks };
         let control = dir.join(format!("{}.0.sock", def.name));
         let log = dir.join(format!("{}.log", def.name));
-        let record = Self::record_for(def, binary, control.clone(), held.args.clone(), dir);
+        let boxed = uid.map(|u| qemu_box(dir, &def.name, u, &held.args)).transpose().map_err(start_failed)?;
+        let record =
+            VmRecord { vmm_uid: uid, ..Self::record_for(def, binary, control.clone(), held.args.clone(), dir) };
         pump_console(&def.name, &held.serial_cprd, &record.console);
-        let mut child = self.spawn(&held, binary, &control, &[], &log).map_err(start_failed)?;
+        let mut child = self.spawn(&held, binary, &control, &[], &log, boxed.as_ref()).map_err(start_failed)?;
         let ready = Qmp::connect(&control, START_TIMEOUT)
             .map_err(|e| e.to_string())
             .and_then(|mut q| q.status().map_err(|e| e.to_string()));
@@ -348,7 +456,22 @@ impl VmmBackend for Qemu {
         let name = req.name.to_string();
         let generation = req.record.generation + 1;
         let dir = req.new_control.parent().map(Path::to_path_buf).unwrap_or_default();
-        let (main, cpr) = paths(&dir, &name, generation);
+        // A boxed QEMU pair meets in the VM's channel directory, at the path both boxes see it.
+        let boxed = match req.uid {
+            Some(uid) => {
+                let held = lock(&self.held);
+                let args = held.get(&name).map(|h| h.args.clone()).unwrap_or_default();
+                Some(qemu_box(&dir, &name, uid, &args).map_err(UpgradeError::RolledBack)?)
+            }
+            None => None,
+        };
+        let (main, cpr) = match &boxed {
+            Some(b) => {
+                let inside = b.writable.first().map(|w| w.inside.clone()).unwrap_or_default();
+                (inside.join(format!("main.{generation}.sock")), inside.join(format!("cpr.{generation}.sock")))
+            }
+            None => paths(&dir, &name, generation),
+        };
         let mut old = Qmp::connect(&req.record.control, Duration::from_secs(5))
             .map_err(|e| UpgradeError::RolledBack(format!("cannot reach the old QEMU's QMP: {e}")))?;
         let mut child = {
@@ -357,7 +480,8 @@ impl VmmBackend for Qemu {
                 return Err(UpgradeError::RolledBack(format!("cprd holds no descriptors for {name}")));
             };
             let incoming = cmdline::incoming_args(&main, &cpr);
-            self.spawn(h, req.binary, &req.new_control, &incoming, &req.log).map_err(UpgradeError::RolledBack)?
+            self.spawn(h, req.binary, &req.new_control, &incoming, &req.log, boxed.as_ref())
+                .map_err(UpgradeError::RolledBack)?
         };
         // Its start-up is the handoff's work (cprd puts it back at a VM's share afterwards).
         crate::sched::set_session_nice(child.id(), crate::sched::HANDOFF_NICE);
@@ -383,8 +507,16 @@ impl VmmBackend for Qemu {
             record,
             req.journal,
         );
-        let _ = std::fs::remove_file(&main);
-        let _ = std::fs::remove_file(&cpr);
+        // The sockets as cprd sees them (a boxed pair's are in the channel directory).
+        let (main_host, cpr_host) = match &boxed {
+            Some(b) => {
+                let host = b.writable.first().map(|w| w.host.clone()).unwrap_or_default();
+                (host.join(format!("main.{generation}.sock")), host.join(format!("cpr.{generation}.sock")))
+            }
+            None => (main.clone(), cpr.clone()),
+        };
+        let _ = std::fs::remove_file(&main_host);
+        let _ = std::fs::remove_file(&cpr_host);
         match result {
             Ok(report) => {
                 drop(report.new);
@@ -447,11 +579,33 @@ impl VmmBackend for Qemu {
         let pid = record.main_pid;
         // The command line it started with (definition edits apply at the next start).
         let args = if record.launch_args.is_empty() {
-            spec_of(def).map_err(|e| e.to_string())?.args()
+            spec_of(def, record.vmm_uid.is_some()).map_err(|e| e.to_string())?.args()
         } else {
             record.launch_args.clone()
         };
         let nics = args.iter().filter(|a| *a == "-netdev").count();
+        // QEMU keeps copies of the disk descriptors in its fd sets and closes the ones it was
+        // handed; `query-fdsets` says which of its descriptors holds which (by our `opaque`).
+        let opaques: Vec<String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(flag, _)| *flag == "-add-fd")
+            .filter_map(|(_, v)| v.split(',').find_map(|kv| kv.strip_prefix("opaque=")).map(str::to_string))
+            .collect();
+        let in_sets = if opaques.is_empty() { Vec::new() } else { fdsets(&mut qmp)? };
+        let mut disks = Vec::new();
+        for (j, opaque) in opaques.iter().enumerate() {
+            let fd = match stored.remove(&disk_name(name, j)) {
+                Some(fd) => fd,
+                None => {
+                    let Some((_, theirs)) = in_sets.iter().find(|(o, _)| o == opaque) else {
+                        return Err(format!("QEMU holds no descriptor for {opaque} in its fd sets"));
+                    };
+                    fd_of_process(pid, *theirs)?
+                }
+            };
+            disks.push(fd);
+        }
         // What the fd store (or the image before a re-exec) kept, else a copy from QEMU itself.
         let mut take = |entry: String, target: RawFd| match stored.remove(&entry) {
             Some(fd) => Ok(fd),
@@ -473,6 +627,7 @@ impl VmmBackend for Qemu {
             serial_qemu: take(qemu_serial_name(name), cmdline::SERIAL_FD)?,
             serial_cprd: take(cprd_serial_name(name), CONSOLE_KEEP_FD)?,
             taps,
+            disks,
         };
         held.push_to_store(name);
         pump_console(name, &held.serial_cprd, &record.console);

@@ -66,8 +66,10 @@ pub struct HandoffRequest {
     /// Start the new VMM in a session of its own, so that signals to the caller's process
     /// group (a daemon being stopped) never reach it.
     pub new_session: bool,
-    /// Run the new VMM in this box; the arbiter then binds its control socket and opens
-    /// `/dev/kvm` for it and hands both over, since the box lets it reach neither.
+    /// Bind the new VMM's control socket and open `/dev/kvm` here and hand both over
+    /// (`--control-fd`, `--kvm-fd`) instead of letting it bind and open them by path.
+    pub hand_over_fds: bool,
+    /// Run the new VMM in this box (implies `hand_over_fds`: the box lets it reach neither).
     pub sandbox: Option<cpr_spawn::Sandbox>,
 }
 
@@ -87,6 +89,7 @@ impl HandoffRequest {
             extra_args: Vec::new(),
             spawned: None,
             new_session: false,
+            hand_over_fds: false,
             sandbox: None,
         }
     }
@@ -139,7 +142,7 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd, commit: &Owned
         .arg(COMMIT_FD.to_string());
     // A boxed VMM can neither bind in cprd's directory nor open /dev/kvm: both are handed over.
     let mut boxed = Vec::new();
-    if req.sandbox.is_some() {
+    if req.hand_over_fds || req.sandbox.is_some() {
         let listener = cpr_proto::client::seqpacket_listen(&req.new_control)
             .map_err(|e| format!("cannot bind {}: {e}", req.new_control.display()))?;
         let kvm = std::fs::OpenOptions::new()
@@ -492,6 +495,12 @@ fn forward(live: &mut Live<'_>, connected: bool) -> Event {
     live.record.new.pid = pid;
     if let Err(e) = live.persist(&Phase::Starting) {
         return Event::JournalFailed(e);
+    }
+    if req.new_session && req.sandbox.is_some() {
+        // A boxed old VMM may not raise its own weight at the pause (that needs CAP_SYS_NICE):
+        // the arbiter does it from outside as it asks for the pause. Whoever runs the guest
+        // afterwards goes back to a VM's share (the new VMM by itself, the old one by cprd).
+        cpr_spawn::sched::set_session_nice(live.record.old.pid, cpr_spawn::sched::HANDOFF_NICE);
     }
     let migrate = Request::Migrate(MigrateParams { timeout_ms: req.timeout_ms });
     let sent = live.old.as_ref().map(|old| old.send(&migrate, &[cpr_old.as_fd(), main_old.as_fd()]));

@@ -13,6 +13,16 @@ pub const QMP_FD: i32 = 4;
 pub const SERIAL_FD: i32 = 5;
 /// The first tap device; NIC `i` is at `TAP_FD_BASE + i`.
 pub const TAP_FD_BASE: i32 = 10;
+/// The first disk image descriptor, opened by cprd. Disk `i` is fd set `i + 1`, holding a
+/// read-only descriptor and, unless the disk is read-only, a read-write one (QEMU's block layer
+/// opens an image read-only first and for writing when a writer needs it; it takes the
+/// descriptor of the set whose access mode matches). The sets' descriptors lie one after the
+/// other from here, in disk order: see [`VmSpec::disk_fds`].
+pub const DISK_FD_BASE: i32 = 40;
+
+/// QEMU's own seccomp filter, for a boxed QEMU: on, and everything it can deny denied (obsolete
+/// calls, setuid and friends, fork/exec, and scheduler/affinity changes).
+pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// One network card, backed by a tap device cprd opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,8 +33,10 @@ pub struct NicSpec {
     pub mac: String,
 }
 
-/// One disk image, opened by QEMU by path (the incoming QEMU opens it inactive, so image
-/// locking lets both generations have it open; nothing writes between pause and resume).
+/// One disk image. cprd opens it and hands QEMU the descriptor in an fd set (`-add-fd`), which
+/// QEMU opens as `/dev/fdset/N`: a boxed QEMU cannot open host paths. (The incoming QEMU opens
+/// it inactive, so image locking lets both generations have it open; nothing writes between
+/// pause and resume.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
     /// Image path.
@@ -60,9 +72,24 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     /// Disks.
     pub disks: Vec<DiskSpec>,
+    /// Turn QEMU's own seccomp filter on ([`SECCOMP`]).
+    pub seccomp: bool,
 }
 
 impl VmSpec {
+    /// The access modes of the disk descriptors, in the order they lie from [`DISK_FD_BASE`]:
+    /// (disk index, read-write).
+    pub fn disk_fds(&self) -> Vec<(usize, bool)> {
+        let mut v = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            v.push((i, false));
+            if !d.readonly {
+                v.push((i, true));
+            }
+        }
+        v
+    }
+
     /// The arguments every generation of this VM's QEMU is started with.
     pub fn args(&self) -> Vec<String> {
         let mib = self.memory_bytes >> 20;
@@ -101,15 +128,22 @@ impl VmSpec {
             a.push("-device".into());
             a.push(format!("{},netdev=net{i},mac={}", nic.model, nic.mac));
         }
+        for (n, (i, rw)) in self.disk_fds().into_iter().enumerate() {
+            let fd = DISK_FD_BASE + i32::try_from(n).unwrap_or(0);
+            let mode = if rw { "rw" } else { "ro" };
+            a.extend(["-add-fd".into(), format!("fd={fd},set={},opaque=disk{i}-{mode}", i + 1)]);
+        }
         for (i, d) in self.disks.iter().enumerate() {
+            let set = i + 1;
             a.push("-drive".into());
             a.push(format!(
-                "if=virtio,id=disk{i},file={},format={},readonly={}",
-                // QEMU's option syntax: a `,` in a value is written `,,`.
-                d.path.display().to_string().replace(',', ",,"),
+                "if=virtio,id=disk{i},file=/dev/fdset/{set},file.locking=off,format={},readonly={}",
                 d.format,
                 if d.readonly { "on" } else { "off" }
             ));
+        }
+        if self.seccomp {
+            a.extend(["-sandbox".into(), SECCOMP.into()]);
         }
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());
@@ -167,6 +201,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             nics: vec![NicSpec { model: "e1000".into(), mac: "52:54:00:00:00:01".into() }],
             disks: vec![],
+            seccomp: false,
         }
     }
 
@@ -179,10 +214,11 @@ mod tests {
         assert!(!a.contains("-cpu"), "TCG keeps QEMU's default CPU: {a}");
     }
 
-    /// A `,` in a disk path is written `,,` (QEMU's option syntax), so a path cannot add options
-    /// (`/img,format=raw,file=/etc/shadow` once could).
+    /// A disk reaches QEMU as a descriptor in an fd set: its path is not on the command line, so
+    /// it can add no options (`/img,format=raw,file=/etc/shadow` once could) and a boxed QEMU
+    /// needs no access to it.
     #[test]
-    fn a_comma_in_a_disk_path_cannot_add_options() {
+    fn a_disk_is_a_descriptor_and_its_path_never_reaches_the_command_line() {
         let mut s = spec();
         s.disks.push(DiskSpec {
             path: "/img,readonly=off,file=/etc/shadow".into(),
@@ -190,8 +226,25 @@ mod tests {
             readonly: true,
         });
         let a = s.args();
-        let drive = a.iter().find(|x| x.starts_with("if=virtio")).expect("-drive");
-        assert_eq!(drive, "if=virtio,id=disk0,file=/img,,readonly=off,,file=/etc/shadow,format=raw,readonly=on");
+        assert!(!a.iter().any(|x| x.contains("/img") || x.contains("shadow")), "{a:?}");
+        let joined = a.join(" ");
+        assert!(
+            joined.contains("-add-fd fd=40,set=1,opaque=disk0-ro -drive if=virtio,id=disk0,file=/dev/fdset/1,file.locking=off,format=raw,readonly=on"),
+            "{joined}"
+        );
+        s.disks.push(DiskSpec { path: "/rw".into(), format: "qcow2".into(), readonly: false });
+        let joined = s.args().join(" ");
+        assert!(joined.contains("-add-fd fd=41,set=2,opaque=disk1-ro -add-fd fd=42,set=2,opaque=disk1-rw"), "{joined}");
+        assert_eq!(s.disk_fds(), [(0, false), (1, false), (1, true)]);
+    }
+
+    #[test]
+    fn a_boxed_qemu_turns_its_own_seccomp_filter_on() {
+        let mut s = spec();
+        assert!(!s.args().contains(&"-sandbox".to_string()));
+        s.seccomp = true;
+        let a = s.args().join(" ");
+        assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"), "{a}");
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub fn probe(
     .collect();
     let output = scratch.join(format!("probe-{}-{}.out", std::process::id(), crate::transfer::unique()));
     let out_file = std::fs::File::create(&output).ok();
-    let child = crate::spawn::spawn(binary, &args, &[(crate::cmdline::QMP_FD, listener.as_fd())], out_file);
+    let child = crate::spawn::spawn(binary, &args, &[(crate::cmdline::QMP_FD, listener.as_fd())], out_file, None);
     drop(listener);
     let said = || {
         let text = std::fs::read_to_string(&output).unwrap_or_default();

@@ -12,6 +12,7 @@ pub fn spawn(
     args: &[String],
     fds: &[(RawFd, BorrowedFd<'_>)],
     stderr: Option<File>,
+    sandbox: Option<&cpr_spawn::Sandbox>,
 ) -> std::io::Result<Child> {
     let mut cmd = binary.command();
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
@@ -20,6 +21,9 @@ pub fn spawn(
     }
     cmd.stderr(stderr.map_or_else(Stdio::null, Stdio::from));
     cpr_spawn::place_fds(&mut cmd, fds, true)?;
+    if let Some(b) = sandbox {
+        b.apply(&mut cmd)?;
+    }
     cmd.spawn()
 }
 

@@ -188,6 +188,9 @@ impl Plan {
                     .into(),
                 )?;
             }
+            // The way to a writable directory must be traversable by the VMM whatever umask the
+            // parent runs with (cprd's is 077); the VMM gets the parent's umask back.
+            let umask = libc::umask(0o022);
             let mut via = [0u8; 32];
             for (b, source) in self.binds.iter().zip(sources) {
                 for d in &b.dirs {
@@ -204,6 +207,7 @@ impl Plan {
                 check(libc::mount(via, b.target.as_ptr(), null, libc::MS_BIND, null.cast()).into())?;
                 libc::close(source);
             }
+            libc::umask(umask);
             // Everything read-only and nosuid, then the writable directories writable again.
             let ro = MountAttr {
                 attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
@@ -272,12 +276,7 @@ impl Sandbox {
         }
         let mut binds = Vec::new();
         for dev in DEVICES.iter().map(Path::new).filter(|d| d.exists()) {
-            binds.push(Bind {
-                source: c_path(dev)?,
-                target: c_path(dev)?,
-                dirs: Vec::new(),
-                writable: true,
-            });
+            binds.push(Bind { source: c_path(dev)?, target: c_path(dev)?, dirs: Vec::new(), writable: true });
         }
         for w in &self.writable {
             let inside = &w.inside;
@@ -377,7 +376,12 @@ mod tests {
             h = host.path().display()
         ));
         s.apply(&mut cmd).expect("apply");
+        // cprd runs with umask 077: the way to the writable directory is still traversable.
+        // SAFETY: umask only swaps this process's mask (restored below).
+        let before = unsafe { libc::umask(0o077) };
         let out = cmd.output().expect("run");
+        // SAFETY: as above.
+        unsafe { libc::umask(before) };
         let text = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = text.lines().collect();
         assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));

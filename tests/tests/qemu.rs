@@ -411,10 +411,15 @@ struct Unreachable {
 /// Checks that cprd still waits for the new QEMU then.
 fn upgrade_to_an_unreachable_qemu(s: &Setup) -> Unreachable {
     use std::os::unix::fs::PermissionsExt;
-    let qmp = s.dir.path().join("new-qmp.sock");
+    // The new QEMU runs in the VM's box, where the one place it may create a socket is the VM's
+    // channel directory; the box shows that directory at the host path below /run/cprd-vm.
+    let chan = s.cprd.runtime_dir.join("vms").join("lin.chan");
+    let qmp = chan.join("test-qmp.sock");
+    let inside = Path::new("/run/cprd-vm").join(qmp.strip_prefix("/").expect("absolute"));
     let binary = s.dir.path().join("fake-unreachable-qemu");
-    let script =
-        UNREACHABLE_QEMU.replace("@QMP@", &qmp.display().to_string()).replace("@QEMU@", &qemu().display().to_string());
+    let script = UNREACHABLE_QEMU
+        .replace("@QMP@", &inside.display().to_string())
+        .replace("@QEMU@", &qemu().display().to_string());
     std::fs::write(&binary, script).expect("write the wrapper");
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let binary = binary.display().to_string();
@@ -516,4 +521,26 @@ fn a_cprd_killed_while_an_unreachable_new_qemu_holds_the_state_is_followed_by_a_
     s.cprd = Cprd::start(s.dir.path(), &s.bus, &config);
     assert!(wait_until(Duration::from_secs(10), || qmp_status(&caught.qmp).is_none()), "the new QEMU is gone");
     assert_ran_nowhere_and_rolled_back(&s, &before, caught.undecided_lines, &caught.seen, &s.cprd.log_text());
+}
+
+/// Disks reach QEMU as descriptors that every generation shares. With QEMU's own image locking
+/// on, the second generation refused `cont` after the commit ('Failed to get "write" lock') and
+/// the VM needed attention; cprd locks the images itself instead (see `open_disks`).
+#[test]
+fn upgrades_of_a_qemu_guest_keep_its_disks_and_its_image_lock() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ro = tmp.path().join("ro.raw");
+    std::fs::File::create(&ro).and_then(|f| f.set_len(1 << 20)).expect("ro image");
+    let body = format!("{}[[disk]]\npath = {:?}\nreadonly = true\n", disk(tmp.path()), ro.display().to_string());
+    let s = setup(&[("lin", vm_definition("128M", &body)), ("other", vm_definition("128M", &disk(tmp.path())))], &[]);
+    start_and_wait(&s, "lin");
+    for generation in 1..=3 {
+        assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], generation);
+    }
+    still_running(&s, "lin", 3);
+    // Another VM with the same writable image does not start; lin runs on.
+    let out = s.cprd.cprctl(&["start", "other"]);
+    assert!(!out.status.success(), "a second writer of disk.raw started");
+    assert!(text(&out).contains("is in use by another VM"), "{}", text(&out));
+    still_running(&s, "lin", 2);
 }

@@ -48,6 +48,9 @@ pub enum Claim {
         record: Option<VmRecord>,
         /// Other VMMs that may hold the guest, taken from the VM (stop ends them).
         others: Vec<u32>,
+        /// The uid the VM's next VMM's box runs as (start with the sandbox on; upgrade of a boxed
+        /// VM).
+        uid: Option<u32>,
     },
 }
 
@@ -303,11 +306,44 @@ impl Table {
         if purpose == Purpose::Upgrade && vm.record.is_none() {
             return Err(CprdError::InvalidArgument(format!("VM {name} has no running VMM")));
         }
+        // A VM keeps the box it started with across upgrades, whatever the setting says now: a
+        // boxed QEMU pair must meet where both boxes see the channel, and an unboxed VMM started
+        // by an earlier cprd moves into a box at its next start.
+        let uid = match (purpose, self.settings.sandbox) {
+            (Purpose::Start, Some(range)) => Some(self.vmm_uid(name, range)?),
+            (Purpose::Upgrade, _) => self.vms.get(name).and_then(|vm| vm.record.as_ref()).and_then(|r| r.vmm_uid),
+            _ => None,
+        };
+        let Some(vm) = self.vms.get_mut(name) else { return Err(CprdError::NoSuchVM(format!("no VM named {name:?}"))) };
         let was = std::mem::replace(&mut vm.state, to);
         let others = if purpose == Purpose::Stop { std::mem::take(&mut vm.other_pids) } else { Vec::new() };
         let record = vm.record.clone();
         self.emit(name);
-        Ok(Claim::Claimed { was, def: Box::new(def), record, others })
+        Ok(Claim::Claimed { was, def: Box::new(def), record, others, uid })
+    }
+
+    /// The uid of `name`'s VMMs: the one it has (a boxed VMM's, kept across upgrades), else the
+    /// lowest of the range no other VM holds.
+    fn vmm_uid(&mut self, name: &str, range: crate::config::SandboxSettings) -> Result<u32, CprdError> {
+        let in_range = |u: &u32| (range.first_uid..range.first_uid + range.count).contains(u);
+        let current = self.vms.get(name).and_then(|vm| vm.record.as_ref().and_then(|r| r.vmm_uid).or(vm.uid));
+        if let Some(uid) = current.filter(in_range) {
+            return Ok(uid);
+        }
+        let taken: std::collections::BTreeSet<u32> = self
+            .vms
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .flat_map(|(_, vm)| [vm.uid, vm.record.as_ref().and_then(|r| r.vmm_uid)])
+            .flatten()
+            .collect();
+        let uid = (range.first_uid..range.first_uid + range.count)
+            .find(|u| !taken.contains(u))
+            .ok_or_else(|| CprdError::Busy(format!("all {} VMM uids of the sandbox range are in use", range.count)))?;
+        if let Some(vm) = self.vms.get_mut(name) {
+            vm.uid = Some(uid);
+        }
+        Ok(uid)
     }
 
     fn record_path(&self, name: &str) -> PathBuf {
@@ -336,6 +372,7 @@ impl Table {
         crate::fdstore::push(&crate::fdstore::mem_name(name), memfd.as_fd());
         crate::fdstore::push_pidfd(name, record.main_pid);
         if let Some(vm) = self.vms.get_mut(name) {
+            vm.uid = record.vmm_uid.or(vm.uid);
             vm.record = Some(record);
             vm.memfd = Some(memfd);
             vm.state = VmState::Running;

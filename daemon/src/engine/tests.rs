@@ -59,6 +59,7 @@ impl VmmBackend for Fake {
         def: &VmDef,
         binary: &cpr_spawn::Executable,
         dir: &Path,
+        _uid: Option<u32>,
     ) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes).map_err(CprdError::StartFailed)?;
         let child = vmm_process();
@@ -71,6 +72,7 @@ impl VmmBackend for Fake {
             last_downtime_usec: 0,
             console: dir.join(format!("{}.console", def.name)),
             launch_args: Vec::new(),
+            vmm_uid: None,
         };
         Ok((record, memfd, child))
     }
