@@ -140,8 +140,7 @@ impl Vmm {
 
 /// Binds the control socket at `path` (replacing a stale socket file left by a dead process).
 pub fn bind_control(path: &Path) -> Result<OwnedFd> {
-    cpr_proto::client::seqpacket_listen(path)
-        .map_err(|err| VmmError::ControlSocket { path: path.to_path_buf(), err })
+    cpr_proto::client::seqpacket_listen(path).map_err(|err| VmmError::ControlSocket { path: path.to_path_buf(), err })
 }
 
 pub use cpr_proto::client::{ControlClient, seqpacket_connect};
@@ -162,7 +161,8 @@ pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd) -> Result<()> {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials);
-                if let Some(uid) = peer.as_ref().map_or(Some(u32::MAX), |c| Some(c.uid()).filter(|u| !peer_allowed(*u))) {
+                if let Some(uid) = peer.as_ref().map_or(Some(u32::MAX), |c| Some(c.uid()).filter(|u| !peer_allowed(*u)))
+                {
                     let why = format!("uid {uid} may not use this VMM's control socket");
                     let _ = wire::send(conn.as_fd(), &error(ErrorKind::Forbidden, why, false), &[]);
                     continue;

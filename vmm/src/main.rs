@@ -240,8 +240,7 @@ fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     let listener = control_listener(a)?;
     let kvm = a.kvm_fd.map(|fd| inherited_fd(fd, "kvm")).transpose()?;
     let (tx, rx) = mpsc::channel();
-    let vmm =
-        cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, a.dump_state.clone(), !a.no_prefault, kvm)?;
+    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, a.dump_state.clone(), !a.no_prefault, kvm)?;
     if let Some(l) = listener {
         serve(Arc::clone(&vmm), l)?;
     }
