@@ -128,6 +128,18 @@ pub struct VmRecord {
     pub vmm_uid: Option<u32>,
 }
 
+/// How a VMM ended, in words (a seccomp kill named as such).
+pub fn exit_description(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) if s.signal() == Some(libc::SIGSYS) => {
+            "killed by SIGSYS: it made a system call its seccomp filter forbids".to_string()
+        }
+        Ok(s) => s.to_string(),
+        Err(e) => format!("cannot be waited for: {e}"),
+    }
+}
+
 /// A VM as the engine holds it.
 #[derive(Debug)]
 pub struct Vm {
@@ -495,14 +507,14 @@ impl Engine {
         self.ask(|reply| owner::Request::Adopt { name: name.to_string(), record, memfd, reply });
     }
 
-    /// Reaps a VMM that is our child, and tells the owner when it dies.
+    /// Reaps a VMM that is our child, and tells the owner when it dies and how.
     fn supervise_child(self: &Arc<Self>, name: &str, mut child: Child) {
         let engine = Arc::clone(self);
         let name = name.to_string();
         let _ = std::thread::Builder::new().name(format!("reap-{name}")).spawn(move || {
             let pid = child.id();
-            let status = child.wait();
-            engine.tell(owner::Request::VmmExited { name, pid, how: format!("{status:?}") });
+            let how = exit_description(child.wait());
+            engine.tell(owner::Request::VmmExited { name, pid, how });
         });
     }
 

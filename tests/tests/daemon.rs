@@ -1151,3 +1151,25 @@ fn under_any_umask_another_user_reaches_no_vmm_socket_console_or_record() {
         console_ok(&s, "vm1");
     }
 }
+
+/// cpr-vmm's seccomp filters kill it for a call outside its lists, and cprd says so: a VMM whose
+/// vCPU thread calls `execve` once it runs the guest (fault injection) dies by `SIGSYS`, and the
+/// VM is `failed` with that reason. Without the filter the VMM would have become `/bin/true`.
+#[test]
+fn a_forbidden_system_call_kills_the_vmm_with_sigsys_and_cprd_says_so() {
+    let (wrappers, s) = setup_with_wrappers(&["vm1"]);
+    let c = &s.cprd;
+    let forbidden = wrapper(wrappers.path(), "forbidden.sh", "CPR_VMM_FAULT=forbidden-syscall exec REAL \"$@\"");
+    assert!(c.cprctl(&["start", "vm1"]).status.success());
+    let up = json(&c.cprctl(&["--json", "upgrade", "vm1", "--binary", &forbidden]));
+    assert_eq!(up["generation"], 1, "{up}");
+    let mut st = serde_json::Value::Null;
+    let failed = wait_until(Duration::from_secs(20), || {
+        st = json(&c.cprctl(&["--json", "status", "vm1"]));
+        st["state"] == "failed"
+    });
+    assert!(failed, "the VMM runs on after a forbidden call: {st}");
+    let reason = st["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("SIGSYS") && reason.contains("seccomp"), "{st}");
+    assert!(c.log_text().contains("killed by SIGSYS"), "{}", c.log_text());
+}

@@ -544,3 +544,125 @@ fn upgrades_of_a_qemu_guest_keep_its_disks_and_its_image_lock() {
     assert!(text(&out).contains("is in use by another VM"), "{}", text(&out));
     still_running(&s, "lin", 2);
 }
+
+/// The fields of `/proc/PID/status` named `key` (split on whitespace).
+fn proc_status(pid: u64, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = text.lines().find(|l| l.starts_with(&format!("{key}:"))).unwrap_or("");
+    line.split_whitespace().skip(1).map(str::to_string).collect()
+}
+
+/// The namespace `kind` of process `pid`, as the kernel names it (`mnt:[4026531841]`).
+fn namespace(pid: u64, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// Checks what a boxed VMM runs with, from the kernel's view of it; returns its uid.
+fn check_boxed(vm: &str, pid: u64, cprd_pid: u64) -> u64 {
+    let uids = proc_status(pid, "Uid");
+    let gids = proc_status(pid, "Gid");
+    assert_eq!(uids.len(), 4, "{vm}: Uid line of pid {pid}");
+    assert!(uids.iter().all(|u| *u == uids[0]) && uids[0] != "0", "{vm}: real, effective, saved, fs uid {uids:?}");
+    assert!(gids.iter().all(|g| *g == uids[0]), "{vm}: gids {gids:?} are the uid's number");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(proc_status(pid, set), ["0000000000000000"], "{vm}: {set}");
+    }
+    assert_eq!(proc_status(pid, "NoNewPrivs"), ["1"], "{vm}: NoNewPrivs");
+    assert_eq!(proc_status(pid, "Seccomp"), ["2"], "{vm}: a seccomp filter");
+    for kind in ["mnt", "ipc", "uts"] {
+        assert_ne!(namespace(pid, kind), namespace(cprd_pid, kind), "{vm}: a {kind} namespace of its own");
+    }
+    uids[0].parse().expect("uid")
+}
+
+/// Issue 15's acceptance: every VMM of both backends, and every generation of it, runs as a
+/// user of its VM's own (not root, different per VM, the same across upgrades), with no
+/// capability in any set, `NoNewPrivs`, a seccomp filter (cpr-vmm's own lists; QEMU's
+/// `-sandbox on`) and mount, IPC and UTS namespaces other than cprd's.
+#[test]
+fn every_vmm_of_both_backends_runs_boxed_as_a_user_of_its_vms_own() {
+    cpr_tests::require_kvm();
+    let vms = [
+        ("lin1", vm_definition("128M", "")),
+        ("lin2", vm_definition("128M", "")),
+        ("cpl3a", "memory = \"64M\"\n".to_string()),
+        ("cpl3b", "memory = \"64M\"\n".to_string()),
+    ];
+    let s = setup(&vms, &[]);
+    start_and_wait(&s, "lin1");
+    start_and_wait(&s, "lin2");
+    for vm in ["cpl3a", "cpl3b"] {
+        assert!(s.cprd.cprctl(&["start", vm]).status.success());
+    }
+    let cprd_pid = u64::from(s.cprd.child.id());
+    let mut first = std::collections::BTreeMap::new();
+    for (vm, _) in &vms {
+        let pid = status(&s, vm)["main_pid"].as_u64().expect("pid");
+        first.insert(*vm, check_boxed(vm, pid, cprd_pid));
+    }
+    let distinct: std::collections::BTreeSet<u64> = first.values().copied().collect();
+    assert_eq!(distinct.len(), vms.len(), "one uid per VM: {first:?}");
+    for (vm, _) in &vms {
+        assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", vm]))["generation"], 1, "{vm}");
+        let pid = status(&s, vm)["main_pid"].as_u64().expect("pid");
+        assert_eq!(check_boxed(vm, pid, cprd_pid), first[vm], "{vm} keeps its uid across the upgrade");
+    }
+    still_running(&s, "lin1", 2);
+    still_running(&s, "lin2", 2);
+}
+
+/// What a VMM taken over by its guest could try, done with its very identity and namespaces
+/// (`nsenter` into its box, `setpriv` to its uid, no capabilities): it can neither connect to
+/// another VM's control socket (nor to its own QMP socket path, which its box does not hold),
+/// nor open another VMM's `/proc/PID/mem`, nor write anything on the host but its channel
+/// directory.
+#[test]
+fn a_vmm_reaches_no_other_vms_socket_or_memory() {
+    cpr_tests::require_kvm();
+    let s = setup(&[("lin", vm_definition("128M", "")), ("cpl3", "memory = \"64M\"\n".to_string())], &[]);
+    start_and_wait(&s, "lin");
+    assert!(s.cprd.cprctl(&["start", "cpl3"]).status.success());
+    let qemu = status(&s, "lin");
+    let cpl3 = status(&s, "cpl3");
+    let qemu_pid = qemu["main_pid"].as_u64().expect("pid");
+    let cpl3_pid = cpl3["main_pid"].as_u64().expect("pid");
+    let dir = s.cprd.runtime_dir.join("vms");
+    for (pid, other_pid, other_sock) in
+        [(qemu_pid, cpl3_pid, dir.join("cpl3.0.sock")), (cpl3_pid, qemu_pid, dir.join("lin.0.sock"))]
+    {
+        let uid = proc_status(pid, "Uid")[0].clone();
+        let probe = format!(
+            r#"
+import socket
+for kind in (socket.SOCK_SEQPACKET, socket.SOCK_STREAM):
+    try:
+        s = socket.socket(socket.AF_UNIX, kind); s.connect("{sock}"); print("CONNECTED")
+    except OSError as e:
+        print("refused", e.errno)
+try:
+    open("/proc/{other}/mem", "rb"); print("OPENED-MEM")
+except OSError as e:
+    print("mem", e.errno)
+try:
+    open("/etc/cprd-box-probe", "w"); print("WROTE-ETC")
+except OSError as e:
+    print("etc", e.errno)
+"#,
+            sock = other_sock.display(),
+            other = other_pid
+        );
+        let out = std::process::Command::new("nsenter")
+            .args(["--target", &pid.to_string(), "--mount", "--ipc", "--uts", "--"])
+            .args(["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups", "--no-new-privs"])
+            .args(["--inh-caps=-all", "--bounding-set=-all", "--", "/usr/bin/python3", "-c", &probe])
+            .output()
+            .expect("nsenter");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!said.contains("CONNECTED"), "pid {pid} reached {}: {said}", other_sock.display());
+        assert!(!said.contains("OPENED-MEM"), "pid {pid} opened /proc/{other_pid}/mem: {said}");
+        assert!(!said.contains("WROTE-ETC"), "pid {pid} wrote to /etc: {said}");
+        assert_eq!(said.matches("refused").count(), 2, "{said}");
+    }
+    still_running(&s, "lin", 2);
+}

@@ -158,6 +158,11 @@ pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd) -> Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            // Connection threads inherit this filter.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadClass::Control) {
+                vmm.core.exit(crate::vm::ExitReason::Fatal(e));
+                return;
+            }
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials);

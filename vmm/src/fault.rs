@@ -7,7 +7,8 @@
 //! nothing else in the VMM changes behaviour. Unset (production), every function is a no-op.
 //!
 //! Values: `stall:<point>` with point one of `before-ready`, `after-ready`, `after-state`,
-//! `during-restore`, `after-loaded` (the new VMM stops itself with `SIGSTOP` there); `corrupt:<how>` with how one
+//! `during-restore`, `after-loaded` (the new VMM stops itself with `SIGSTOP` there); `forbidden-syscall`
+//! (see [`forbidden_syscall`]); `corrupt:<how>` with how one
 //! of `flip`, `truncate`, `crc`, `unknown-section`, `major` (the old VMM damages the stream it
 //! sends); `reads-format:<n>` (the new VMM claims to read only format major n); `reject-state` (the new VMM
 //! refuses the state it receives).
@@ -25,6 +26,23 @@ pub fn stall_point(point: &str) {
         eprintln!("cpr-vmm: fault injection: stopping at {point}");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
+}
+
+/// With the fault `forbidden-syscall` selected, a vCPU thread makes a call outside its seccomp
+/// list a fifth of a second after it first runs the guest (an `execve` of `/bin/true`, what a
+/// compromised VMM would try): the filter must kill the process with `SIGSYS`; without one the
+/// VMM would become `/bin/true` and exit 0.
+pub fn forbidden_syscall() {
+    if value().as_deref() != Some("forbidden-syscall") {
+        return;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    eprintln!("cpr-vmm: fault injection: a vCPU thread calls execve");
+    let path = c"/bin/true";
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null::<libc::c_char>()];
+    // SAFETY: NUL-terminated path and NULL-terminated argument and environment arrays.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
 }
 
 /// Whether the `reject-state` fault is selected: the new VMM refuses every state stream, as a

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod migration;
 pub mod mptable;
 pub mod persist;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

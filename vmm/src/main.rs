@@ -224,11 +224,14 @@ fn boot(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     };
     let core = VmCore::create(kvm_handle, parts, tx)?;
     load_guest(&core, &spec)?;
+    cpr_vmm::seccomp::prepare()?;
     let vmm = Vmm::new(Arc::clone(&core), RunState::Running);
     spawn_vcpu_threads(&core)?;
     if let Some(l) = listener {
         serve(Arc::clone(&vmm), l)?;
     }
+    // Every other thread runs; none inherits this one's list.
+    cpr_vmm::seccomp::install(cpr_vmm::seccomp::ThreadClass::Main)?;
     core.coord.resume();
     Ok((vmm, rx))
 }
@@ -244,6 +247,7 @@ fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     if let Some(l) = listener {
         serve(Arc::clone(&vmm), l)?;
     }
+    cpr_vmm::seccomp::install(cpr_vmm::seccomp::ThreadClass::Main)?;
     Ok((vmm, rx))
 }
 

@@ -170,6 +170,11 @@ impl Coordinator {
 
 /// Body of vCPU thread `index`.
 pub fn vcpu_thread(core: &VmCore, index: u8) {
+    // Before any guest code runs on this thread.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadClass::Vcpu) {
+        core.exit(ExitReason::Fatal(e));
+        return;
+    }
     let i = usize::from(index);
     {
         let mut fd = lock(&core.vcpus[i]);
@@ -182,7 +187,11 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
             job(core);
         }
     }
+    let mut first_run = true;
     while core.coord.park(i) {
+        if std::mem::take(&mut first_run) {
+            crate::fault::forbidden_syscall();
+        }
         let mut fd = lock(&core.vcpus[i]);
         let keep_going = run_until_paused(core, &mut fd);
         // Complete a pending I/O exit so that the registers read later are past it; this last

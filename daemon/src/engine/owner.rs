@@ -288,7 +288,7 @@ impl Table {
             Purpose::Resume => (&[VmState::NeedsAttention], VmState::Starting),
             Purpose::Upgrade => (&[VmState::Running], VmState::Upgrading),
         };
-        if let (false, Some(why)) = (from.contains(&vm.state), &vm.attention) {
+        if let (false, Some(why), false) = (from.contains(&vm.state), &vm.attention, vm.state == VmState::Failed) {
             return Err(CprdError::Busy(format!(
                 "VM {name} needs attention ({why}); stop it to end every VMM it may have"
             )));
@@ -373,6 +373,7 @@ impl Table {
         crate::fdstore::push_pidfd(name, record.main_pid);
         if let Some(vm) = self.vms.get_mut(name) {
             vm.uid = record.vmm_uid.or(vm.uid);
+            vm.attention = None;
             vm.record = Some(record);
             vm.memfd = Some(memfd);
             vm.state = VmState::Running;
@@ -408,6 +409,7 @@ impl Table {
         vm.state = VmState::Failed;
         vm.record = None;
         vm.memfd = None;
+        vm.attention = Some(format!("its VMM (pid {pid}) died: {how}"));
         self.drop_guest(name);
         tracing::error!(CPRD_VM = name, "VMM of {name} (pid {pid}) died unexpectedly: {how}");
         self.persist(name);
