@@ -308,3 +308,25 @@ fn a_handoff_in_flight_runs_in_a_weighted_scope_and_the_guest_goes_back_to_the_d
     assert_eq!(weight("cprd-vm-a-g1.scope"), unset, "the guest runs in a scope of the default weight");
     heartbeats_ok(&c, "a");
 }
+
+/// The unit's exposure as `systemd-analyze security` rates it (offline, this host's systemd):
+/// at most 5.0 ("OK"). Every systemd test above runs cprd under this very unit.
+#[test]
+fn the_unit_is_rated_at_most_5_by_systemd_analyze_security() {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../units/cprd.service");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_default();
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score in:\n{text}{}", String::from_utf8_lossy(&out.stderr)));
+    println!("{}", line.trim());
+    assert!(score <= 5.0, "cprd.service is rated {score}:\n{text}");
+}
