@@ -305,10 +305,30 @@ impl VmmBackend for CprVmm {
         _stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<OwnedFd, String> {
         let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
-        let describe = match client.call(&Request::Describe, &[]) {
-            Ok(Response::Describe(d)) => d,
-            other => return Err(format!("describe answered {other:?}")),
+        // Which process answers is what the kernel says, not what the VMM says of itself.
+        cpr_proto::wire::pass_credentials(client.socket()).map_err(|e| format!("SO_PASSCRED: {e}"))?;
+        let (describe, sender) = match client.call_with_fds(&Request::Describe, &[]) {
+            Ok(r) => match (r.msg, r.sender) {
+                (Response::Describe(d), Some(sender)) => (d, sender),
+                (other, _) => return Err(format!("describe answered {other:?} (or without credentials)")),
+            },
+            Err(e) => return Err(format!("describe: {e}")),
         };
+        let (pid, uid) = sender;
+        if describe.pid != pid {
+            return Err(format!(
+                "the VMM at {} says it is pid {}, the kernel says {pid}",
+                record.control.display(),
+                describe.pid
+            ));
+        }
+        if record.vmm_uid.is_some_and(|u| u != uid) {
+            return Err(format!(
+                "pid {pid} at {} runs as uid {uid}, not the VM's {:?}",
+                record.control.display(),
+                record.vmm_uid
+            ));
+        }
         let status = match client.call(&Request::Status, &[]) {
             Ok(Response::Status(s)) => s,
             other => return Err(format!("status answered {other:?}")),
@@ -336,7 +356,7 @@ impl VmmBackend for CprVmm {
         {
             return Err(format!("the VMM (pid {}) maps another memfd than the guest's RAM cprd keeps", describe.pid));
         }
-        record.main_pid = describe.pid;
+        record.main_pid = pid;
         record.vmm_version = describe.build_id;
         Ok(memfd)
     }

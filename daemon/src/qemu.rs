@@ -577,6 +577,14 @@ impl VmmBackend for Qemu {
             return Err(format!("pid {} is not the QEMU of {name}", record.main_pid));
         }
         let pid = record.main_pid;
+        // A boxed QEMU runs as the VM's own uid, which no other VM's VMM has.
+        if let Some(want) = record.vmm_uid {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|u| u.split_whitespace().nth(1));
+            if uid != Some(want.to_string().as_str()) {
+                return Err(format!("pid {pid} runs as uid {uid:?}, not the VM's {want}"));
+            }
+        }
         // The command line it started with (definition edits apply at the next start).
         let args = if record.launch_args.is_empty() {
             spec_of(def, record.vmm_uid.is_some()).map_err(|e| e.to_string())?.args()

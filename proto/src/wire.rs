@@ -46,6 +46,15 @@ pub struct Received<T> {
     pub msg: T,
     /// The fds attached to it.
     pub fds: Vec<OwnedFd>,
+    /// Who sent it, as the kernel stamps it (pid, uid), when the receiving socket has
+    /// `SO_PASSCRED` on ([`pass_credentials`]): not what the sender says about itself.
+    pub sender: Option<(u32, u32)>,
+}
+
+/// Turns on `SO_PASSCRED` for `sock`: every message received on it afterwards carries the
+/// sending process's pid and uid, stamped by the kernel ([`Received::sender`]).
+pub fn pass_credentials(sock: BorrowedFd<'_>) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true).map_err(std::io::Error::from)
 }
 
 /// Sends `msg` as one datagram on `sock`, with `fds` attached.
@@ -100,23 +109,30 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>
         }
     };
     let mut buf = vec![0u8; size.clamp(1, MAX_MESSAGE_BYTES + 1)];
-    let mut cmsg_buf = cmsg_space!([RawFd; MAX_FDS]);
-    let (len, fds, truncated) = loop {
+    let mut cmsg_buf = cmsg_space!([RawFd; MAX_FDS], libc::ucred);
+    let (len, fds, sender, truncated) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
         match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_buf), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(r) => {
                 let mut fds = Vec::new();
+                let mut sender = None;
                 for cmsg in r.cmsgs().map_err(WireError::Io)? {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        for fd in raw {
-                            // SAFETY: the kernel just installed `fd` in our table for this message;
-                            // nothing else owns it.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    match cmsg {
+                        ControlMessageOwned::ScmRights(raw) => {
+                            for fd in raw {
+                                // SAFETY: the kernel just installed `fd` in our table for this
+                                // message; nothing else owns it.
+                                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                            }
                         }
+                        ControlMessageOwned::ScmCredentials(c) => {
+                            sender = u32::try_from(c.pid()).ok().map(|pid| (pid, c.uid()));
+                        }
+                        _ => {}
                     }
                 }
                 let truncated = r.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                break (r.bytes, fds, truncated);
+                break (r.bytes, fds, sender, truncated);
             }
             Err(nix::Error::EINTR) => continue,
             Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
@@ -130,7 +146,7 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>
         return Err(WireError::Closed);
     }
     let msg = serde_json::from_slice(&buf[..len]).map_err(|e| WireError::Malformed(e.to_string()))?;
-    Ok(Received { msg, fds })
+    Ok(Received { msg, fds, sender })
 }
 
 #[cfg(test)]
@@ -141,6 +157,18 @@ mod tests {
 
     fn pair() -> (OwnedFd, OwnedFd) {
         socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair")
+    }
+
+    #[test]
+    fn the_sender_is_known_only_with_so_passcred_and_is_the_kernels_word() {
+        let (a, b) = pair();
+        send(a.as_fd(), &"hello", &[]).expect("send");
+        let r: Received<String> = recv(b.as_fd(), None).expect("recv");
+        assert_eq!(r.sender, None);
+        pass_credentials(b.as_fd()).expect("SO_PASSCRED");
+        send(a.as_fd(), &"hello", &[]).expect("send");
+        let r: Received<String> = recv(b.as_fd(), None).expect("recv");
+        assert_eq!(r.sender, Some((std::process::id(), nix::unistd::getuid().as_raw())));
     }
 
     #[test]

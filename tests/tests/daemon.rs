@@ -1173,3 +1173,31 @@ fn a_forbidden_system_call_kills_the_vmm_with_sigsys_and_cprd_says_so() {
     assert!(reason.contains("SIGSYS") && reason.contains("seccomp"), "{st}");
     assert!(c.log_text().contains("killed by SIGSYS"), "{}", c.log_text());
 }
+
+/// Re-attach believes the kernel, not the VMM: a VMM that names another process as itself
+/// (fault `lie-pid:<n>`, here a `sleep` the test started) is not adopted under that pid after a
+/// cprd restart; cprd says what the kernel says instead. (Before, cprd took the pid the VMM
+/// reported, and stopping the VM would have killed that process.)
+#[test]
+fn re_attach_takes_the_vmms_pid_from_the_kernel_not_from_the_vmm() {
+    let (wrappers, mut s) = setup_with_wrappers(&["vm1"]);
+    let mut bystander = std::process::Command::new("sleep").arg("600").spawn().expect("sleep");
+    let liar =
+        wrapper(wrappers.path(), "liar.sh", &format!("CPR_VMM_FAULT=lie-pid:{} exec REAL \"$@\"", bystander.id()));
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let up = json(&s.cprd.cprctl(&["--json", "upgrade", "vm1", "--binary", &liar]));
+    assert_eq!(up["generation"], 1, "{up}");
+    let vmm_pid = json(&s.cprd.cprctl(&["--json", "status", "vm1"]))["main_pid"].as_u64().expect("pid");
+    s.cprd.kill9();
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_ne!(st["main_pid"].as_u64(), Some(u64::from(bystander.id())), "cprd adopted the bystander: {st}");
+    let reason = st["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(&format!("the kernel says {vmm_pid}")), "{st}");
+    let _ = s.cprd.cprctl(&["stop", "vm1"]);
+    assert!(bystander.try_wait().expect("wait").is_none(), "the bystander was killed");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}

@@ -39,7 +39,7 @@ pub fn describe() -> Description {
         build_id: build_id(),
         writes_format: cpr_proto::state::FORMAT_MAJOR,
         reads_formats: crate::fault::reads_formats(),
-        pid: std::process::id(),
+        pid: crate::fault::claimed_pid(),
     }
 }
 

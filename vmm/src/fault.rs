@@ -8,7 +8,7 @@
 //!
 //! Values: `stall:<point>` with point one of `before-ready`, `after-ready`, `after-state`,
 //! `during-restore`, `after-loaded` (the new VMM stops itself with `SIGSTOP` there); `forbidden-syscall`
-//! (see [`forbidden_syscall`]); `corrupt:<how>` with how one
+//! (see [`forbidden_syscall`]); `lie-pid:<n>` (see [`claimed_pid`]); `corrupt:<how>` with how one
 //! of `flip`, `truncate`, `crc`, `unknown-section`, `major` (the old VMM damages the stream it
 //! sends); `reads-format:<n>` (the new VMM claims to read only format major n); `reject-state` (the new VMM
 //! refuses the state it receives).
@@ -43,6 +43,12 @@ pub fn forbidden_syscall() {
     let envp = [std::ptr::null::<libc::c_char>()];
     // SAFETY: NUL-terminated path and NULL-terminated argument and environment arrays.
     unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+}
+
+/// The pid this VMM says it has: its own, or with the fault `lie-pid:<n>` selected, `n` (a VMM
+/// taken over by its guest could say anything about itself).
+pub fn claimed_pid() -> u32 {
+    value().and_then(|v| v.strip_prefix("lie-pid:").and_then(|n| n.parse().ok())).unwrap_or_else(std::process::id)
 }
 
 /// Whether the `reject-state` fault is selected: the new VMM refuses every state stream, as a
