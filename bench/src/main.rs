@@ -56,6 +56,13 @@ struct Args {
     /// vCPUs of each Linux guest (with --linux).
     #[arg(long, default_value_t = 1)]
     linux_vcpus: u8,
+    /// Instead: what the VMM's box costs: two cprds in one run, one with `[sandbox] enabled =
+    /// false`, lone upgrades (--handoffs, interleaved) and UpgradeAll(--vms) (alternated).
+    #[arg(long)]
+    sandbox_cost: bool,
+    /// UpgradeAll rounds of each cprd (with --sandbox-cost).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 /// One hop of a QEMU guest.
@@ -470,6 +477,104 @@ fn daemon_bench(args: &Args) {
     println!("cprd RSS with {} VMs: {:.1} MiB", args.vms, rss as f64 / 1024.0);
 }
 
+/// One cprd of the sandbox benchmark, with its VMs defined: `one` (256 MiB) and `m000`...
+struct Variant {
+    label: &'static str,
+    _dir: tempfile::TempDir,
+    _bus: cpr_tests::daemon::PrivateBus,
+    cprd: cpr_tests::daemon::Cprd,
+}
+
+impl Variant {
+    fn start(label: &'static str, boxed: bool, vms: usize) -> Self {
+        use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, write_config};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bus = PrivateBus::start(dir.path());
+        let config = write_config(dir.path(), &[]);
+        if !boxed {
+            std::fs::create_dir_all(config.join("config.d")).expect("config.d");
+            std::fs::write(config.join("config.d/50-no-box.toml"), "[sandbox]\nenabled = false\n").expect("write");
+        }
+        define_vm(&config, "one", "memory = \"256M\"\n");
+        for i in 0..vms {
+            define_vm(&config, &format!("m{i:03}"), "memory = \"64M\"\n");
+        }
+        let cprd = Cprd::start(dir.path(), &bus, &config);
+        Self { label, _dir: dir, _bus: bus, cprd }
+    }
+
+    /// `cprctl ARGS` that must succeed; its JSON output.
+    fn call(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cprd.cprctl(args);
+        assert!(out.status.success(), "{} {args:?}: {}", self.label, String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    fn each_small_vm(&self, vms: usize, verb: &str) {
+        for i in 0..vms {
+            self.call(&[verb, &format!("m{i:03}")]);
+        }
+    }
+}
+
+/// The VMM's box, priced: lone-upgrade downtime (interleaved, one VM running in each cprd) and
+/// `UpgradeAll(vms)` wall time (the rounds alternate between the two cprds, only the measured
+/// one's VMs running), without and with the box, in one run.
+fn sandbox_bench(args: &Args) {
+    let plain = Variant::start("unboxed", false, args.vms);
+    let boxed = Variant::start("boxed", true, args.vms);
+    let variants = [&plain, &boxed];
+    for v in variants {
+        v.call(&["start", "one"]);
+    }
+    let mut downtime = [Vec::new(), Vec::new()];
+    let mut wall = [Vec::new(), Vec::new()];
+    for i in 0..args.handoffs {
+        // Alternate which goes first, so that neither always follows the other.
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let t = std::time::Instant::now();
+            let up = variants[k].call(&["--json", "upgrade", "one"]);
+            wall[k].push(t.elapsed().as_secs_f64() * 1e3);
+            downtime[k].push(up["downtime_usec"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let mut all = [Vec::new(), Vec::new()];
+    for v in variants {
+        v.call(&["stop", "one"]);
+    }
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let v = variants[k];
+            v.each_small_vm(args.vms, "start");
+            let t = std::time::Instant::now();
+            let rows = v.call(&["--json", "upgrade", "--all"]);
+            all[k].push(t.elapsed().as_secs_f64());
+            let ok = rows.as_array().is_some_and(|r| r.len() == args.vms && r.iter().all(|r| r["ok"] == true));
+            assert!(ok, "{}: UpgradeAll failed: {rows}", v.label);
+            v.each_small_vm(args.vms, "stop");
+        }
+    }
+    print_header();
+    for (k, v) in variants.iter().enumerate() {
+        print_row(&format!("{}: lone upgrade downtime (256 MiB test guest), us", v.label), &summarize(&downtime[k]), 0);
+        print_row(&format!("{}: cprctl upgrade wall time, ms", v.label), &summarize(&wall[k]), 1);
+        print_row(&format!("{}: UpgradeAll({}) wall time, s", v.label, args.vms), &summarize(&all[k]), 2);
+    }
+    let ratio = |x: &[Vec<f64>; 2]| summarize(&x[1]).median / summarize(&x[0]).median;
+    println!();
+    println!(
+        "boxed / unboxed, median: downtime {:.3}, upgrade wall {:.3}, UpgradeAll wall {:.3}",
+        ratio(&downtime),
+        ratio(&wall),
+        ratio(&all)
+    );
+    for v in variants {
+        cpr_tests::daemon::kill_vmms(&v.cprd.runtime_dir);
+    }
+}
+
 /// `n` round trips of one small message between this process and a child on a `SOCK_SEQPACKET`
 /// pair, each side blocking in `recv`, each after both sides sat idle for 0.5 ms, as the arbiter
 /// and the new VMM are around the commit; in µs.
@@ -634,6 +739,12 @@ fn main() {
         print_title("QEMU cpr-transfer benchmark");
         println!();
         qemu_bench(&args);
+        return;
+    }
+    if args.sandbox_cost {
+        print_title("What the VMM's box costs: cprd with and without [sandbox]");
+        println!();
+        sandbox_bench(&args);
         return;
     }
     if args.daemon {

@@ -40,6 +40,34 @@ pub struct Sandbox {
     pub groups: Vec<u32>,
     /// Host directories the VMM may write to, each bound at a path of its own in the box.
     pub writable: Vec<Writable>,
+    /// The lowest nice the VMM may give its own threads and session (`RLIMIT_NICE`), so that it
+    /// can weight a handoff's downtime (`crate::sched`) without `CAP_SYS_NICE`; `None`: none.
+    /// Only as far as [`nice_limit_reachable`] says (raising the hard limit needs
+    /// `CAP_SYS_RESOURCE`).
+    pub lowest_nice: Option<i32>,
+}
+
+/// linux/capability.h: the capability that raises a hard resource limit.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// `RLIMIT_NICE` for a lowest nice (the limit n allows nice values down to 20 - n).
+fn nice_rlimit(nice: i32) -> libc::rlim_t {
+    libc::rlim_t::try_from(20 - nice.clamp(-20, 19)).unwrap_or(0)
+}
+
+/// Whether this process can give a child an `RLIMIT_NICE` that allows `nice`: the hard limit
+/// allows it already, or this process has `CAP_SYS_RESOURCE` to raise it.
+pub fn nice_limit_reachable(nice: i32) -> bool {
+    let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the struct it is given.
+    let hard = if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &raw mut now) } == 0 { now.rlim_max } else { 0 };
+    let cap_sys_resource = std::fs::read_to_string("/proc/self/status").ok().is_some_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+    });
+    hard >= nice_rlimit(nice) || cap_sys_resource
 }
 
 /// A host directory bound, writable, into the box.
@@ -106,6 +134,7 @@ struct Plan {
     hidden_options: CString,
     fd_link: (CString, CString),
     last_cap: libc::c_ulong,
+    nice_limit: Option<libc::rlimit>,
 }
 
 /// `mount_setattr(2)`'s argument (linux/mount.h).
@@ -235,6 +264,9 @@ impl Plan {
                 ))?;
             }
             check(libc::chdir(self.root.as_ptr()).into())?;
+            if let Some(limit) = &self.nice_limit {
+                check(libc::setrlimit(libc::RLIMIT_NICE, limit).into())?;
+            }
             // No capability can come back: bounding set emptied while we still may.
             for cap in 0..=self.last_cap {
                 if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && *libc::__errno_location() != libc::EINVAL {
@@ -323,6 +355,10 @@ impl Sandbox {
             hidden_options: c_path(Path::new("mode=0755,size=1m"))?,
             fd_link: (c_path(Path::new("/proc/self/fd"))?, c_path(Path::new("/dev/fd"))?),
             last_cap,
+            nice_limit: self.lowest_nice.filter(|n| nice_limit_reachable(*n)).map(|nice| {
+                let n = nice_rlimit(nice);
+                libc::rlimit { rlim_cur: n, rlim_max: n }
+            }),
         };
         // SAFETY: `enter` only makes system calls on what `plan` holds; the closure owns `plan`.
         unsafe {
@@ -343,7 +379,7 @@ mod tests {
 
     #[test]
     fn root_as_the_identity_is_refused() {
-        let s = Sandbox { uid: 0, gid: 5, groups: vec![], writable: vec![] };
+        let s = Sandbox { uid: 0, gid: 5, groups: vec![], writable: vec![], lowest_nice: None };
         assert!(s.apply(&mut Command::new("true")).is_err());
     }
 
@@ -364,6 +400,7 @@ mod tests {
             gid: 4_000_124,
             groups: vec![4_000_125],
             writable: vec![Writable { host: writable.clone(), inside: inside.clone() }],
+            lowest_nice: Some(-10),
         };
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c").arg(format!(
@@ -371,7 +408,8 @@ mod tests {
              ls -A /run | tr '\\n' ' '; echo; ls -A /dev | tr '\\n' ' '; echo; \
              touch /etc/cprd-sandbox-probe 2>/dev/null && echo wrote-etc || echo etc-read-only; \
              touch {w}/ok && echo wrote-own || echo own-read-only; echo x >/dev/null && echo null-ok; \
-             touch {h}/no 2>/dev/null && echo wrote-host-path || echo host-path-read-only",
+             touch {h}/no 2>/dev/null && echo wrote-host-path || echo host-path-read-only; \
+             renice -n -10 -p $$ >/dev/null 2>&1 && echo nice-10-ok; renice -n -11 -p $$ >/dev/null 2>&1 || echo nice-11-refused",
             w = inside.display(),
             h = host.path().display()
         ));
@@ -393,9 +431,11 @@ mod tests {
         assert_eq!(lines[9].trim(), "cprd-vm", "/run holds only the way to the writable directory");
         let dev: Vec<&str> = lines[10].split_whitespace().collect();
         assert!(dev.iter().all(|d| ["null", "zero", "urandom", "random", "kvm", "fd"].contains(d)), "{dev:?}");
-        for said in ["etc-read-only", "wrote-own", "null-ok", "host-path-read-only"] {
+        for said in ["etc-read-only", "wrote-own", "null-ok", "host-path-read-only", "nice-11-refused"] {
             assert!(text.contains(said), "{said}:\n{text}");
         }
+        // Where this host lets the limit be given, the box may go down to nice -10 and no further.
+        assert_eq!(text.contains("nice-10-ok"), nice_limit_reachable(-10), "{text}");
         assert!(writable.join("ok").exists());
         assert!(!Path::new("/etc/cprd-sandbox-probe").exists());
     }
@@ -415,7 +455,9 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let exe = crate::Executable::open_trusted(&p).expect("trusted");
         let mut cmd = exe.command();
-        Sandbox { uid: 4_000_200, gid: 4_000_200, groups: vec![], writable: vec![] }.apply(&mut cmd).expect("apply");
+        Sandbox { uid: 4_000_200, gid: 4_000_200, groups: vec![], writable: vec![], lowest_nice: None }
+            .apply(&mut cmd)
+            .expect("apply");
         let out = cmd.output().expect("run");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "4000200\n", "{}", String::from_utf8_lossy(&out.stderr));
     }
