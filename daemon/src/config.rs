@@ -495,6 +495,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
         let s = load_layered(None, &root).expect("config/cprd.toml");
         assert_eq!(s.default_qemu, PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        assert_eq!(s.sandbox, Some(SandboxSettings { first_uid: DEFAULT_FIRST_UID, count: 65536 }));
         let vms = load_vms(&root.join("vms")).expect("config/vms");
         let q = &vms["qemu-example"];
         assert_eq!(
@@ -502,6 +503,25 @@ mod tests {
             (BackendKind::Qemu, DEFAULT_MACHINE, 1, 1)
         );
         assert_eq!(vms["example"].backend, BackendKind::CprVmm);
+    }
+
+    #[test]
+    fn the_sandbox_is_on_unless_turned_off_and_its_uid_range_is_checked() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write(d.path(), "cprd.toml", "[vmm]\ndefault = \"/x\"\n");
+        assert!(load_layered(None, d.path()).expect("defaults").sandbox.is_some());
+        write(d.path(), "cprd.toml", "[sandbox]\nenabled = false\n");
+        assert_eq!(load_layered(None, d.path()).expect("off").sandbox, None);
+        for (bad, says) in [
+            ("first_uid = 1000", "below 65536"),
+            ("first_uid = 4294967000\ncount = 1000", "not a range"),
+            ("count = 0", "not a range"),
+            ("uids = 5", "unknown field"),
+        ] {
+            write(d.path(), "cprd.toml", &format!("[sandbox]\n{bad}\n"));
+            let e = load_layered(None, d.path()).expect_err(bad).to_string();
+            assert!(e.contains(says) && e.contains("cprd.toml"), "{bad}: {e}");
+        }
     }
 
     #[test]
