@@ -56,8 +56,9 @@ struct Args {
     /// vCPUs of each Linux guest (with --linux).
     #[arg(long, default_value_t = 1)]
     linux_vcpus: u8,
-    /// Instead: what the VMM's box costs: two cprds in one run, one with `[sandbox] enabled =
-    /// false`, lone upgrades (--handoffs, interleaved) and UpgradeAll(--vms) (alternated).
+    /// Instead: what the VMM's box and seccomp cost: three cprds in one run (before issue 15,
+    /// seccomp only, box and seccomp), lone upgrades (--handoffs, interleaved) and
+    /// UpgradeAll(--vms) (rotated).
     #[arg(long)]
     sandbox_cost: bool,
     /// UpgradeAll rounds of each cprd (with --sandbox-cost).
@@ -486,7 +487,7 @@ struct Variant {
 }
 
 impl Variant {
-    fn start(label: &'static str, boxed: bool, vms: usize) -> Self {
+    fn start(label: &'static str, boxed: bool, seccomp: bool, vms: usize) -> Self {
         use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, write_config};
         let dir = tempfile::tempdir().expect("tempdir");
         let bus = PrivateBus::start(dir.path());
@@ -499,7 +500,9 @@ impl Variant {
         for i in 0..vms {
             define_vm(&config, &format!("m{i:03}"), "memory = \"64M\"\n");
         }
-        let cprd = Cprd::start(dir.path(), &bus, &config);
+        // cpr-vmm's own filters are switched off through the environment its cprd passes on.
+        let env: &[(&str, &str)] = if seccomp { &[] } else { &[("CPR_VMM_SECCOMP", "off")] };
+        let cprd = Cprd::start_with_env(dir.path(), &bus, &config, env);
         Self { label, _dir: dir, _bus: bus, cprd }
     }
 
@@ -518,34 +521,35 @@ impl Variant {
 }
 
 /// The VMM's box, priced: lone-upgrade downtime (interleaved, one VM running in each cprd) and
-/// `UpgradeAll(vms)` wall time (the rounds alternate between the two cprds, only the measured
-/// one's VMs running), without and with the box, in one run.
+/// `UpgradeAll(vms)` wall time (the rounds rotate between the cprds, only the measured one's VMs
+/// running), in one run: as before issue 15 (no box, no seccomp), with cpr-vmm's seccomp only,
+/// and with both.
 fn sandbox_bench(args: &Args) {
-    let plain = Variant::start("unboxed", false, args.vms);
-    let boxed = Variant::start("boxed", true, args.vms);
-    let variants = [&plain, &boxed];
+    let before = Variant::start("before (no box, no seccomp)", false, false, args.vms);
+    let seccomp = Variant::start("seccomp only", false, true, args.vms);
+    let boxed = Variant::start("boxed + seccomp", true, true, args.vms);
+    let variants = [&before, &seccomp, &boxed];
     for v in variants {
         v.call(&["start", "one"]);
     }
-    let mut downtime = [Vec::new(), Vec::new()];
-    let mut wall = [Vec::new(), Vec::new()];
+    let mut downtime = [Vec::new(), Vec::new(), Vec::new()];
+    let mut wall = [Vec::new(), Vec::new(), Vec::new()];
+    // Rotate which goes first, so that none always follows another.
+    let orders = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0], [1, 0, 2], [0, 2, 1]];
     for i in 0..args.handoffs {
-        // Alternate which goes first, so that neither always follows the other.
-        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
-        for k in order {
+        for k in orders[i % orders.len()] {
             let t = std::time::Instant::now();
             let up = variants[k].call(&["--json", "upgrade", "one"]);
             wall[k].push(t.elapsed().as_secs_f64() * 1e3);
             downtime[k].push(up["downtime_usec"].as_f64().unwrap_or(0.0));
         }
     }
-    let mut all = [Vec::new(), Vec::new()];
+    let mut all = [Vec::new(), Vec::new(), Vec::new()];
     for v in variants {
         v.call(&["stop", "one"]);
     }
     for round in 0..args.rounds {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for k in order {
+        for k in orders[round % orders.len()] {
             let v = variants[k];
             v.each_small_vm(args.vms, "start");
             let t = std::time::Instant::now();
@@ -562,14 +566,17 @@ fn sandbox_bench(args: &Args) {
         print_row(&format!("{}: cprctl upgrade wall time, ms", v.label), &summarize(&wall[k]), 1);
         print_row(&format!("{}: UpgradeAll({}) wall time, s", v.label, args.vms), &summarize(&all[k]), 2);
     }
-    let ratio = |x: &[Vec<f64>; 2]| summarize(&x[1]).median / summarize(&x[0]).median;
+    let ratio = |x: &[Vec<f64>; 3], k: usize| summarize(&x[k]).median / summarize(&x[0]).median;
     println!();
-    println!(
-        "boxed / unboxed, median: downtime {:.3}, upgrade wall {:.3}, UpgradeAll wall {:.3}",
-        ratio(&downtime),
-        ratio(&wall),
-        ratio(&all)
-    );
+    for (k, v) in variants.iter().enumerate().skip(1) {
+        println!(
+            "{} / before, median: downtime {:.3}, upgrade wall {:.3}, UpgradeAll wall {:.3}",
+            v.label,
+            ratio(&downtime, k),
+            ratio(&wall, k),
+            ratio(&all, k)
+        );
+    }
     for v in variants {
         cpr_tests::daemon::kill_vmms(&v.cprd.runtime_dir);
     }
@@ -742,7 +749,7 @@ fn main() {
         return;
     }
     if args.sandbox_cost {
-        print_title("What the VMM's box costs: cprd with and without [sandbox]");
+        print_title("What the VMM's box and seccomp cost: three cprds in one run");
         println!();
         sandbox_bench(&args);
         return;

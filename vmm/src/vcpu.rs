@@ -168,13 +168,9 @@ impl Coordinator {
     }
 }
 
-/// Body of vCPU thread `index`.
+/// Runs vCPU `index` (its seccomp filter already installed by `spawn_vcpu_threads`, before any
+/// guest code runs on this thread).
 pub fn vcpu_thread(core: &VmCore, index: u8) {
-    // Before any guest code runs on this thread.
-    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadClass::Vcpu) {
-        core.exit(ExitReason::Fatal(e));
-        return;
-    }
     let i = usize::from(index);
     {
         let mut fd = lock(&core.vcpus[i]);

@@ -271,13 +271,29 @@ impl VmCore {
 /// Starts one thread per vCPU (parked until the coordinator lets them run).
 pub fn spawn_vcpu_threads(core: &Arc<VmCore>) -> Result<()> {
     install_kick_handler();
+    // Each thread installs its seccomp filter first, and this waits until all have: attaching a
+    // filter (the kernel compiles it) costs tens of microseconds, which must not fall into a
+    // handoff's downtime when a new thread gets its first turn on a CPU late.
+    let (installed, filters) = std::sync::mpsc::channel::<Result<()>>();
     for index in 0..core.vcpu_count() {
         let c = Arc::clone(core);
+        let installed = installed.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_thread(&c, index))
+            .spawn(move || {
+                let filtered = crate::seccomp::install(crate::seccomp::ThreadClass::Vcpu);
+                let ok = filtered.is_ok();
+                let _ = installed.send(filtered);
+                if ok {
+                    vcpu_thread(&c, index);
+                }
+            })
             .map_err(|e| VmmError::Internal(format!("cannot start vCPU thread: {e}")))?;
         core.coord.register_thread(handle.as_pthread_t());
+    }
+    drop(installed);
+    for _ in 0..core.vcpu_count() {
+        filters.recv().map_err(|_| VmmError::Internal("a vCPU thread ended at its start".into()))??;
     }
     Ok(())
 }
