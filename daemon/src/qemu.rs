@@ -333,6 +333,12 @@ fn fault_from_env() -> Option<Fault> {
     }
 }
 
+/// The main and cpr sockets of the handoff to `generation` in a boxed VM's channel directory
+/// `chan` (as the boxes see it, or as cprd does).
+fn channel_sockets(chan: &Path, generation: u64) -> (PathBuf, PathBuf) {
+    (chan.join(format!("main.{generation}.sock")), chan.join(format!("cpr.{generation}.sock")))
+}
+
 fn paths(dir: &Path, name: &str, generation: u64) -> (PathBuf, PathBuf) {
     (dir.join(format!("{name}.{generation}.main.sock")), dir.join(format!("{name}.{generation}.cpr.sock")))
 }
@@ -465,11 +471,9 @@ impl VmmBackend for Qemu {
             }
             None => None,
         };
-        let (main, cpr) = match &boxed {
-            Some(b) => {
-                let inside = b.writable.first().map(|w| w.inside.clone()).unwrap_or_default();
-                (inside.join(format!("main.{generation}.sock")), inside.join(format!("cpr.{generation}.sock")))
-            }
+        let chan = boxed.as_ref().and_then(|b| b.writable.first());
+        let (main, cpr) = match chan {
+            Some(w) => channel_sockets(&w.inside, generation),
             None => paths(&dir, &name, generation),
         };
         let mut old = Qmp::connect(&req.record.control, Duration::from_secs(5))
@@ -508,11 +512,8 @@ impl VmmBackend for Qemu {
             req.journal,
         );
         // The sockets as cprd sees them (a boxed pair's are in the channel directory).
-        let (main_host, cpr_host) = match &boxed {
-            Some(b) => {
-                let host = b.writable.first().map(|w| w.host.clone()).unwrap_or_default();
-                (host.join(format!("main.{generation}.sock")), host.join(format!("cpr.{generation}.sock")))
-            }
+        let (main_host, cpr_host) = match chan {
+            Some(w) => channel_sockets(&w.host, generation),
             None => (main.clone(), cpr.clone()),
         };
         let _ = std::fs::remove_file(&main_host);

@@ -167,8 +167,8 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Turns -1 into the error it stands for, with a short name of the step (a `&'static str`: the
-/// child may not allocate, so the step is looked up only when reporting).
+/// Turns a negative return into the error `errno` stands for (no allocation: this runs in the
+/// child).
 fn check(rc: libc::c_long) -> std::io::Result<()> {
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
