@@ -55,9 +55,11 @@ pub fn probe(
 ) -> Result<ProbeReport, ProbeError> {
     let name = binary.path().display().to_string();
     let not_qemu = |why: String| ProbeError::NotQemu(name.clone(), why);
-    let sock = scratch.join(format!("probe-{}-{}.sock", std::process::id(), crate::transfer::unique()));
-    let listener =
-        crate::spawn::listen_at(&sock).map_err(|e| not_qemu(format!("cannot bind {}: {e}", sock.display())))?;
+    // One connection made before QEMU starts: a client that connects to a listening QMP socket
+    // while QEMU is still starting races its monitor's move to the I/O thread (a second greeting,
+    // or a hang: fixed upstream after 10.1); a connected socket is never accepted, so never raced.
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| not_qemu(format!("cannot make a socket pair: {e}")))?;
     let args: Vec<String> = [
         "-machine",
         "none",
@@ -67,7 +69,7 @@ pub fn probe(
         "none",
         "-S",
         "-chardev",
-        &format!("socket,id=qmp,fd={},server=on,wait=off", crate::cmdline::QMP_FD),
+        &format!("socket,id=qmp,fd={}", crate::cmdline::QMP_FD),
         "-mon",
         "chardev=qmp,mode=control",
     ]
@@ -76,8 +78,8 @@ pub fn probe(
     .collect();
     let output = scratch.join(format!("probe-{}-{}.out", std::process::id(), crate::transfer::unique()));
     let out_file = std::fs::File::create(&output).ok();
-    let child = crate::spawn::spawn(binary, &args, &[(crate::cmdline::QMP_FD, listener.as_fd())], out_file, None);
-    drop(listener);
+    let child = crate::spawn::spawn(binary, &args, &[(crate::cmdline::QMP_FD, theirs.as_fd())], out_file, None);
+    drop(theirs);
     let said = || {
         let text = std::fs::read_to_string(&output).unwrap_or_default();
         text.lines()
@@ -88,27 +90,17 @@ pub fn probe(
     };
     let mut child = child.map_err(|e| not_qemu(format!("cannot run it: {e}")))?;
     let result = (|| {
-        let deadline = Instant::now() + timeout;
-        let mut qmp = loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(not_qemu(format!("it exited ({status}) instead of serving QMP{}", said())));
-            }
-            match std::os::unix::net::UnixStream::connect(&sock) {
-                Ok(s) => match Qmp::negotiate(s, deadline.saturating_duration_since(Instant::now())) {
-                    Ok(q) => break q,
-                    Err(e) => {
-                        let end = Instant::now() + Duration::from_secs(1);
-                        let mut exit = None;
-                        while exit.is_none() && Instant::now() < end {
-                            exit = child.try_wait().ok().flatten();
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                        let how = exit.map(|s| format!(", it exited ({s})")).unwrap_or_default();
-                        return Err(not_qemu(format!("{e}{how}{}", said())));
-                    }
-                },
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => return Err(not_qemu(format!("no QMP within {timeout:?}: {e}"))),
+        let mut qmp = match Qmp::negotiate(ours, timeout) {
+            Ok(q) => q,
+            Err(e) => {
+                let end = Instant::now() + Duration::from_secs(1);
+                let mut exit = None;
+                while exit.is_none() && Instant::now() < end {
+                    exit = child.try_wait().ok().flatten();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let how = exit.map(|s| format!(", it exited ({s})")).unwrap_or_default();
+                return Err(not_qemu(format!("{e}{how}{}", said())));
             }
         };
         let report = ProbeReport { version: qmp.version, package: qmp.package.clone() };
@@ -140,7 +132,6 @@ pub fn probe(
     }
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&output);
     result
 }

@@ -67,12 +67,31 @@ impl std::fmt::Display for Version {
 /// tens of KiB).
 pub const MAX_MESSAGE: usize = 1 << 20;
 
+/// How many greetings one connection may bring before cprd gives up on it.
+const MAX_GREETINGS: usize = 3;
+
+/// What came back for a command.
+enum Reply {
+    /// Its `return` value.
+    Return(Value),
+    /// Its `error`.
+    Error {
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// A greeting: the monitor went back to negotiation mode.
+    Greeting,
+}
+
 /// A negotiated QMP connection.
 #[derive(Debug)]
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     events: Vec<Event>,
+    next_id: u64,
     /// QEMU's version, from the greeting.
     pub version: Version,
     /// QEMU's package string, from the greeting.
@@ -94,6 +113,7 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
             events: Vec::new(),
+            next_id: 1,
             version: Version { major: 0, minor: 0, micro: 0 },
             package: String::new(),
         };
@@ -105,8 +125,70 @@ impl Qmp {
         qmp.version = Version { major: num("major"), minor: num("minor"), micro: num("micro") };
         qmp.package =
             greeting.pointer("/QMP/version/package").and_then(Value::as_str).unwrap_or_default().trim().to_string();
-        qmp.execute_timeout("qmp_capabilities", None, timeout)?;
+        qmp.negotiate_capabilities(Instant::now() + timeout)?;
         Ok(qmp)
+    }
+
+    /// Leaves capabilities negotiation. QEMU may greet a second time on one connection: a client
+    /// that connects while QEMU is still starting races its monitor's move to the monitor I/O
+    /// thread (both threads see the connection open; fixed upstream after 10.1), and each greeting
+    /// puts the monitor back into negotiation mode. So `qmp_capabilities` is sent again after every
+    /// greeting, and "already complete" (class `CommandNotFound`) for a repeat counts as success.
+    fn negotiate_capabilities(&mut self, deadline: Instant) -> Result<(), QmpError> {
+        for attempt in 0..MAX_GREETINGS {
+            let id = self.send("qmp_capabilities", None)?;
+            match self.wait_reply(id, deadline, "qmp_capabilities")? {
+                Reply::Return(_) => return Ok(()),
+                Reply::Greeting => continue,
+                Reply::Error { class, .. } if attempt > 0 && class == "CommandNotFound" => return Ok(()),
+                Reply::Error { class, desc } => {
+                    return Err(QmpError::Command { command: "qmp_capabilities".into(), class, desc });
+                }
+            }
+        }
+        Err(QmpError::Protocol(format!("QEMU greeted {MAX_GREETINGS} times on one connection")))
+    }
+
+    /// Writes one command tagged with a fresh `id`; returns the id.
+    fn send(&mut self, command: &str, arguments: Option<&Value>) -> Result<u64, QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(a) = arguments {
+            msg["arguments"] = a.clone();
+        }
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes)?;
+        Ok(id)
+    }
+
+    /// Reads until the reply tagged `id` or a greeting; keeps events and drops replies to
+    /// earlier commands (a repeated `qmp_capabilities`).
+    fn wait_reply(&mut self, id: u64, deadline: Instant, command: &str) -> Result<Reply, QmpError> {
+        loop {
+            let msg = self.read_message(deadline, command)?;
+            if self.keep_event(&msg) {
+                continue;
+            }
+            if msg.get("QMP").is_some() {
+                return Ok(Reply::Greeting);
+            }
+            if msg.get("id").and_then(Value::as_u64) != Some(id) {
+                if msg.get("return").is_some() || msg.get("error").is_some() {
+                    continue;
+                }
+                return Err(QmpError::Protocol(format!("unexpected reply to {command}: {msg}")));
+            }
+            if let Some(ret) = msg.get("return") {
+                return Ok(Reply::Return(ret.clone()));
+            }
+            if let Some(err) = msg.get("error") {
+                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+                return Ok(Reply::Error { class: field("class"), desc: field("desc") });
+            }
+            return Err(QmpError::Protocol(format!("unexpected reply to {command}: {msg}")));
+        }
     }
 
     /// Reads one message: a line of at most [`MAX_MESSAGE`] bytes, by `deadline`. Both hold
@@ -169,39 +251,36 @@ impl Qmp {
         self.execute_timeout(command, arguments, Duration::from_secs(10))
     }
 
-    /// Runs a command and returns its `return` value.
+    /// Runs a command and returns its `return` value. Should QEMU greet again meanwhile (see
+    /// [`Qmp::negotiate_capabilities`]), the connection is negotiated again and a command the
+    /// reset monitor refused is sent once more: refused in negotiation mode, it never ran.
     pub fn execute_timeout(
         &mut self,
         command: &str,
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
-        if let Some(a) = arguments {
-            msg["arguments"] = a;
-        }
-        let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
-        bytes.push(b'\n');
-        self.writer.write_all(&bytes)?;
         let deadline = Instant::now() + timeout;
-        loop {
-            let reply = self.read_message(deadline, command)?;
-            if self.keep_event(&reply) {
-                continue;
+        for _ in 0..MAX_GREETINGS {
+            let id = self.send(command, arguments.as_ref())?;
+            let mut greeted = false;
+            let reply = loop {
+                match self.wait_reply(id, deadline, command)? {
+                    Reply::Greeting => greeted = true,
+                    Reply::Return(v) => break Ok(v),
+                    Reply::Error { class, desc } => break Err((class, desc)),
+                }
+            };
+            if greeted {
+                self.negotiate_capabilities(deadline)?;
             }
-            if let Some(ret) = reply.get("return") {
-                return Ok(ret.clone());
+            match reply {
+                Ok(v) => return Ok(v),
+                Err((class, _)) if greeted && class == "CommandNotFound" => continue,
+                Err((class, desc)) => return Err(QmpError::Command { command: command.to_string(), class, desc }),
             }
-            if let Some(err) = reply.get("error") {
-                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-                return Err(QmpError::Command {
-                    command: command.to_string(),
-                    class: field("class"),
-                    desc: field("desc"),
-                });
-            }
-            return Err(QmpError::Protocol(format!("unexpected reply to {command}: {reply}")));
         }
+        Err(QmpError::Protocol(format!("QEMU greeted {MAX_GREETINGS} times on one connection")))
     }
 
     /// The run state (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
@@ -236,6 +315,119 @@ mod tests {
         let took = started.elapsed();
         let _ = feeder.join();
         (r, took)
+    }
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
+
+    /// A scripted QEMU monitor on `s` (a mock: the race it plays cannot be produced on demand):
+    /// it greets, then answers each command with the lines `answer` gives for (command, id).
+    fn scripted_monitor(
+        s: UnixStream,
+        mut answer: impl FnMut(&str, u64) -> Vec<String> + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut w = s.try_clone().expect("clone");
+            let _ = writeln!(w, "{GREETING}");
+            for line in BufReader::new(s).lines() {
+                let Ok(line) = line else { return };
+                let v: Value = serde_json::from_str(&line).expect("json");
+                let cmd = v["execute"].as_str().unwrap_or_default().to_string();
+                let id = v["id"].as_u64().unwrap_or(0);
+                for out in answer(&cmd, id) {
+                    if writeln!(w, "{out}").is_err() {
+                        return;
+                    }
+                }
+                if cmd == "quit" {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// CI saw QEMU 10.0 greet twice on one connection made while it started (its monitor's move to
+    /// the I/O thread races the accept): the second greeting came where the reply to
+    /// `qmp_capabilities` was expected and the pre-flight called the binary "not a working QEMU".
+    /// Each greeting resets the monitor to negotiation mode, so cprd negotiates again.
+    #[test]
+    fn a_second_greeting_during_negotiation_is_negotiated_again() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let mut negotiated = false;
+        let peer = scripted_monitor(theirs, move |cmd, id| match cmd {
+            "qmp_capabilities" if id == 1 => {
+                negotiated = true;
+                vec![GREETING.to_string(), format!(r#"{{"return": {{}}, "id": {id}}}"#)]
+            }
+            "qmp_capabilities" => vec![format!(
+                r#"{{"id": {id}, "error": {{"class": "CommandNotFound", "desc": "Capabilities negotiation is already complete, command ignored"}}}}"#
+            )],
+            "query-status" if negotiated => vec![format!(r#"{{"return": {{"status": "running"}}, "id": {id}}}"#)],
+            _ => vec![format!(r#"{{"return": {{}}, "id": {id}}}"#)],
+        });
+        let mut qmp = Qmp::negotiate(ours, Duration::from_secs(5)).expect("negotiated despite the second greeting");
+        assert_eq!(qmp.version, Version { major: 10, minor: 0, micro: 2 });
+        assert_eq!(qmp.status().expect("query-status"), "running");
+        let _ = qmp.execute("quit", None);
+        peer.join().expect("peer");
+    }
+
+    /// The second greeting may come after negotiation: the reset monitor refuses the next command
+    /// ("Expecting capabilities negotiation"), which never ran; cprd negotiates and sends it again.
+    #[test]
+    fn a_command_refused_by_a_monitor_that_greeted_again_is_sent_again() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let mut in_negotiation = true;
+        let mut greeted_again = false;
+        let mut runs = 0;
+        let peer = scripted_monitor(theirs, move |cmd, id| {
+            let ok = format!(r#"{{"return": {{}}, "id": {id}}}"#);
+            match cmd {
+                "qmp_capabilities" if in_negotiation => {
+                    in_negotiation = false;
+                    vec![ok]
+                }
+                "qmp_capabilities" => vec![format!(
+                    r#"{{"id": {id}, "error": {{"class": "CommandNotFound", "desc": "already complete"}}}}"#
+                )],
+                _ if !greeted_again => {
+                    greeted_again = true;
+                    in_negotiation = true;
+                    vec![
+                        GREETING.to_string(),
+                        format!(
+                            r#"{{"id": {id}, "error": {{"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}}}"#
+                        ),
+                    ]
+                }
+                "stop" if !in_negotiation => {
+                    runs += 1;
+                    vec![format!(r#"{{"return": {{"runs": {runs}}}, "id": {id}}}"#)]
+                }
+                _ => vec![ok],
+            }
+        });
+        let mut qmp = Qmp::negotiate(ours, Duration::from_secs(5)).expect("negotiated");
+        let ret = qmp.execute("stop", None).expect("sent again after negotiating again");
+        assert_eq!(ret["runs"], 1, "the command ran once: {ret}");
+        let _ = qmp.execute("quit", None);
+        peer.join().expect("peer");
+    }
+
+    /// A command QEMU does not know stays an error when no greeting came between.
+    #[test]
+    fn an_unknown_command_is_an_error_without_a_second_greeting() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let peer = scripted_monitor(theirs, move |cmd, id| match cmd {
+            "no-such" => vec![format!(
+                r#"{{"id": {id}, "error": {{"class": "CommandNotFound", "desc": "The command no-such has not been found"}}}}"#
+            )],
+            _ => vec![format!(r#"{{"return": {{}}, "id": {id}}}"#)],
+        });
+        let mut qmp = Qmp::negotiate(ours, Duration::from_secs(5)).expect("negotiated");
+        let e = qmp.execute("no-such", None).expect_err("refused");
+        assert!(matches!(&e, QmpError::Command { class, .. } if class == "CommandNotFound"), "{e}");
+        let _ = qmp.execute("quit", None);
+        peer.join().expect("peer");
     }
 
     /// A peer (a fake QEMU: a real one never does this) that floods bytes without a newline:

@@ -192,16 +192,15 @@ fn upgrade_fails_and_guest_runs_on(s: &Setup, vm: &str, binary: &str, error: &st
     err.into_owned()
 }
 
-/// Serves QMP on the listening socket at fd 4 as QEMU 9.2.0 would greet.
+/// Serves QMP on the connected socket at fd 4 as QEMU 9.2.0 would greet.
 const FAKE_QEMU_9: &str = r#"#!/usr/bin/python3
 import json, socket
-s = socket.socket(fileno=4)
-c, _ = s.accept()
+c = socket.socket(fileno=4)
 f = c.makefile("rw")
 f.write(json.dumps({"QMP": {"version": {"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": "fake"}, "capabilities": []}}) + "\n")
 f.flush()
 for line in f:
-    f.write(json.dumps({"return": {}}) + "\n")
+    f.write(json.dumps({"return": {}, "id": json.loads(line).get("id")}) + "\n")
     f.flush()
 "#;
 
