@@ -22,7 +22,11 @@ pub const MAX_FDS: usize = 64;
 /// Arranges for the child that `cmd` starts to find each `(target, fd)` at descriptor number
 /// `target`, inheritable across `exec`, and, with `new_session`, to lead a session of its own (so
 /// that signals to the parent's process group never reach it). The parent's descriptors are
-/// untouched; any other descriptor the parent marked close-on-exec stays closed in the child.
+/// untouched. Every other descriptor is closed in the child at `exec`, whether or not the parent
+/// marked it close-on-exec (one left inheritable by mistake, say by a failed re-exec, must not
+/// carry one guest's RAM into another guest's VMM); the one exception is the descriptor the
+/// program is executed from (`/proc/self/fd/N`, see [`Executable::command`]), which keeps the
+/// inheritability it has (a script's interpreter opens it after the `exec`).
 pub fn place_fds(cmd: &mut Command, fds: &[(RawFd, BorrowedFd<'_>)], new_session: bool) -> std::io::Result<()> {
     if fds.len() > MAX_FDS {
         return Err(std::io::Error::other(format!("at most {MAX_FDS} descriptors can be handed to a child")));
@@ -40,12 +44,27 @@ pub fn place_fds(cmd: &mut Command, fds: &[(RawFd, BorrowedFd<'_>)], new_session
     // Copies go above every target, so that placing one target never overwrites a source (or a
     // copy) still to be placed, however the parent's numbers fall.
     let scratch_from = plan.iter().map(|(target, _)| *target).max().unwrap_or(2) + 1;
+    let program_fd: Option<RawFd> =
+        cmd.get_program().to_str().and_then(|p| p.strip_prefix("/proc/self/fd/")).and_then(|n| n.parse().ok());
     // SAFETY: the closure runs between fork and exec. It only calls async-signal-safe functions
-    // (setsid, fcntl, dup2, close) on numbers computed before the fork, and does not allocate.
+    // (setsid, fcntl, dup2, close, close_range) on numbers computed before the fork, and does
+    // not allocate.
     unsafe {
         cmd.pre_exec(move || {
             if new_session {
                 libc::setsid();
+            }
+            // Everything from 3 up is close-on-exec first; the placed targets below are made
+            // inheritable one by one.
+            let program_flags = program_fd.map(|fd| libc::fcntl(fd, libc::F_GETFD));
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let (Some(fd), Some(flags)) = (program_fd, program_flags)
+                && flags >= 0
+                && libc::fcntl(fd, libc::F_SETFD, flags) < 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
             let mut copies = [0 as RawFd; MAX_FDS];
             for (copy, (_, source)) in copies.iter_mut().zip(&plan) {
@@ -114,6 +133,39 @@ mod tests {
         cmd.arg("/proc/self/fd/210");
         place_fds(&mut cmd, &[(210, fd.as_fd())], false).expect("plan");
         assert_eq!(cmd.output().expect("run").stdout, b"same");
+    }
+
+    /// A descriptor the parent left inheritable (as a failed re-exec once did with every guest's
+    /// memfd) does not reach the child; only the placed ones do.
+    #[test]
+    fn a_descriptor_left_inheritable_by_mistake_does_not_reach_the_child() {
+        let stray = at(&file_with("stray"), 220);
+        // SAFETY: fcntl on an fd this test owns: inheritable, by mistake.
+        unsafe { libc::fcntl(220, libc::F_SETFD, 0) };
+        let given = file_with("given");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "cat /proc/self/fd/5; test -e /proc/self/fd/220 && echo leaked || echo closed"]);
+        place_fds(&mut cmd, &[(5, given.as_fd())], false).expect("plan");
+        let out = cmd.output().expect("run");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "givenclosed\n");
+        drop(stray);
+    }
+
+    /// A script run from its open file keeps that file across the `exec` (its interpreter opens
+    /// `/proc/self/fd/N`), and nothing else.
+    #[test]
+    fn a_script_executed_from_its_descriptor_still_runs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\necho ran\n").expect("write");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let exe = Executable::open_trusted(&script).expect("trusted");
+        let mut cmd = exe.command();
+        place_fds(&mut cmd, &[], false).expect("plan");
+        let out = cmd.output().expect("run");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n", "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     #[test]
