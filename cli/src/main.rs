@@ -353,35 +353,57 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// Prints a console log and then what is appended to it, woken by inotify as soon as cprd
-/// writes (with a 1 s fallback poll, and starting over if the file is truncated or replaced).
+/// writes (with a 1 s fallback poll). It follows the log across cprd's rotations: when the path
+/// names a new file, the rest of the old one is printed first (it was complete before the new
+/// one was made), then the new one from its start; a truncated file is read from its start.
 fn follow(path: &std::path::Path) {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
+    // The directory is watched, not the file: its events cover writes to the live file and
+    // the rotation that replaces it.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok();
-    let mut watching = false;
-    let mut pos = 0u64;
+    let watching = inotify.as_ref().is_some_and(|i| {
+        i.add_watch(dir, AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO).is_ok()
+    });
+    let mut current: Option<std::fs::File> = None;
     let mut buf = vec![0u8; 65536];
-    loop {
-        if !watching && let Some(i) = &inotify {
-            watching = i.add_watch(path, AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ATTRIB).is_ok();
+    // Prints what `f` holds from its position on; false once stdout is gone.
+    let mut drain = |f: &mut std::fs::File| -> bool {
+        let len = f.metadata().map_or(0, |m| m.len());
+        if f.stream_position().is_ok_and(|pos| len < pos) {
+            let _ = f.seek(std::io::SeekFrom::Start(0));
         }
-        if let Ok(mut f) = std::fs::File::open(path) {
-            let len = f.metadata().map_or(0, |m| m.len());
-            if len < pos {
-                pos = 0;
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
             }
-            if f.seek(std::io::SeekFrom::Start(pos)).is_ok() {
-                while let Ok(n) = f.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    if std::io::stdout().write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                    pos += n as u64;
+            if std::io::stdout().write_all(&buf[..n]).is_err() {
+                return false;
+            }
+        }
+        std::io::stdout().flush().is_ok()
+    };
+    loop {
+        if current.is_none() {
+            current = std::fs::File::open(path).ok();
+        }
+        if let Some(f) = current.as_mut() {
+            if !drain(f) {
+                return;
+            }
+            let mine = f.metadata().ok().map(identity);
+            if std::fs::metadata(path).ok().map(identity) != mine {
+                // Rotated away: finish the old file, then go on with the next newer one, which
+                // is the live file unless the log rotated more than once since the last look.
+                if !drain(f) {
+                    return;
                 }
-                let _ = std::io::stdout().flush();
+                current = next_newer(path, mine);
+                continue;
             }
         }
         match &inotify {
@@ -393,6 +415,28 @@ fn follow(path: &std::path::Path) {
             _ => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
     }
+}
+
+/// The file of a rotated console log written right after the one with `identity` (device,
+/// inode), opened: `PATH.k-1` if that file is `PATH.k` now, else none (then the live file is
+/// next). The other file is checked to still be `PATH.k` once the newer one is open, so a
+/// rotation in between is not mistaken for its successor.
+fn next_newer(path: &std::path::Path, identity: Option<(u64, u64)>) -> Option<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let rotated = |n: u32| {
+        let mut s = path.as_os_str().to_owned();
+        s.push(format!(".{n}"));
+        std::path::PathBuf::from(s)
+    };
+    let at = |n: u32| std::fs::metadata(rotated(n)).ok().map(|m| (m.dev(), m.ino()));
+    for _ in 0..10 {
+        let k = (1..=100).find(|n| identity.is_some() && at(*n) == identity)?;
+        let newer = if k == 1 { std::fs::File::open(path).ok()? } else { std::fs::File::open(rotated(k - 1)).ok()? };
+        if at(k) == identity {
+            return Some(newer);
+        }
+    }
+    None
 }
 
 fn main() -> ExitCode {

@@ -113,7 +113,7 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     ) -> Result<OwnedFd, String>;
     /// Makes a VMM that holds the paused guest run it again (an operator's decision on a VM that
     /// needs attention).
-    fn resume(&self, record: &VmRecord) -> Result<(), String>;
+    fn resume(&self, name: &str, record: &VmRecord) -> Result<(), String>;
     /// Drops whatever the backend holds for a VM whose VMM is gone.
     fn forget(&self, _name: &str) {}
     /// Finishes or rolls back a handoff that a dead cprd left in flight, from its record, by
@@ -136,7 +136,7 @@ pub fn for_kind(kind: BackendKind) -> Result<&'static dyn VmmBackend, CprdError>
 const FD_CONTROL: i32 = 4;
 /// `/dev/kvm`.
 const FD_KVM: i32 = 5;
-/// The console log, for appending.
+/// The VMM's end of the console pipe (see [`crate::console`]).
 const FD_SERIAL: i32 = 6;
 /// The kernel image, read through `/proc/self/fd/7`.
 const FD_KERNEL: i32 = 7;
@@ -164,8 +164,8 @@ impl VmmBackend for CprVmm {
         let log = dir.join(format!("{}.log", def.name));
         let failed = |what: String| move |e: std::io::Error| CprdError::StartFailed(format!("{what}: {e}"));
         // Everything the VMM needs from the host arrives as a descriptor, so that a boxed VMM
-        // opens no host path: guest RAM, its control listener, /dev/kvm, the console (created
-        // by cprd, readable by group cprd only), the kernel and initramfs.
+        // opens no host path: guest RAM, its control listener, /dev/kvm, the console (a pipe
+        // whose other end cprd pumps into the capped log), the kernel and initramfs.
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| CprdError::StartFailed(format!("cannot create guest RAM for {}: {e}", def.name)))?;
         let listener = cpr_proto::client::seqpacket_listen(&control)
@@ -175,13 +175,16 @@ impl VmmBackend for CprVmm {
             .write(true)
             .open("/dev/kvm")
             .map_err(failed("cannot open /dev/kvm".into()))?;
-        let serial =
-            crate::files::open_console_log(&console).map_err(failed(format!("cannot open {}", console.display())))?;
+        let (serial, serial_cprd) = crate::console::pipe().map_err(failed("cannot create the console pipe".into()))?;
         let mut handed: Vec<(i32, OwnedFd)> =
             vec![(3, memfd.try_clone().map_err(failed("cannot share guest RAM".into()))?)];
         handed.push((FD_CONTROL, listener));
         handed.push((FD_KVM, kvm.into()));
-        handed.push((FD_SERIAL, serial.into()));
+        handed.push((FD_SERIAL, serial));
+        handed.push((
+            crate::console::VMM_KEEP_FD,
+            serial_cprd.try_clone().map_err(failed("cannot share the console pipe".into()))?,
+        ));
         let mut cmd = binary.command();
         cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
         match &def.guest {
@@ -217,6 +220,8 @@ impl VmmBackend for CprVmm {
             .spawn()
             .map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.path().display())))?;
         drop(handed);
+        crate::fdstore::push(&crate::console::store_name(&def.name), serial_cprd.as_fd());
+        crate::console::pump(&def.name, &serial_cprd, &console);
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
             if let Ok(c) = ControlClient::connect(&control) {
@@ -263,6 +268,9 @@ impl VmmBackend for CprVmm {
         h.stderr = Some(req.log);
         h.spawned = Some(req.on_spawn);
         h.hand_over_fds = true;
+        if let Some(end) = crate::fdstore::get(&crate::console::store_name(req.name)) {
+            h.extra_fds.push((crate::console::VMM_KEEP_FD, std::sync::Arc::new(end)));
+        }
         h.sandbox = req.uid.map(|uid| crate::sandbox::vmm_box(uid, Vec::new(), false));
         match hand_off(&h, req.journal, req.record.generation) {
             Ok(out) => {
@@ -296,13 +304,17 @@ impl VmmBackend for CprVmm {
         end_process(record.main_pid, graceful);
     }
 
+    fn forget(&self, name: &str) {
+        crate::fdstore::remove(&crate::console::store_name(name));
+    }
+
     fn reattach(
         &self,
-        _name: &str,
+        name: &str,
         _def: &VmDef,
         record: &mut VmRecord,
         stored_memfd: Option<&OwnedFd>,
-        _stored: &mut std::collections::HashMap<String, OwnedFd>,
+        stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<OwnedFd, String> {
         let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
         // Which process answers is what the kernel says, not what the VMM says of itself.
@@ -358,6 +370,7 @@ impl VmmBackend for CprVmm {
         }
         record.main_pid = pid;
         record.vmm_version = describe.build_id;
+        reattach_console(name, &client, record, stored);
         Ok(memfd)
     }
 
@@ -365,13 +378,70 @@ impl VmmBackend for CprVmm {
         cpr_handoff::cpr_vmm::recover(handoff, journal, Duration::from_millis(timeout_ms)).0
     }
 
-    fn resume(&self, record: &VmRecord) -> Result<(), String> {
+    fn resume(&self, name: &str, record: &VmRecord) -> Result<(), String> {
         let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
         match client.call(&Request::Resume, &[]) {
-            Ok(Response::Ok) => Ok(()),
-            other => Err(format!("resume answered {other:?}")),
+            Ok(Response::Ok) => {}
+            other => return Err(format!("resume answered {other:?}")),
         }
+        // A VM that needed attention since cprd's start was never re-attached: its console
+        // neither.
+        reattach_console(name, &client, record, &mut std::collections::HashMap::new());
+        Ok(())
     }
+}
+
+/// Reads a re-attached or resumed VMM's console again (unless a pump reads it already): from cprd's
+/// end of the pipe kept in the fd store or still held, else
+/// the copy the VMM holds at [`crate::console::VMM_KEEP_FD`] (nothing lost either way: the pipe
+/// buffered what came meanwhile), else from a new pipe whose other end the VMM is handed
+/// (`set-console`; output of the time between is lost, and a VMM older than that request keeps
+/// writing where it did).
+fn reattach_console(
+    name: &str,
+    client: &ControlClient,
+    record: &VmRecord,
+    stored: &mut std::collections::HashMap<String, OwnedFd>,
+) {
+    let key = crate::console::store_name(name);
+    let is_pipe = |fd: &OwnedFd| nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+    let kept = || match crate::fdstore::fd_of_process(record.main_pid, crate::console::VMM_KEEP_FD) {
+        Ok(fd) if is_pipe(&fd) => Some(fd),
+        Ok(_) => {
+            tracing::warn!(CPRD_VM = name, "fd {} of the VMM is not a pipe", crate::console::VMM_KEEP_FD);
+            None
+        }
+        Err(e) => {
+            tracing::info!(CPRD_VM = name, "the VMM holds no console end for cprd ({e}); handing it a new console");
+            None
+        }
+    };
+    let cprd_end = match stored.remove(&key).or_else(|| crate::fdstore::get(&key)).or_else(kept) {
+        Some(fd) => fd,
+        None => {
+            let (vmm_end, cprd_end) = match crate::console::pipe() {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(CPRD_VM = name, "cannot create a console pipe: {e}; console not logged");
+                    return;
+                }
+            };
+            match client.call(&Request::SetConsole, &[vmm_end.as_fd()]) {
+                Ok(Response::Ok) => {}
+                other => {
+                    tracing::warn!(
+                        CPRD_VM = name,
+                        "the VMM did not take a new console ({other:?}); console not logged"
+                    );
+                    return;
+                }
+            }
+            cprd_end
+        }
+    };
+    // Held again (and stored again under systemd), for the next upgrade and re-exec.
+    crate::fdstore::push(&key, cprd_end.as_fd());
+    crate::console::pump(name, &cprd_end, &record.console);
 }
 
 /// Waits up to 10 s for a VMM that was asked to stop (`asked`) to exit, killing it right away

@@ -36,6 +36,8 @@ pub struct Settings {
     pub vms_dir: PathBuf,
     /// The box every VMM runs in, `None` when the operator turned it off.
     pub sandbox: Option<SandboxSettings>,
+    /// How large the console logs may grow.
+    pub console: crate::console::ConsoleLimits,
 }
 
 /// Where VMM identities come from: each running VM gets a uid (and a gid of the same number)
@@ -59,6 +61,14 @@ struct SettingsInput {
     vmm: Option<VmmInput>,
     handoff: Option<HandoffInput>,
     sandbox: Option<SandboxInput>,
+    console: Option<ConsoleInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleInput {
+    max_bytes: Option<u64>,
+    keep: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,7 +152,32 @@ pub fn load_layered(vendor: Option<&Path>, dir: &Path) -> Result<Settings, Confi
         return Err(err(&main, format!("handoff.timeout_ms = {handoff_timeout_ms} is outside 100..=600000")));
     }
     let sandbox = sandbox_settings(input.sandbox).map_err(|m| err(&main, m))?;
-    Ok(Settings { allowed_vmm, default_vmm, default_qemu, handoff_timeout_ms, vms_dir: dir.join("vms"), sandbox })
+    let console = console_limits(input.console).map_err(|m| err(&main, m))?;
+    Ok(Settings {
+        allowed_vmm,
+        default_vmm,
+        default_qemu,
+        handoff_timeout_ms,
+        vms_dir: dir.join("vms"),
+        sandbox,
+        console,
+    })
+}
+
+/// The `[console]` section, checked.
+fn console_limits(input: Option<ConsoleInput>) -> Result<crate::console::ConsoleLimits, String> {
+    use crate::console::{ConsoleLimits, MAX_KEEP, MIN_MAX_BYTES};
+    let defaults = ConsoleLimits::default();
+    let Some(input) = input else { return Ok(defaults) };
+    let max_bytes = input.max_bytes.unwrap_or(defaults.max_bytes);
+    if max_bytes < MIN_MAX_BYTES {
+        return Err(format!("console.max_bytes = {max_bytes} is below {MIN_MAX_BYTES}"));
+    }
+    let keep = input.keep.unwrap_or(defaults.keep);
+    if keep > MAX_KEEP {
+        return Err(format!("console.keep = {keep} is above {MAX_KEEP}"));
+    }
+    Ok(ConsoleLimits { max_bytes, keep })
 }
 
 /// The `[sandbox]` section, checked: on unless turned off; the uid range above the system's
@@ -496,6 +531,7 @@ mod tests {
         let s = load_layered(None, &root).expect("config/cprd.toml");
         assert_eq!(s.default_qemu, PathBuf::from("/usr/bin/qemu-system-x86_64"));
         assert_eq!(s.sandbox, Some(SandboxSettings { first_uid: DEFAULT_FIRST_UID, count: 65536 }));
+        assert_eq!(s.console, crate::console::ConsoleLimits::default());
         let vms = load_vms(&root.join("vms")).expect("config/vms");
         let q = &vms["qemu-example"];
         assert_eq!(
@@ -510,6 +546,15 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write(d.path(), "cprd.toml", "[vmm]\ndefault = \"/x\"\n");
         assert!(load_layered(None, d.path()).expect("defaults").sandbox.is_some());
+        write(d.path(), "cprd.toml", "[console]\nmax_bytes = 1000\n");
+        let e = load_layered(None, d.path()).expect_err("too small").to_string();
+        assert!(e.contains("console.max_bytes = 1000 is below 65536"), "{e}");
+        write(d.path(), "cprd.toml", "[console]\nkeep = 1000\n");
+        let e = load_layered(None, d.path()).expect_err("too many").to_string();
+        assert!(e.contains("console.keep = 1000 is above 100"), "{e}");
+        write(d.path(), "cprd.toml", "[console]\nmax_bytes = 131072\nkeep = 0\n");
+        let c = load_layered(None, d.path()).expect("valid").console;
+        assert_eq!((c.max_bytes, c.keep), (131072, 0));
         write(d.path(), "cprd.toml", "[sandbox]\nenabled = false\n");
         assert_eq!(load_layered(None, d.path()).expect("off").sandbox, None);
         for (bad, says) in [

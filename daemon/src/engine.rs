@@ -346,6 +346,7 @@ impl Engine {
         backends: backend::Backends,
     ) -> Result<Arc<Self>, config::ConfigError> {
         let settings = config::load_layered(vendor_dir.as_deref(), &config_dir)?;
+        crate::console::set_limits(settings.console);
         // One unreadable VM file does not keep cprd (and every other VM) down: it is quarantined.
         let (defs, bad) = config::load_vms_each(&settings.vms_dir);
         let mut vms: BTreeMap<String, Vm> = defs.keys().map(|n| (n.clone(), Vm::stopped())).collect();
@@ -573,7 +574,7 @@ impl Engine {
             return Ok(());
         };
         let result = match &record {
-            Some(r) => (self.backends)(def.backend).map_err(|e| e.to_string()).and_then(|b| b.resume(r)),
+            Some(r) => (self.backends)(def.backend).map_err(|e| e.to_string()).and_then(|b| b.resume(name, r)),
             None => Err("no VMM on record".to_string()),
         };
         let outcome =

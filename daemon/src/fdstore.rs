@@ -119,6 +119,25 @@ pub fn push(name: &str, fd: BorrowedFd<'_>) {
     }
 }
 
+/// A copy of the entry `name`, if cprd holds one.
+pub fn get(name: &str) -> Option<OwnedFd> {
+    held().get(name).and_then(|fd| fd.try_clone().ok())
+}
+
+/// A copy of descriptor `target` of process `pid` (pidfd_getfd(2)).
+pub fn fd_of_process(pid: u32, target: std::os::fd::RawFd) -> Result<OwnedFd, String> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let pidfd = pidfd_open(pid).ok_or_else(|| format!("pid {pid} is gone"))?;
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    let fd = i32::try_from(fd).unwrap_or(-1);
+    if fd < 0 {
+        return Err(format!("cannot take fd {target} of pid {pid}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by pidfd_getfd and is ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Removes the entry `name` from the store.
 pub fn remove(name: &str) {
     held().remove(name);

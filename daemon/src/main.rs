@@ -2,6 +2,7 @@
 
 mod backend;
 mod config;
+mod console;
 mod control;
 mod dbus;
 mod engine;

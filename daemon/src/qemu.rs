@@ -14,8 +14,7 @@
 
 use cpr_spawn::Executable;
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{LazyLock, Mutex};
@@ -288,41 +287,6 @@ fn open_tap(nic: &NicDef) -> Result<OwnedFd, String> {
     .map_err(|_| "tap thread panicked".to_string())?
 }
 
-/// A copy of descriptor `target` of process `pid` (pidfd_getfd(2)).
-fn fd_of_process(pid: u32, target: RawFd) -> Result<OwnedFd, String> {
-    let pidfd = crate::fdstore::pidfd_open(pid).ok_or_else(|| format!("pid {pid} is gone"))?;
-    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags; it returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
-    let fd = i32::try_from(fd).unwrap_or(-1);
-    if fd < 0 {
-        return Err(format!("cannot take fd {target} of pid {pid}: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by pidfd_getfd and is ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Copies the console from cprd's end of the socket pair into the console log until every
-/// QEMU end is closed.
-fn pump_console(name: &str, serial_cprd: &OwnedFd, log: &Path) {
-    let Ok(fd) = serial_cprd.try_clone() else { return };
-    let log = log.to_path_buf();
-    let _ = std::thread::Builder::new().name(format!("console-{name}")).spawn(move || {
-        let mut sock = std::fs::File::from(fd);
-        let Ok(mut out) = crate::files::open_console_log(&log) else { return };
-        let mut buf = [0u8; 8192];
-        loop {
-            match sock.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    let _ = out.write_all(&buf[..n]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    });
-}
-
 fn fault_from_env() -> Option<Fault> {
     // Fault injection for tests (named as such): real SIGKILLs of the real new QEMU, aimed at
     // points a test cannot hit from outside.
@@ -435,7 +399,7 @@ impl VmmBackend for Qemu {
         let boxed = uid.map(|u| qemu_box(dir, &def.name, u, &held.args)).transpose().map_err(start_failed)?;
         let record =
             VmRecord { vmm_uid: uid, ..Self::record_for(def, binary, control.clone(), held.args.clone(), dir) };
-        pump_console(&def.name, &held.serial_cprd, &record.console);
+        crate::console::pump(&def.name, &held.serial_cprd, &record.console);
         let mut child = self.spawn(&held, binary, &control, &[], &log, boxed.as_ref()).map_err(start_failed)?;
         let ready = Qmp::connect(&control, START_TIMEOUT)
             .map_err(|e| e.to_string())
@@ -610,7 +574,7 @@ impl VmmBackend for Qemu {
                     let Some((_, theirs)) = in_sets.iter().find(|(o, _)| o == opaque) else {
                         return Err(format!("QEMU holds no descriptor for {opaque} in its fd sets"));
                     };
-                    fd_of_process(pid, *theirs)?
+                    crate::fdstore::fd_of_process(pid, *theirs)?
                 }
             };
             disks.push(fd);
@@ -618,7 +582,7 @@ impl VmmBackend for Qemu {
         // What the fd store (or the image before a re-exec) kept, else a copy from QEMU itself.
         let mut take = |entry: String, target: RawFd| match stored.remove(&entry) {
             Some(fd) => Ok(fd),
-            None => fd_of_process(pid, target),
+            None => crate::fdstore::fd_of_process(pid, target),
         };
         let taps = (0..nics)
             .map(|i| {
@@ -628,7 +592,7 @@ impl VmmBackend for Qemu {
             .collect::<Result<Vec<_>, _>>()?;
         let memfd = match stored_memfd.map(OwnedFd::try_clone) {
             Some(Ok(fd)) => fd,
-            _ => fd_of_process(pid, cmdline::MEMORY_FD)?,
+            _ => crate::fdstore::fd_of_process(pid, cmdline::MEMORY_FD)?,
         };
         let held = Held {
             args,
@@ -639,7 +603,7 @@ impl VmmBackend for Qemu {
             disks,
         };
         held.push_to_store(name);
-        pump_console(name, &held.serial_cprd, &record.console);
+        crate::console::pump(name, &held.serial_cprd, &record.console);
         let memfd = held.memfd.try_clone().map_err(|e| e.to_string())?;
         lock(&self.held).insert(name.to_string(), held);
         Ok(memfd)
@@ -649,7 +613,7 @@ impl VmmBackend for Qemu {
         transfer::recover(handoff, journal)
     }
 
-    fn resume(&self, record: &VmRecord) -> Result<(), String> {
+    fn resume(&self, _name: &str, record: &VmRecord) -> Result<(), String> {
         let mut qmp = Qmp::connect(&record.control, Duration::from_secs(5)).map_err(|e| format!("QMP: {e}"))?;
         transfer::resume_old(&mut qmp)
     }

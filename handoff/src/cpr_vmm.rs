@@ -7,7 +7,7 @@
 //! the old VMM is told to quit. Any failure before the decision kills the new VMM, confirms it
 //! dead, and resumes the old one.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -71,6 +71,9 @@ pub struct HandoffRequest {
     pub hand_over_fds: bool,
     /// Run the new VMM in this box (implies `hand_over_fds`: the box lets it reach neither).
     pub sandbox: Option<cpr_spawn::Sandbox>,
+    /// More descriptors for the new VMM, at these numbers (above [`KVM_FD`]); their arguments,
+    /// if any, go in `extra_args`.
+    pub extra_fds: Vec<(RawFd, std::sync::Arc<OwnedFd>)>,
 }
 
 impl HandoffRequest {
@@ -91,6 +94,7 @@ impl HandoffRequest {
             new_session: false,
             hand_over_fds: false,
             sandbox: None,
+            extra_fds: Vec::new(),
         }
     }
 
@@ -170,6 +174,10 @@ fn spawn_new(req: &HandoffRequest, cpr: &OwnedFd, main: &OwnedFd, commit: &Owned
     }
     let mut fds = vec![(CPR_FD, cpr.as_fd()), (MAIN_FD, main.as_fd()), (COMMIT_FD, commit.as_fd())];
     fds.extend(boxed.iter().map(|(n, fd)| (*n, fd.as_fd())));
+    if let Some((n, _)) = req.extra_fds.iter().find(|(n, _)| *n <= KVM_FD) {
+        return Err(format!("fd {n} is one of the handoff's own numbers (3 to {KVM_FD})"));
+    }
+    fds.extend(req.extra_fds.iter().map(|(n, fd)| (*n, fd.as_fd())));
     cpr_spawn::place_fds(&mut cmd, &fds, req.new_session)
         .map_err(|e| format!("cannot hand the channels to the new VMM: {e}"))?;
     if let Some(sandbox) = &req.sandbox {

@@ -33,6 +33,10 @@ pub enum Request {
     /// Send back a duplicate of the guest-RAM memfd (answer `Ok` with the fd attached); a
     /// restarted daemon uses it to take the guest's memory back into its own hands.
     GetMemoryFd,
+    /// Write the serial console to the fd attached from now on, closing the one before: a
+    /// daemon restarted without its end of the console socket (no fd store) hands a new one.
+    /// A VMM older than this request answers it with an error and keeps its console.
+    SetConsole,
 }
 
 /// Parameters of a migration.

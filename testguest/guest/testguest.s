@@ -2,7 +2,8 @@
 #
 # Started by cpr-vmm in long mode, identity-mapped, interrupts off, with
 #   rdi = one past the top guest-physical RAM address, rsi = flags (bit 1: touch mode, sweep all
-#   RAM one page per iteration, skipping the [3 GiB, 4 GiB) MMIO hole), rdx = vCPU index.
+#   RAM one page per iteration, skipping the [3 GiB, 4 GiB) MMIO hole; bit 2: flood mode, a
+#   heartbeat every FLOOD_MASK+1 iterations, to fill the console), rdx = vCPU index.
 # vCPU 0 runs the full workload below; every other vCPU runs the counter check alone, with its
 # own status slot at status + 256 * index.
 #
@@ -18,6 +19,8 @@
 .equ COM1,            0x3f8
 .equ FAIL_PORT,       0x11
 .equ HB_MASK,         0x3fffff
+.equ FLOOD_MASK,       0xff           # flood mode: a heartbeat every 256 iterations
+.equ FLAG_FLOOD,       4
 .equ PATTERN_QWORDS,  0x20000          # 1 MiB
 .equ PATTERN_MUL,     0x9e3779b97f4a7c15
 .equ TOUCH_START,     0x800000
@@ -130,7 +133,11 @@ main_loop:
     jb 3f
     call sweep_done
 3:
-    test r12, HB_MASK
+    mov eax, HB_MASK
+    test r15, FLAG_FLOOD
+    jz 4f
+    mov eax, FLOOD_MASK
+4:  test r12, rax
     jnz main_loop
     call heartbeat
     rdtsc                              # the heartbeat's own work is not a gap

@@ -38,6 +38,9 @@ pub const MIN_RAM_BYTES: u64 = 16 << 20;
 pub const FAIL_PORT: u16 = 0x11;
 /// Flag bit passed in `rsi`: sweep all of RAM, one page per iteration, printing `SW` lines.
 pub const FLAG_TOUCH: u64 = 1 << 1;
+/// Flag bit passed in `rsi`: flood mode, a heartbeat every 256 iterations instead of every
+/// [`HEARTBEAT_EVERY`], to fill the serial console as fast as the guest can.
+pub const FLAG_FLOOD: u64 = 1 << 2;
 /// Iterations between heartbeats (the guest prints one every `HEARTBEAT_EVERY` iterations).
 pub const HEARTBEAT_EVERY: u64 = 0x40_0000;
 

@@ -57,6 +57,24 @@ fn console_ok(s: &Setup, vm: &str) {
     check_heartbeats(&heartbeats(&path)).unwrap_or_else(|e| panic!("{vm}: {e}"));
 }
 
+/// The test guest of `vm` runs, as its VMM says (its counter advances): for when cprd is away,
+/// and nobody writes the console into its log.
+fn guest_runs_in_its_vmm(s: &Setup, vm: &str) {
+    use cpr_proto::control::{Request, Response};
+    let record = s.cprd.runtime_dir.join("vms").join(format!("{vm}.json"));
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).expect("record")).expect("json");
+    let control = std::path::PathBuf::from(record["control"].as_str().expect("control path"));
+    let counter = || {
+        let client = cpr_proto::client::ControlClient::connect(&control).expect("the VMM's control socket");
+        match client.call(&Request::Status, &[]) {
+            Ok(Response::Status(st)) => st.test_guest.map_or(0, |t| t.counter),
+            other => panic!("{vm}: status answered {other:?}"),
+        }
+    };
+    let first = counter();
+    assert!(wait_until(Duration::from_secs(20), || counter() > first), "{vm}: the guest's counter stays at {first}");
+}
+
 #[test]
 fn full_lifecycle_through_cprctl_and_busctl() {
     let s = setup(&["vm1"], &[]);
@@ -272,7 +290,7 @@ fn kill_9_of_cprd_leaves_vms_running_and_reattaches_them() {
     let before = json(&s.cprd.cprctl(&["--json", "list"]));
     s.cprd.kill9();
     for n in names {
-        console_ok(&s, n);
+        guest_runs_in_its_vmm(&s, n);
     }
     let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
     let config = s.cprd.config_dir.clone();
@@ -1200,4 +1218,83 @@ fn re_attach_takes_the_vmms_pid_from_the_kernel_not_from_the_vmm() {
     assert!(bystander.try_wait().expect("wait").is_none(), "the bystander was killed");
     let _ = bystander.kill();
     let _ = bystander.wait();
+}
+
+/// A guest that floods its serial console fills at most `max_bytes × (keep + 1)` on the host:
+/// cprd rotates `NAME.console` into `.1` .. `.keep` and drops the oldest, across an upgrade and a
+/// cprd restart without an fd store (which hands the VMM a new console socket). `cprctl console`,
+/// started once, follows across every rotation and loses nothing: what the kept files hold at the
+/// end is exactly the end of what it printed. (Before, the VMM appended to the log itself, with
+/// no limit at all.)
+#[test]
+fn a_guest_flooding_its_console_fills_at_most_its_capped_rotated_logs() {
+    const MAX: u64 = 64 << 10;
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    std::fs::create_dir_all(config.join("config.d")).expect("mkdir");
+    std::fs::write(config.join("config.d/50-console.toml"), format!("[console]\nmax_bytes = {MAX}\nkeep = 2\n"))
+        .expect("write");
+    define_vm(&config, "vm1", "memory = \"64M\"\nvcpus = 1\n");
+    // The test guest's flood mode: a heartbeat line every 256 iterations.
+    let flood = [("CPR_VMM_TEST_GUEST_FLAGS", "4")];
+    let mut cprd = Cprd::start_with_env(dir.path(), &bus, &config, &flood);
+    assert!(cprd.cprctl(&["start", "vm1"]).status.success());
+    let live = cprd.runtime_dir.join("vms/vm1.console");
+    let rotated = |n: u32| live.with_file_name(format!("vm1.console.{n}"));
+    let followed = dir.path().join("followed");
+    let mut follower = cprd
+        .cprctl_command(&["console", "vm1"])
+        .stdout(std::fs::File::create(&followed).expect("followed"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cprctl console");
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut worst = (0u64, 0usize);
+    let mut watch = |until: u64| {
+        wait_until(Duration::from_secs(60), || {
+            let files = [live.clone(), rotated(1), rotated(2), rotated(3)];
+            let biggest = files.iter().map(|p| size(p)).max().unwrap_or(0);
+            let count = files.iter().filter(|p| p.exists()).count();
+            worst = (worst.0.max(biggest), worst.1.max(count));
+            size(&followed) > until
+        })
+    };
+    assert!(watch(2 * MAX), "the follower printed {} bytes", size(&followed));
+    let up = json(&cprd.cprctl(&["--json", "upgrade", "vm1"]));
+    assert_eq!(up["generation"], 1, "{up}");
+    assert!(watch(4 * MAX), "the follower printed {} bytes after the upgrade", size(&followed));
+    // A cprd without an fd store loses its end of the console socket with its process.
+    cprd.kill9();
+    cprd = Cprd::start_with_env(dir.path(), &bus, &config, &flood);
+    assert!(watch(6 * MAX), "the follower printed {} bytes after the cprd restart", size(&followed));
+    assert!(worst.0 <= MAX, "a console file grew to {} bytes, above {MAX}", worst.0);
+    assert!(worst.1 <= 3, "{} console files at once; keep = 2 allows 3", worst.1);
+    assert!(cprd.cprctl(&["stop", "vm1"]).status.success());
+    // The follower catches up, then its output ends with exactly what the kept files hold.
+    let mut last = 0;
+    let settled = wait_until(Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(700));
+        let now = size(&followed);
+        std::mem::replace(&mut last, now) == now
+    });
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(settled, "the follower never caught up");
+    let kept: Vec<u8> =
+        [rotated(2), rotated(1), live.clone()].iter().flat_map(|p| std::fs::read(p).unwrap_or_default()).collect();
+    let printed = std::fs::read(&followed).expect("followed");
+    assert!(kept.len() as u64 > 2 * MAX, "only {} bytes kept", kept.len());
+    assert!(printed.ends_with(&kept), "the follower's {} bytes do not end with the {} kept", printed.len(), kept.len());
+    // The guest's heartbeats in what was followed only ever go up.
+    let text = String::from_utf8_lossy(&printed);
+    let seqs: Vec<u64> = heartbeats_in(&text);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "heartbeats out of order in the followed console");
+    assert!(seqs.len() > 1000, "{} heartbeats", seqs.len());
+}
+
+/// The sequence numbers of the heartbeat lines in `text`.
+fn heartbeats_in(text: &str) -> Vec<u64> {
+    cpr_testguest::Heartbeat::all_in(text).iter().map(|h| h.seq).collect()
 }

@@ -1,5 +1,6 @@
 //! The VMM's lifecycle and its control socket (UNIX `SOCK_SEQPACKET`, one request per datagram).
 
+use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -134,6 +135,13 @@ impl Vmm {
                 }
             }
             Request::Migrate(params) => crate::migration::migrate_out(self, &params, fds),
+            Request::SetConsole => match fds.into_iter().next() {
+                Some(fd) => {
+                    self.core.devices.set_serial_out(File::from(fd));
+                    Response::Ok
+                }
+                None => error(ErrorKind::BadRequest, "set-console needs the console fd attached", false),
+            },
         }
     }
 }

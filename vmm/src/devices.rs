@@ -110,6 +110,11 @@ impl Devices {
         Ok(())
     }
 
+    /// Writes the serial console to `out` from now on (the one before is closed).
+    pub fn set_serial_out(&self, out: File) {
+        lock(&self.serial).writer_mut().0 = out;
+    }
+
     /// Saves the device state.
     pub fn save(&self) -> (SerialState, I8042State) {
         let s = lock(&self.serial).state();

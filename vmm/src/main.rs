@@ -183,8 +183,13 @@ impl TryCloneFd for std::io::StdoutLock<'_> {
     }
 }
 
+/// Extra flags for a CPL3 guest from the environment, for tests that start cpr-vmm through cprd
+/// (which passes no `--guest-flags`): `4` is the test guest's console flood.
+const GUEST_FLAGS_ENV: &str = "CPR_VMM_TEST_GUEST_FLAGS";
+
 fn guest_spec(a: &RunArgs) -> GuestSpec {
-    let flags = a.guest_flags | if a.touch { cpr_testguest::FLAG_TOUCH } else { 0 };
+    let from_env = std::env::var(GUEST_FLAGS_ENV).ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let flags = a.guest_flags | from_env | if a.touch { cpr_testguest::FLAG_TOUCH } else { 0 };
     match (&a.kernel, &a.guest_elf) {
         (Some(kernel), _) => GuestSpec::Linux(cpr_vmm::linux_boot::LinuxGuest {
             kernel: kernel.clone(),

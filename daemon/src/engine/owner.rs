@@ -540,6 +540,7 @@ impl Table {
     }
 
     fn configure(&mut self, settings: Settings, defs: BTreeMap<String, VmDef>) {
+        crate::console::set_limits(settings.console);
         for name in defs.keys() {
             let vm = self.vms.entry(name.clone()).or_insert_with(Vm::stopped);
             match vm.state {

@@ -129,7 +129,7 @@ impl VmmBackend for Fake {
         cpr_proto::memory::create_memfd(def.memory_bytes)
     }
 
-    fn resume(&self, record: &VmRecord) -> Result<(), String> {
+    fn resume(&self, _name: &str, record: &VmRecord) -> Result<(), String> {
         if cpr_handoff::process::is_gone(record.main_pid) {
             return Err(format!("pid {} is gone", record.main_pid));
         }
