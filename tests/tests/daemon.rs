@@ -1239,16 +1239,20 @@ fn a_guest_flooding_its_console_fills_at_most_its_capped_rotated_logs() {
     define_vm(&config, "vm1", "memory = \"64M\"\nvcpus = 1\n");
     // The test guest's flood mode: a heartbeat line every 256 iterations.
     let flood = [("CPR_VMM_TEST_GUEST_FLAGS", "4")];
-    let mut cprd = Cprd::start_with_env(dir.path(), &bus, &config, &flood);
-    assert!(cprd.cprctl(&["start", "vm1"]).status.success());
-    let live = cprd.runtime_dir.join("vms/vm1.console");
+    let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &flood);
+    // Its drop kills whatever VMM is left, should an assertion fail.
+    let mut s = Setup { _dir: dir, _bus: bus, cprd };
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let live = s.cprd.runtime_dir.join("vms/vm1.console");
     let rotated = |n: u32| live.with_file_name(format!("vm1.console.{n}"));
-    let followed = dir.path().join("followed");
-    let mut follower = cprd
+    let followed = s._dir.path().join("followed");
+    let mut follower = s
+        .cprd
         .cprctl_command(&["console", "vm1"])
         .stdout(std::fs::File::create(&followed).expect("followed"))
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(KilledOnDrop)
         .expect("cprctl console");
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let mut worst = (0u64, 0usize);
@@ -1262,16 +1266,16 @@ fn a_guest_flooding_its_console_fills_at_most_its_capped_rotated_logs() {
         })
     };
     assert!(watch(2 * MAX), "the follower printed {} bytes", size(&followed));
-    let up = json(&cprd.cprctl(&["--json", "upgrade", "vm1"]));
+    let up = json(&s.cprd.cprctl(&["--json", "upgrade", "vm1"]));
     assert_eq!(up["generation"], 1, "{up}");
     assert!(watch(4 * MAX), "the follower printed {} bytes after the upgrade", size(&followed));
     // A cprd without an fd store loses its end of the console socket with its process.
-    cprd.kill9();
-    cprd = Cprd::start_with_env(dir.path(), &bus, &config, &flood);
+    s.cprd.kill9();
+    s.cprd = Cprd::start_with_env(s._dir.path(), &s._bus, &config, &flood);
     assert!(watch(6 * MAX), "the follower printed {} bytes after the cprd restart", size(&followed));
     assert!(worst.0 <= MAX, "a console file grew to {} bytes, above {MAX}", worst.0);
     assert!(worst.1 <= 3, "{} console files at once; keep = 2 allows 3", worst.1);
-    assert!(cprd.cprctl(&["stop", "vm1"]).status.success());
+    assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success());
     // The follower catches up, then its output ends with exactly what the kept files hold.
     let mut last = 0;
     let settled = wait_until(Duration::from_secs(20), || {
@@ -1279,8 +1283,7 @@ fn a_guest_flooding_its_console_fills_at_most_its_capped_rotated_logs() {
         let now = size(&followed);
         std::mem::replace(&mut last, now) == now
     });
-    let _ = follower.kill();
-    let _ = follower.wait();
+    follower.end();
     assert!(settled, "the follower never caught up");
     let kept: Vec<u8> =
         [rotated(2), rotated(1), live.clone()].iter().flat_map(|p| std::fs::read(p).unwrap_or_default()).collect();
@@ -1292,6 +1295,22 @@ fn a_guest_flooding_its_console_fills_at_most_its_capped_rotated_logs() {
     let seqs: Vec<u64> = heartbeats_in(&text);
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "heartbeats out of order in the followed console");
     assert!(seqs.len() > 1000, "{} heartbeats", seqs.len());
+}
+
+/// A child process the test started, killed (by its PID) and reaped when dropped.
+struct KilledOnDrop(std::process::Child);
+
+impl KilledOnDrop {
+    fn end(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 /// The sequence numbers of the heartbeat lines in `text`.
