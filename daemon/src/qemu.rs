@@ -47,6 +47,8 @@ struct Held {
     serial_cprd: OwnedFd,
     taps: Vec<OwnedFd>,
     disks: Vec<OwnedFd>,
+    /// A boxed VM's channel directory, removed when the VM is gone.
+    chan: Option<PathBuf>,
 }
 
 /// Fd-store name of QEMU's end of a VM's console socket pair.
@@ -81,11 +83,16 @@ fn channel_dir_inside(host: &Path) -> PathBuf {
     }
 }
 
+/// Where a boxed VM's channel directory is, under cprd's `vms` directory `dir`.
+fn channel_dir_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.chan"))
+}
+
 /// A boxed VM's channel directory on the host (the main and cpr sockets of its handoffs), made
 /// if missing: owned by the VMMs' uid, mode 0700.
 fn channel_dir(dir: &Path, name: &str, uid: u32) -> Result<PathBuf, String> {
     use std::os::unix::fs::DirBuilderExt;
-    let chan = dir.join(format!("{name}.chan"));
+    let chan = channel_dir_path(dir, name);
     match std::fs::DirBuilder::new().mode(0o700).create(&chan) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -393,7 +400,8 @@ impl VmmBackend for Qemu {
         .map_err(|e| start_failed(format!("cannot create the console socket pair: {e}")))?;
         let taps = def.nics.iter().map(open_tap).collect::<Result<Vec<_>, _>>().map_err(start_failed)?;
         let disks = open_disks(&spec).map_err(start_failed)?;
-        let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps, disks };
+        let chan = uid.map(|_| channel_dir_path(dir, &def.name));
+        let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps, disks, chan };
         let control = dir.join(format!("{}.0.sock", def.name));
         let log = dir.join(format!("{}.log", def.name));
         let boxed = uid.map(|u| qemu_box(dir, &def.name, u, &held.args)).transpose().map_err(start_failed)?;
@@ -520,6 +528,13 @@ impl VmmBackend for Qemu {
     fn forget(&self, name: &str) {
         if let Some(held) = lock(&self.held).remove(name) {
             held.remove_from_store(name);
+            // Only stale sockets of its QEMUs are left in it.
+            if let Some(chan) = &held.chan
+                && let Err(e) = std::fs::remove_dir_all(chan)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(CPRD_VM = name, "cannot remove {}: {e}", chan.display());
+            }
         }
     }
 
@@ -601,6 +616,7 @@ impl VmmBackend for Qemu {
             serial_cprd: take(cprd_serial_name(name), CONSOLE_KEEP_FD)?,
             taps,
             disks,
+            chan: record.vmm_uid.and(record.control.parent()).map(|dir| channel_dir_path(dir, name)),
         };
         held.push_to_store(name);
         crate::console::pump(name, &held.serial_cprd, &record.console);

@@ -15,16 +15,16 @@ fn kvm_group() -> Option<u32> {
 /// Says once, in the journal, when boxed VMMs cannot weight a handoff's downtime themselves.
 pub fn note_nice_limit() {
     static SAID: std::sync::Once = std::sync::Once::new();
-    let nice = cpr_spawn::sched::HANDOFF_NICE;
-    if !cpr_spawn::sandbox::nice_limit_reachable(nice) {
-        SAID.call_once(|| {
+    SAID.call_once(|| {
+        let nice = cpr_spawn::sched::HANDOFF_NICE;
+        if !cpr_spawn::sandbox::nice_limit_reachable(nice) {
             tracing::warn!(
                 "boxed VMMs cannot raise their own weight at a handoff's pause: RLIMIT_NICE does not reach nice {nice} \
                  and cprd lacks CAP_SYS_RESOURCE to raise it (LimitNICE={nice} in the unit fixes it); handoffs run \
                  unweighted inside their downtime"
             );
-        });
-    }
+        }
+    });
 }
 
 /// The box of a VMM running as `uid` (its gid is the same number), with `writable` bound in.

@@ -608,6 +608,11 @@ fn every_vmm_of_both_backends_runs_boxed_as_a_user_of_its_vms_own() {
     }
     still_running(&s, "lin1", 2);
     still_running(&s, "lin2", 2);
+    // A stopped QEMU VM leaves no channel directory behind.
+    let chan = s.cprd.runtime_dir.join("vms/lin1.chan");
+    assert!(chan.is_dir(), "{} is where lin1's handoffs meet", chan.display());
+    assert!(s.cprd.cprctl(&["stop", "lin1"]).status.success());
+    assert!(wait_until(Duration::from_secs(10), || !chan.exists()), "{} is left after the stop", chan.display());
 }
 
 /// What a VMM taken over by its guest could try, done with its very identity and namespaces
