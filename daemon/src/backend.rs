@@ -85,8 +85,9 @@ impl UpgradeError {
 
 /// The mechanics of one kind of VMM.
 pub trait VmmBackend: std::fmt::Debug + Send + Sync {
-    /// Asks a candidate binary whether it can take a running guest over; touches nothing.
-    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path) -> Result<(), CprdError>;
+    /// Asks a candidate binary whether it can take a running guest over; touches nothing. The
+    /// binary runs boxed as `uid` when given (the VM's own).
+    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, uid: Option<u32>) -> Result<(), CprdError>;
     /// Starts a VMM for `def` with its files under `dir`, boxed in as `uid` if given; returns
     /// its record, the guest-RAM memfd cprd keeps, and the process.
     fn start(
@@ -148,8 +149,8 @@ const FD_INITRD: i32 = 8;
 pub struct CprVmm;
 
 impl VmmBackend for CprVmm {
-    fn preflight(&self, binary: &Executable, _def: &VmDef, _scratch: &Path) -> Result<(), CprdError> {
-        preflight(binary)
+    fn preflight(&self, binary: &Executable, _def: &VmDef, _scratch: &Path, uid: Option<u32>) -> Result<(), CprdError> {
+        preflight(binary, uid)
     }
 
     fn start(
@@ -462,13 +463,13 @@ pub fn end_process(pid: u32, asked: bool) {
 static PREFLIGHT_OK: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
 
 /// Asks a candidate VMM binary which state formats it reads, before anything is touched.
-fn preflight(binary: &Executable) -> Result<(), CprdError> {
+fn preflight(binary: &Executable, uid: Option<u32>) -> Result<(), CprdError> {
     let key = crate::engine::executable_build_id(binary).map(|id| (binary.path().to_path_buf(), id));
     let lock = |m: &'static Mutex<Vec<(PathBuf, String)>>| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if key.as_ref().is_some_and(|k| lock(&PREFLIGHT_OK).contains(k)) {
         return Ok(());
     }
-    ask_state_formats(binary)?;
+    ask_state_formats(binary, uid)?;
     if let Some(k) = key {
         lock(&PREFLIGHT_OK).push(k);
     }
@@ -478,15 +479,16 @@ fn preflight(binary: &Executable) -> Result<(), CprdError> {
 /// How long a candidate binary may take to say which state formats it reads.
 const STATE_FORMATS_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn ask_state_formats(binary: &Executable) -> Result<(), CprdError> {
-    let mut child = binary
-        .command()
-        .arg("--state-formats")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| CprdError::Incompatible(format!("cannot run {}: {e}", binary.path().display())))?;
+fn ask_state_formats(binary: &Executable, uid: Option<u32>) -> Result<(), CprdError> {
+    let cannot_run =
+        |e: std::io::Error| CprdError::Incompatible(format!("cannot run {}: {e}", binary.path().display()));
+    let mut cmd = binary.command();
+    cmd.arg("--state-formats").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cpr_spawn::place_fds(&mut cmd, &[], true).map_err(cannot_run)?;
+    if let Some(uid) = uid {
+        crate::sandbox::vmm_box(uid, Vec::new(), false).apply(&mut cmd).map_err(cannot_run)?;
+    }
+    let mut child = cmd.spawn().map_err(cannot_run)?;
     // A binary that does not answer in time is refused (and killed), never waited for.
     let deadline = Instant::now() + STATE_FORMATS_TIMEOUT;
     let status = loop {

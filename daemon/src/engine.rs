@@ -201,6 +201,8 @@ pub struct VmView {
     pub console: String,
     /// Why the VM needs attention, or why its file is quarantined (empty otherwise).
     pub state_reason: String,
+    /// The uid its VMMs run as, when they run boxed.
+    pub vmm_uid: Option<u32>,
 }
 
 /// One upgrade, for `history`.
@@ -595,12 +597,13 @@ impl Engine {
         let settings = self.settings();
         let binary = self.binary_for(&settings, &def, binary)?;
         let backend = (self.backends)(def.backend)?;
-        if let Err(e) = backend.preflight(&binary, &def, &self.runtime_dir.join("vms")) {
+        // Pre-flight of a running VM only (the claim below refuses any other), in the box its
+        // VMMs run in: the candidate is asked as the VM's own uid, never as root.
+        if let Some(view) = self.view(name).ok().filter(|v| v.state == VmState::Running)
+            && let Err(e) = backend.preflight(&binary, &def, &self.runtime_dir.join("vms"), view.vmm_uid)
+        {
             // Refused before anything was touched; still an upgrade attempt for the history.
-            if self.view(name).is_ok_and(|v| v.state == VmState::Running) {
-                return self.upgrade_ended(name, id, Err(e));
-            }
-            return Err(e);
+            return self.upgrade_ended(name, id, Err(e));
         }
         let owner::Claim::Claimed { record: Some(mut record), uid, .. } = self.claim(name, owner::Purpose::Upgrade)?
         else {

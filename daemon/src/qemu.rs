@@ -338,14 +338,15 @@ impl Qemu {
             .map_err(|e| format!("cannot start {}: {e}", binary.path().display()))
     }
 
-    fn probe(&self, binary: &Executable, machine: &str, scratch: &Path) -> Result<String, CprdError> {
+    fn probe(&self, binary: &Executable, machine: &str, scratch: &Path, uid: Option<u32>) -> Result<String, CprdError> {
         let key = crate::engine::executable_build_id(binary).unwrap_or_default();
         if let Some((_, _, d)) =
             lock(&self.probed).iter().find(|(b, k, _)| b == binary.path() && *k == format!("{key}/{machine}"))
         {
             return Ok(d.clone());
         }
-        let report = cpr_qemu::probe::probe(binary, machine, scratch, Duration::from_secs(20))
+        let boxed = uid.map(|uid| crate::sandbox::vmm_box(uid, Vec::new(), false));
+        let report = cpr_qemu::probe::probe(binary, machine, scratch, Duration::from_secs(20), boxed.as_ref())
             .map_err(|e| CprdError::Incompatible(format!("{e}; nothing was changed")))?;
         let d = report.describe();
         lock(&self.probed).push((binary.path().to_path_buf(), format!("{key}/{machine}"), d.clone()));
@@ -375,8 +376,8 @@ impl Qemu {
 }
 
 impl VmmBackend for Qemu {
-    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path) -> Result<(), CprdError> {
-        self.probe(binary, &def.machine, scratch).map(drop)
+    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, uid: Option<u32>) -> Result<(), CprdError> {
+        self.probe(binary, &def.machine, scratch, uid).map(drop)
     }
 
     fn start(
@@ -388,7 +389,7 @@ impl VmmBackend for Qemu {
     ) -> Result<(VmRecord, OwnedFd, Child), CprdError> {
         let start_failed = |m: String| CprdError::StartFailed(format!("{}: {m}", def.name));
         let spec = spec_of(def, uid.is_some())?;
-        let version = self.probe(binary, &def.machine, dir)?;
+        let version = self.probe(binary, &def.machine, dir, uid)?;
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes)
             .map_err(|e| start_failed(format!("cannot create guest RAM: {e}")))?;
         let (serial_qemu, serial_cprd) = nix::sys::socket::socketpair(

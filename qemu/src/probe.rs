@@ -45,13 +45,14 @@ pub enum ProbeError {
     Missing(String),
 }
 
-/// Starts `binary` with no machine, asks it over QMP, and stops it. `scratch` is a directory
-/// for the probe's QMP socket.
+/// Starts `binary` with no machine (in `sandbox` when given), asks it over QMP, and stops it.
+/// `scratch` is a directory for what it prints.
 pub fn probe(
     binary: &cpr_spawn::Executable,
     machine: &str,
     scratch: &Path,
     timeout: Duration,
+    sandbox: Option<&cpr_spawn::Sandbox>,
 ) -> Result<ProbeReport, ProbeError> {
     let name = binary.path().display().to_string();
     let not_qemu = |why: String| ProbeError::NotQemu(name.clone(), why);
@@ -78,7 +79,7 @@ pub fn probe(
     .collect();
     let output = scratch.join(format!("probe-{}-{}.out", std::process::id(), crate::transfer::unique()));
     let out_file = std::fs::File::create(&output).ok();
-    let child = crate::spawn::spawn(binary, &args, &[(crate::cmdline::QMP_FD, theirs.as_fd())], out_file, None);
+    let child = crate::spawn::spawn(binary, &args, &[(crate::cmdline::QMP_FD, theirs.as_fd())], out_file, sandbox);
     drop(theirs);
     let said = || {
         let text = std::fs::read_to_string(&output).unwrap_or_default();

@@ -1317,3 +1317,22 @@ impl Drop for KilledOnDrop {
 fn heartbeats_in(text: &str) -> Vec<u64> {
     cpr_testguest::Heartbeat::all_in(text).iter().map(|h| h.seq).collect()
 }
+
+/// The pre-flight asks a candidate binary in the VM's box, as the VM's own uid, never as root:
+/// a candidate that will not answer `--state-formats` as root is taken. (Before, cprd asked as
+/// root, and this upgrade was refused: "does not read state format".)
+#[test]
+fn the_preflight_asks_a_cpr_vmm_candidate_in_the_vms_box_not_as_root() {
+    let (wrappers, s) = setup_with_wrappers(&["vm1"]);
+    let path = wrappers.path().join("not-as-root.sh");
+    let script = format!(
+        "#!/bin/sh\nif [ \"$(id -u)\" = 0 ]; then echo 'asked as root' >&2; exit 3; fi\nexec {} \"$@\"\n",
+        cpr_tests::bin("cpr-vmm").display()
+    );
+    std::fs::write(&path, script).expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let up = s.cprd.cprctl(&["--json", "upgrade", "vm1", "--binary", &path.display().to_string()]);
+    assert_eq!(json(&up)["generation"], 1);
+    console_ok(&s, "vm1");
+}

@@ -224,6 +224,26 @@ fn a_binary_that_is_not_qemu_10_is_refused_before_anything_changes() {
     still_running(&s, "lin", 3);
 }
 
+/// The pre-flight starts a candidate QEMU in the VM's box, as the VM's own uid, never as root: a
+/// QEMU that will not start as root is taken. (Before, its probe ran as root and the upgrade was
+/// refused: "is not a working QEMU".)
+#[test]
+fn the_preflight_probes_a_qemu_candidate_in_the_vms_box_not_as_root() {
+    let s = setup(&[("lin", vm_definition("128M", ""))], &[]);
+    start_and_wait(&s, "lin");
+    let path = s.dir.path().join("fake-qemu-not-as-root");
+    let script = format!(
+        "#!/bin/sh\nif [ \"$(id -u)\" = 0 ]; then echo 'started as root' >&2; exit 3; fi\nexec {} \"$@\"\n",
+        qemu().display()
+    );
+    std::fs::write(&path, script).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let up = s.cprd.cprctl(&["--json", "upgrade", "lin", "--binary", &path.display().to_string()]);
+    assert_eq!(json(&up)["generation"], 1);
+    still_running(&s, "lin", 2);
+}
+
 #[test]
 fn new_qemu_killed_right_after_start_rolls_back() {
     let s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", "qemu-kill-new-after-start")]);

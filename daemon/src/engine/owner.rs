@@ -265,6 +265,7 @@ impl Table {
             last_downtime_usec: r.map_or(0, |r| r.last_downtime_usec),
             console: r.map_or_else(String::new, |r| r.console.display().to_string()),
             state_reason: vm.attention.clone().unwrap_or_default(),
+            vmm_uid: vm.uid,
         })
     }
 

@@ -50,7 +50,13 @@ fn kill(pid: u32) {
 }
 
 impl VmmBackend for Fake {
-    fn preflight(&self, _binary: &cpr_spawn::Executable, _def: &VmDef, _scratch: &Path) -> Result<(), CprdError> {
+    fn preflight(
+        &self,
+        _binary: &cpr_spawn::Executable,
+        _def: &VmDef,
+        _scratch: &Path,
+        _uid: Option<u32>,
+    ) -> Result<(), CprdError> {
         Ok(())
     }
 
