@@ -106,9 +106,8 @@ impl RotatingLog {
         Ok(Self { path: path.to_path_buf(), file, size })
     }
 
-    /// Appends `bytes`, rotating first if they would take the file past the limit in effect.
-    pub fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        let limits = limits();
+    /// Appends `bytes`, rotating first if they would take the file past `limits`.
+    pub fn append(&mut self, bytes: &[u8], limits: ConsoleLimits) -> std::io::Result<()> {
         if self.size > 0 && self.size + bytes.len() as u64 > limits.max_bytes {
             self.rotate(limits.keep)?;
         }
@@ -170,7 +169,7 @@ pub fn pump(name: &str, cprd_end: &OwnedFd, log: &Path) {
         loop {
             match sock.read(&mut buf) {
                 Ok(0) => return,
-                Ok(n) => match out.append(&buf[..n]) {
+                Ok(n) => match out.append(&buf[..n], limits()) {
                     Ok(()) => failing = false,
                     Err(e) if !failing => {
                         failing = true;
@@ -228,15 +227,13 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let path = d.path().join("vm.console");
         let limits = ConsoleLimits { max_bytes: 1000, keep: 2 };
-        set_limits(limits);
         let mut log = RotatingLog::open(&path).expect("open");
         let mut written = String::new();
         for i in 0..500 {
             let line = format!("line {i:04}\n");
-            log.append(line.as_bytes()).expect("append");
+            log.append(line.as_bytes(), limits).expect("append");
             written.push_str(&line);
         }
-        set_limits(ConsoleLimits::default());
         let s = sizes(&path);
         assert_eq!(s.len(), 3, "the live file and 2 rotated ones: {s:?}");
         assert!(s.iter().all(|n| *n <= 1000), "{s:?}");
@@ -245,5 +242,28 @@ mod tests {
         let kept: String = files_of(&path).iter().rev().map(|p| std::fs::read_to_string(p).expect("read")).collect();
         assert!(written.ends_with(&kept), "kept {} bytes that are not the end of the output", kept.len());
         assert!(kept.len() > 2000, "{}", kept.len());
+    }
+
+    /// A smaller `keep` (a reload) drops the files beyond it at the next rotation; `keep = 0`
+    /// keeps the live file alone.
+    #[test]
+    fn a_smaller_keep_drops_the_files_beyond_it() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("vm.console");
+        let mut log = RotatingLog::open(&path).expect("open");
+        let line = [b'x'; 100];
+        for _ in 0..60 {
+            log.append(&line, ConsoleLimits { max_bytes: 1000, keep: 3 }).expect("append");
+        }
+        assert_eq!(sizes(&path).len(), 4);
+        for _ in 0..10 {
+            log.append(&line, ConsoleLimits { max_bytes: 1000, keep: 1 }).expect("append");
+        }
+        assert_eq!(files_of(&path).len(), 2, "{:?}", files_of(&path));
+        assert!(!rotated(&path, 2).exists() && !rotated(&path, 3).exists());
+        for _ in 0..10 {
+            log.append(&line, ConsoleLimits { max_bytes: 1000, keep: 0 }).expect("append");
+        }
+        assert_eq!(files_of(&path), vec![path.clone()]);
     }
 }

@@ -49,6 +49,9 @@ struct Held {
     disks: Vec<OwnedFd>,
     /// A boxed VM's channel directory, removed when the VM is gone.
     chan: Option<PathBuf>,
+    /// Kernel and initramfs as opened at the VM's start, at their fixed numbers (none for a VM
+    /// started by a cprd that passed them by path).
+    boot: Vec<(RawFd, OwnedFd)>,
 }
 
 /// Fd-store name of QEMU's end of a VM's console socket pair.
@@ -64,6 +67,19 @@ fn cprd_serial_name(vm: &str) -> String {
 /// Fd-store name of a VM's tap device `i`.
 fn tap_name(vm: &str, i: usize) -> String {
     format!("vm-{vm}-tap{i}")
+}
+
+/// Fd-store name of a VM's boot file at descriptor `fd` (kernel or initramfs).
+fn boot_name(vm: &str, fd: RawFd) -> String {
+    if fd == cmdline::KERNEL_FD { format!("vm-{vm}-kernel") } else { format!("vm-{vm}-initrd") }
+}
+
+/// The descriptors a command line reads boot files from (kernel first).
+fn boot_fds_of(args: &[String]) -> Vec<RawFd> {
+    [cmdline::KERNEL_FD, cmdline::INITRD_FD]
+        .into_iter()
+        .filter(|fd| args.iter().any(|a| *a == format!("/proc/self/fd/{fd}")))
+        .collect()
 }
 
 /// Fd-store name of a VM's disk image `i`.
@@ -125,6 +141,9 @@ impl Held {
         for (i, disk) in self.disks.iter().enumerate() {
             crate::fdstore::push(&disk_name(vm, i), disk.as_fd());
         }
+        for (n, file) in &self.boot {
+            crate::fdstore::push(&boot_name(vm, *n), file.as_fd());
+        }
     }
 
     /// Removes them from the store.
@@ -136,6 +155,9 @@ impl Held {
         }
         for i in 0..self.taps.len() {
             crate::fdstore::remove(&tap_name(vm, i));
+        }
+        for (n, _) in &self.boot {
+            crate::fdstore::remove(&boot_name(vm, *n));
         }
     }
 
@@ -152,6 +174,7 @@ impl Held {
         for (i, disk) in self.disks.iter().enumerate() {
             v.push((cmdline::DISK_FD_BASE + RawFd::try_from(i).unwrap_or(0), disk.as_fd()));
         }
+        v.extend(self.boot.iter().map(|(n, file)| (*n, file.as_fd())));
         v
     }
 }
@@ -402,7 +425,16 @@ impl VmmBackend for Qemu {
         let taps = def.nics.iter().map(open_tap).collect::<Result<Vec<_>, _>>().map_err(start_failed)?;
         let disks = open_disks(&spec).map_err(start_failed)?;
         let chan = uid.map(|_| channel_dir_path(dir, &def.name));
-        let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps, disks, chan };
+        let open = |p: &Path| {
+            std::fs::File::open(p)
+                .map(OwnedFd::from)
+                .map_err(|e| start_failed(format!("cannot open {}: {e}", p.display())))
+        };
+        let mut boot = vec![(cmdline::KERNEL_FD, open(&spec.kernel)?)];
+        if let Some(initrd) = &spec.initrd {
+            boot.push((cmdline::INITRD_FD, open(initrd)?));
+        }
+        let held = Held { args: spec.args(), memfd, serial_qemu, serial_cprd, taps, disks, chan, boot };
         let control = dir.join(format!("{}.0.sock", def.name));
         let log = dir.join(format!("{}.log", def.name));
         let boxed = uid.map(|u| qemu_box(dir, &def.name, u, &held.args)).transpose().map_err(start_failed)?;
@@ -610,6 +642,10 @@ impl VmmBackend for Qemu {
             Some(Ok(fd)) => fd,
             _ => crate::fdstore::fd_of_process(pid, cmdline::MEMORY_FD)?,
         };
+        let boot = boot_fds_of(&args)
+            .into_iter()
+            .map(|n| take(boot_name(name, n), n).map(|fd| (n, fd)))
+            .collect::<Result<Vec<_>, _>>()?;
         let held = Held {
             args,
             memfd,
@@ -618,6 +654,7 @@ impl VmmBackend for Qemu {
             taps,
             disks,
             chan: record.vmm_uid.and(record.control.parent()).map(|dir| channel_dir_path(dir, name)),
+            boot,
         };
         held.push_to_store(name);
         crate::console::pump(name, &held.serial_cprd, &record.console);

@@ -1,7 +1,8 @@
 //! The QEMU command line of one VM. Every generation gets the same arguments (cpr-transfer
 //! needs an identical machine), and the file descriptors cprd holds arrive at fixed numbers:
 //! guest RAM at [`MEMORY_FD`], the QMP listening socket at [`QMP_FD`], cprd's end-point of the
-//! serial console at [`SERIAL_FD`], and tap devices from [`TAP_FD_BASE`] on.
+//! serial console at [`SERIAL_FD`], kernel and initramfs at [`KERNEL_FD`] and [`INITRD_FD`],
+//! tap devices from [`TAP_FD_BASE`] on and disk images from [`DISK_FD_BASE`] on.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,11 @@ pub const MEMORY_FD: i32 = 3;
 pub const QMP_FD: i32 = 4;
 /// QEMU's end of the serial console's socket pair (cprd holds the other end).
 pub const SERIAL_FD: i32 = 5;
+/// The kernel image, opened by cprd, read through `/proc/self/fd/7` (fd 6 is cprd's own, see
+/// cprd's `CONSOLE_KEEP_FD`).
+pub const KERNEL_FD: i32 = 7;
+/// The initramfs, opened by cprd, read through `/proc/self/fd/8`.
+pub const INITRD_FD: i32 = 8;
 /// The first tap device; NIC `i` is at `TAP_FD_BASE + i`.
 pub const TAP_FD_BASE: i32 = 10;
 /// The first disk image descriptor, opened by cprd. Disk `i` is fd set `i + 1`, holding a
@@ -62,9 +68,9 @@ pub struct VmSpec {
     pub memory_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
-    /// Kernel image.
+    /// Kernel image (cprd opens it; QEMU reads the descriptor at [`KERNEL_FD`]).
     pub kernel: PathBuf,
-    /// Initramfs.
+    /// Initramfs (the same, at [`INITRD_FD`]).
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
@@ -145,11 +151,13 @@ impl VmSpec {
         if self.seccomp {
             a.extend(["-sandbox".into(), SECCOMP.into()]);
         }
+        // The files cprd opened when the VM started, whatever their paths name since (a kernel
+        // package may have replaced or removed them): every generation boots the same bytes.
         a.push("-kernel".into());
-        a.push(self.kernel.display().to_string());
-        if let Some(i) = &self.initrd {
+        a.push(format!("/proc/self/fd/{KERNEL_FD}"));
+        if self.initrd.is_some() {
             a.push("-initrd".into());
-            a.push(i.display().to_string());
+            a.push(format!("/proc/self/fd/{INITRD_FD}"));
         }
         a.push("-append".into());
         a.push(self.cmdline.clone());
@@ -212,6 +220,14 @@ mod tests {
         assert!(a.contains("pc-q35-10.0,accel=tcg,aux-ram-share=on,memory-backend=ram0"), "{a}");
         assert!(a.contains("-netdev tap,id=net0,fd=10 -device e1000,netdev=net0,mac=52:54:00:00:00:01"), "{a}");
         assert!(!a.contains("-cpu"), "TCG keeps QEMU's default CPU: {a}");
+    }
+
+    /// Kernel and initramfs reach QEMU as descriptors cprd opened, not by path.
+    #[test]
+    fn kernel_and_initramfs_are_descriptors() {
+        let a = spec().args().join(" ");
+        assert!(a.contains("-kernel /proc/self/fd/7 -initrd /proc/self/fd/8 -append console=ttyS0"), "{a}");
+        assert!(!a.contains(" /k ") && !a.contains(" /i "), "{a}");
     }
 
     /// A disk reaches QEMU as a descriptor in an fd set: its path is not on the command line, so

@@ -244,6 +244,42 @@ fn the_preflight_probes_a_qemu_candidate_in_the_vms_box_not_as_root() {
     still_running(&s, "lin", 2);
 }
 
+/// Every QEMU generation boots the kernel and initramfs cprd opened when the VM started, as
+/// descriptors: with both files deleted from the disk (as a kernel package's removal does), the
+/// VM still upgrades, also after a cprd restart without an fd store (cprd takes them back from
+/// QEMU). (Before, QEMU opened them by path, and the new QEMU of the first upgrade failed to start.)
+#[test]
+fn a_qemu_guest_upgrades_after_its_kernel_files_are_deleted() {
+    let s = setup(&[], &[]);
+    let kernel = s.dir.path().join("vmlinuz");
+    let initrd = s.dir.path().join("initrd.img");
+    std::fs::copy(cpr_tests::linux_guest::kernel(), &kernel).expect("copy kernel");
+    std::fs::copy(cpr_tests::linux_guest::initramfs(), &initrd).expect("copy initramfs");
+    let def = vm_definition("128M", "")
+        .replace(&cpr_tests::linux_guest::kernel().display().to_string(), &kernel.display().to_string())
+        .replace(&cpr_tests::linux_guest::initramfs().display().to_string(), &initrd.display().to_string());
+    define_vm(&s.cprd.config_dir, "lin", &def);
+    assert!(s.cprd.cprctl(&["reload"]).status.success());
+    start_and_wait(&s, "lin");
+    let pid = status(&s, "lin")["main_pid"].as_u64().expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(&kernel.display().to_string()),
+        "QEMU was given the kernel's path"
+    );
+    std::fs::remove_file(&kernel).expect("rm kernel");
+    std::fs::remove_file(&initrd).expect("rm initramfs");
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 1);
+    still_running(&s, "lin", 2);
+    let mut s = s;
+    s.cprd.kill9();
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s.bus, &config);
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 2);
+    still_running(&s, "lin", 2);
+}
+
 #[test]
 fn new_qemu_killed_right_after_start_rolls_back() {
     let s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", "qemu-kill-new-after-start")]);
