@@ -56,6 +56,8 @@ trait Vm {
     fn console_log(&self) -> zbus::Result<String>;
     #[zbus(property, name = "StateReason")]
     fn state_reason(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "MachineType")]
+    fn machine_type(&self) -> zbus::Result<String>;
 }
 
 /// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
@@ -277,7 +279,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "vmm_binary": vm.vmm_binary().await?, "vmm_version": vm.vmm_version().await?,
                 "memory_bytes": vm.memory_bytes().await?, "vcpus": vm.vcpus().await?,
                 "last_downtime_usec": vm.last_downtime_usec().await?, "console_log": vm.console_log().await?,
-                "state_reason": vm.state_reason().await?,
+                "state_reason": vm.state_reason().await?, "machine_type": vm.machine_type().await?,
             });
             if cli.json {
                 println!("{v}");

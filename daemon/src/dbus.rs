@@ -366,6 +366,12 @@ impl VmObject {
     async fn console_log(&self) -> zbus::fdo::Result<String> {
         Ok(self.view()?.console)
     }
+    /// QEMU VMs: the machine type pinned when the VM started (every generation keeps it; a new
+    /// QEMU without it is refused in pre-flight). Empty for cpr-vmm VMs.
+    #[zbus(property, name = "MachineType")]
+    async fn machine_type(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.machine_type)
+    }
     /// Why the VM is in `needs-attention` or `quarantined` (empty in every other state).
     #[zbus(property, name = "StateReason")]
     async fn state_reason(&self) -> zbus::fdo::Result<String> {

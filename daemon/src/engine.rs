@@ -203,6 +203,9 @@ pub struct VmView {
     pub state_reason: String,
     /// The uid its VMMs run as, when they run boxed.
     pub vmm_uid: Option<u32>,
+    /// QEMU only: the machine type its first QEMU started with, which every generation keeps
+    /// (empty for cpr-vmm VMs and stopped VMs).
+    pub machine_type: String,
 }
 
 /// One upgrade, for `history`.

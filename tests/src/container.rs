@@ -38,6 +38,19 @@ fn write(root: &Path, to: &str, text: &str) {
     std::fs::write(dest, text).expect("write");
 }
 
+/// The .deb of cprd `version` that `packaging/build` left in `target/packages` (or
+/// `$CPRD_PACKAGES`).
+pub fn built_package(version: &str) -> PathBuf {
+    let dir = std::env::var("CPRD_PACKAGES").map_or_else(|_| repo().join("target/packages"), PathBuf::from);
+    let deb = dir.join(format!("cprd_{version}_amd64.deb"));
+    assert!(
+        deb.exists(),
+        "{} is missing: run `packaging/build --version {version}` (scripts/test does)",
+        deb.display()
+    );
+    deb.canonicalize().expect("package path")
+}
+
 /// Unpacks the rootfs `scripts/container-rootfs` builds (with `env`) into a fresh directory.
 fn unpack(env: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
     let out = Command::new(repo().join("scripts/container-rootfs"))
@@ -103,6 +116,15 @@ impl Container {
     /// installing its packages. `binds` are host paths bound read-only at the same paths.
     pub fn boot_for_packages(binds: &[&Path]) -> Self {
         let (dir, root) = unpack(&[("WITH_QEMU", "1")]);
+        let binds: Vec<String> = binds.iter().map(|p| format!("--bind-ro={}", p.display())).collect();
+        Self::start(dir, root, &binds)
+    }
+
+    /// Boots a Debian 13 container (systemd 257, QEMU 10.0 installed, QEMU 11.1 from
+    /// trixie-backports downloaded) with nothing of cprd's: for the version-jump tests. `binds`
+    /// as for [`Container::boot_for_packages`].
+    pub fn boot_trixie_for_packages(binds: &[&Path]) -> Self {
+        let (dir, root) = unpack(&[("DIST", "trixie")]);
         let binds: Vec<String> = binds.iter().map(|p| format!("--bind-ro={}", p.display())).collect();
         Self::start(dir, root, &binds)
     }

@@ -7,21 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cpr_tests::container::Container;
+use cpr_tests::container::{Container, built_package as package};
 use cpr_tests::linux_guest::{check_probe, initramfs, kernel, probe_lines};
 use cpr_tests::{check_heartbeats, heartbeats, wait_until};
-
-fn package(version: &str) -> PathBuf {
-    let dir = std::env::var("CPRD_PACKAGES")
-        .map_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/packages"), PathBuf::from);
-    let deb = dir.join(format!("cprd_{version}_amd64.deb"));
-    assert!(
-        deb.exists(),
-        "{} is missing: run `packaging/build --version {version}` (scripts/test does)",
-        deb.display()
-    );
-    deb.canonicalize().expect("package path")
-}
 
 fn console(c: &Container, vm: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{}/root/run/cprd/vms/{vm}.console", c.leader))

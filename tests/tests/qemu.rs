@@ -271,6 +271,8 @@ fn a_qemu_guest_upgrades_after_its_kernel_files_are_deleted() {
     std::fs::remove_file(&initrd).expect("rm initramfs");
     assert_eq!(json(&s.cprd.cprctl(&["--json", "upgrade", "lin"]))["generation"], 1);
     still_running(&s, "lin", 2);
+    // The machine type pinned at the start, kept by every generation, as status shows it.
+    assert_eq!(status(&s, "lin")["machine_type"], "pc-q35-10.0");
     let mut s = s;
     s.cprd.kill9();
     let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();

@@ -266,6 +266,7 @@ impl Table {
             console: r.map_or_else(String::new, |r| r.console.display().to_string()),
             state_reason: vm.attention.clone().unwrap_or_default(),
             vmm_uid: vm.uid,
+            machine_type: r.map_or_else(String::new, |r| machine_type_of(&r.launch_args)),
         })
     }
 
@@ -592,4 +593,14 @@ impl Table {
         }
         self.emit(name);
     }
+}
+
+/// The machine type on a QEMU command line (`-machine TYPE,options`), empty if there is none.
+fn machine_type_of(args: &[String]) -> String {
+    args.iter()
+        .zip(args.iter().skip(1))
+        .find(|(flag, _)| *flag == "-machine")
+        .and_then(|(_, value)| value.split(',').next())
+        .unwrap_or_default()
+        .to_string()
 }
