@@ -83,11 +83,20 @@ impl UpgradeError {
     }
 }
 
+/// The VMM that runs a guest now, as a pre-flight sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Current {
+    /// Its pid.
+    pub pid: u32,
+    /// The VM's uid, when its VMMs run boxed.
+    pub uid: Option<u32>,
+}
+
 /// The mechanics of one kind of VMM.
 pub trait VmmBackend: std::fmt::Debug + Send + Sync {
-    /// Asks a candidate binary whether it can take a running guest over; touches nothing. The
-    /// binary runs boxed as `uid` when given (the VM's own).
-    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, uid: Option<u32>) -> Result<(), CprdError>;
+    /// Asks a candidate binary whether it can take over the guest that `current` runs; touches
+    /// nothing. The binary runs boxed as the VM's uid when it has one.
+    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, current: &Current) -> Result<(), CprdError>;
     /// Starts a VMM for `def` with its files under `dir`, boxed in as `uid` if given; returns
     /// its record, the guest-RAM memfd cprd keeps, and the process.
     fn start(
@@ -149,8 +158,14 @@ const FD_INITRD: i32 = 8;
 pub struct CprVmm;
 
 impl VmmBackend for CprVmm {
-    fn preflight(&self, binary: &Executable, _def: &VmDef, _scratch: &Path, uid: Option<u32>) -> Result<(), CprdError> {
-        preflight(binary, uid)
+    fn preflight(
+        &self,
+        binary: &Executable,
+        _def: &VmDef,
+        _scratch: &Path,
+        current: &Current,
+    ) -> Result<(), CprdError> {
+        preflight(binary, current.uid)
     }
 
     fn start(

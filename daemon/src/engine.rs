@@ -603,7 +603,12 @@ impl Engine {
         // Pre-flight of a running VM only (the claim below refuses any other), in the box its
         // VMMs run in: the candidate is asked as the VM's own uid, never as root.
         if let Some(view) = self.view(name).ok().filter(|v| v.state == VmState::Running)
-            && let Err(e) = backend.preflight(&binary, &def, &self.runtime_dir.join("vms"), view.vmm_uid)
+            && let Err(e) = backend.preflight(
+                &binary,
+                &def,
+                &self.runtime_dir.join("vms"),
+                &backend::Current { pid: view.main_pid, uid: view.vmm_uid },
+            )
         {
             // Refused before anything was touched; still an upgrade attempt for the history.
             return self.upgrade_ended(name, id, Err(e));

@@ -25,7 +25,7 @@ use cpr_qemu::cmdline::{self, DiskSpec, NicSpec, VmSpec};
 use cpr_qemu::qmp::Qmp;
 use cpr_qemu::transfer::{self, Fault, Transfer};
 
-use crate::backend::{UpgradeError, UpgradeRequest, Upgraded, VmmBackend};
+use crate::backend::{Current, UpgradeError, UpgradeRequest, Upgraded, VmmBackend};
 use crate::config::{GuestDef, NicDef, VmDef};
 use crate::engine::VmRecord;
 use crate::error::CprdError;
@@ -184,6 +184,8 @@ impl Held {
 pub struct Qemu {
     held: Mutex<HashMap<String, Held>>,
     probed: Mutex<Vec<(PathBuf, String, String)>>,
+    /// Pairs of builds (and machine, accelerator, CPU) a trial handoff went through.
+    trialed: Mutex<Vec<String>>,
 }
 
 /// The one QEMU backend of this process.
@@ -376,6 +378,50 @@ impl Qemu {
         Ok(d)
     }
 
+    /// Hands a throw-away VM from the running QEMU's binary to `binary` (`cpr_qemu::trial`), once
+    /// per pair of builds, machine and accelerator: two builds of one QEMU need none.
+    fn trial(&self, binary: &Executable, def: &VmDef, scratch: &Path, current: &Current) -> Result<(), CprdError> {
+        let Ok(old) = Executable::of_process(current.pid) else {
+            // The VMM is gone: the upgrade's claim says so.
+            return Ok(());
+        };
+        let ids = (crate::engine::executable_build_id(&old), crate::engine::executable_build_id(binary));
+        let (Some(old_id), Some(new_id)) = ids else { return Ok(()) };
+        if old_id == new_id {
+            return Ok(());
+        }
+        let vm = cpr_qemu::trial::TrialVm {
+            machine: def.machine.clone(),
+            accel: def.accel.clone(),
+            cpu: spec_of(def, current.uid.is_some())?.cpu_arg(),
+        };
+        let key = format!("{old_id}/{new_id}/{}/{}/{:?}", vm.machine, vm.accel, vm.cpu);
+        if lock(&self.trialed).contains(&key) {
+            return Ok(());
+        }
+        let (meeting, boxed) = match current.uid {
+            Some(uid) => {
+                let args = lock(&self.held).get(&def.name).map(|h| h.args.clone()).unwrap_or_default();
+                let sandbox = qemu_box(scratch, &def.name, uid, &args).map_err(CprdError::Incompatible)?;
+                let host = channel_dir_path(scratch, &def.name);
+                (cpr_qemu::trial::Meeting { inside: channel_dir_inside(&host), host }, Some(sandbox))
+            }
+            None => (cpr_qemu::trial::Meeting { host: scratch.to_path_buf(), inside: scratch.to_path_buf() }, None),
+        };
+        cpr_qemu::trial::trial(&old, binary, &vm, &meeting, scratch, boxed.as_ref(), Duration::from_secs(30)).map_err(
+            |why| {
+                CprdError::Incompatible(format!(
+                    "{} cannot take a guest from the running {} (a trial handoff of an empty {} VM): {why}; nothing was changed",
+                    binary.path().display(),
+                    old.path().display(),
+                    vm.machine
+                ))
+            },
+        )?;
+        lock(&self.trialed).push(key);
+        Ok(())
+    }
+
     /// The runtime record of a VM's first QEMU (`pid` filled in once it runs).
     fn record_for(
         def: &VmDef,
@@ -399,8 +445,9 @@ impl Qemu {
 }
 
 impl VmmBackend for Qemu {
-    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, uid: Option<u32>) -> Result<(), CprdError> {
-        self.probe(binary, &def.machine, scratch, uid).map(drop)
+    fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, current: &Current) -> Result<(), CprdError> {
+        self.probe(binary, &def.machine, scratch, current.uid)?;
+        self.trial(binary, def, scratch, current)
     }
 
     fn start(

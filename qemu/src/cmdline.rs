@@ -83,6 +83,15 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
+    /// The `-cpu` value: the one named, else `host` with KVM, else none (QEMU's default).
+    pub fn cpu_arg(&self) -> Option<String> {
+        match (&self.cpu, self.accel.as_str()) {
+            (Some(cpu), _) => Some(cpu.clone()),
+            (None, "kvm") => Some("host".into()),
+            (None, _) => None,
+        }
+    }
+
     /// The access modes of the disk descriptors, in the order they lie from [`DISK_FD_BASE`]:
     /// (disk index, read-write).
     pub fn disk_fds(&self) -> Vec<(usize, bool)> {
@@ -123,10 +132,8 @@ impl VmSpec {
             "-serial".into(),
             "chardev:serial0".into(),
         ];
-        match (&self.cpu, self.accel.as_str()) {
-            (Some(cpu), _) => a.extend(["-cpu".into(), cpu.clone()]),
-            (None, "kvm") => a.extend(["-cpu".into(), "host".into()]),
-            (None, _) => {}
+        if let Some(cpu) = self.cpu_arg() {
+            a.extend(["-cpu".into(), cpu]);
         }
         for (i, nic) in self.nics.iter().enumerate() {
             a.push("-netdev".into());

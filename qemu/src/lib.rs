@@ -5,6 +5,7 @@
 //!   file descriptors cprd hands in at fixed numbers.
 //! - [`spawn`]: starting a QEMU with those descriptors in place.
 //! - [`probe`]: pre-flight of a candidate binary (version, machine type, CPR options).
+//! - [`trial`]: a throw-away handoff between two binaries, before a guest is touched.
 //! - [`transfer`]: one cpr-transfer handoff from a running QEMU to a freshly started one,
 //!   with rollback to the old QEMU on any failure before the new one runs the guest.
 //!
@@ -17,6 +18,7 @@ pub mod probe;
 pub mod qmp;
 pub mod spawn;
 pub mod transfer;
+pub mod trial;
 
 /// Lowest QEMU version with `cpr-transfer`.
 pub const MIN_VERSION: (u64, u64) = (10, 0);

@@ -176,6 +176,25 @@ impl Executable {
         Ok(Self { path: path.to_path_buf(), file, script })
     }
 
+    /// The program process `pid` runs, opened through `/proc/PID/exe`: for running a binary
+    /// again that cprd checked and started earlier, whatever its path names now (a package
+    /// upgrade may have replaced or removed it). The caller vouches for `pid` (a VMM on its
+    /// records); no path is checked here.
+    pub fn of_process(pid: u32) -> Result<Self, UntrustedPath> {
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let io = |source| UntrustedPath::Io { path: exe.clone(), source };
+        let path = std::fs::read_link(&exe).map_err(io)?;
+        let file = File::open(&exe).map_err(io)?;
+        // SAFETY: F_DUPFD_CLOEXEC on a valid descriptor returns a new one or -1.
+        let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, EXEC_FD_FLOOR) };
+        if high < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fcntl returned a new descriptor that nothing else owns.
+        let file = Arc::new(unsafe { OwnedFd::from_raw_fd(high) });
+        Ok(Self { path, file, script: false })
+    }
+
     /// The path it was opened as (what a status shows, and the child's `argv[0]`).
     pub fn path(&self) -> &Path {
         &self.path

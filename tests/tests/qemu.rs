@@ -282,6 +282,35 @@ fn a_qemu_guest_upgrades_after_its_kernel_files_are_deleted() {
     still_running(&s, "lin", 2);
 }
 
+/// A QEMU that cannot load the running one's state is refused in pre-flight, by a trial handoff
+/// of an empty VM between the two binaries, with what the new QEMU said, before the guest is
+/// touched. Here a wrapper plays a QEMU that reads no CPR state (the real case, QEMU 10.0 after
+/// 11.1, is in `tests/tests/versions.rs`). (Before the trial, the guest was paused, the new QEMU
+/// died, and the handoff rolled back: `UpgradeFailed`.)
+#[test]
+fn a_qemu_that_cannot_take_the_guest_is_refused_by_a_trial_before_the_guest_is_touched() {
+    let s = setup(&[("lin", vm_definition("128M", ""))], &[]);
+    start_and_wait(&s, "lin");
+    let before = status(&s, "lin");
+    let path = s.dir.path().join("fake-qemu-reads-no-cpr-state");
+    let script = format!(
+        "#!/bin/sh\ncase \" $* \" in *\" -incoming \"*) echo 'qemu-system-x86_64: vmstate_load_state error -2 (fake)' >&2; \
+         exit 1 ;; esac\nexec {} \"$@\"\n",
+        qemu().display()
+    );
+    std::fs::write(&path, script).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = s.cprd.cprctl(&["upgrade", "lin", "--binary", &path.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("org.cprd1.Error.Incompatible"), "{err}");
+    assert!(err.contains("trial handoff") && err.contains("vmstate_load_state error -2 (fake)"), "{err}");
+    let after = status(&s, "lin");
+    assert_eq!((&after["generation"], &after["main_pid"]), (&before["generation"], &before["main_pid"]));
+    still_running(&s, "lin", 2);
+}
+
 #[test]
 fn new_qemu_killed_right_after_start_rolls_back() {
     let s = setup(&[("lin", vm_definition("128M", ""))], &[("CPRD_FAULT", "qemu-kill-new-after-start")]);

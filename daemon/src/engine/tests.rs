@@ -55,7 +55,7 @@ impl VmmBackend for Fake {
         _binary: &cpr_spawn::Executable,
         _def: &VmDef,
         _scratch: &Path,
-        _uid: Option<u32>,
+        _current: &crate::backend::Current,
     ) -> Result<(), CprdError> {
         Ok(())
     }
