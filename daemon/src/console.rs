@@ -16,7 +16,7 @@
 //! (an older one) does it make a new pair and hand the VMM its end (`set-console`).
 //! `cprctl console` follows the file across rotations.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -108,12 +108,40 @@ impl RotatingLog {
 
     /// Appends `bytes`, rotating first if they would take the file past `limits`.
     pub fn append(&mut self, bytes: &[u8], limits: ConsoleLimits) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         if self.size > 0 && self.size + bytes.len() as u64 > limits.max_bytes {
             self.rotate(limits.keep)?;
         }
-        self.file.write_all(bytes)?;
+        self.file.write_all_at(bytes, self.size)?;
         self.size += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Moves what `pipe` holds (waiting for some) into the file inside the kernel (`splice`),
+    /// up to the room `limits` leave, rotating first when there is none. Nothing passes
+    /// through cprd's memory, so a cprd that dies here leaves every byte either in the file or
+    /// in the pipe. Returns 0 once every writer of the pipe is gone.
+    pub fn splice_from(&mut self, pipe: &OwnedFd, limits: ConsoleLimits) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        if self.size >= limits.max_bytes {
+            // Rotated only once there is something for the new file (not at the end).
+            let mut fds = [nix::poll::PollFd::new(pipe.as_fd(), nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE)?;
+            if !fds[0].revents().is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN)) {
+                return Ok(0);
+            }
+            self.rotate(limits.keep)?;
+        }
+        let room = usize::try_from(limits.max_bytes - self.size).unwrap_or(usize::MAX).min(1 << 20);
+        let mut offset = libc::loff_t::try_from(self.size).map_err(std::io::Error::other)?;
+        // SAFETY: splice from a pipe this function borrows into the file it owns, at an offset
+        // it passes by pointer; no memory of this process is read or written.
+        let n = unsafe {
+            libc::splice(pipe.as_raw_fd(), std::ptr::null_mut(), self.file.as_raw_fd(), &raw mut offset, room, 0)
+        };
+        let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+        self.size += n as u64;
+        Ok(n)
     }
 
     /// Shifts `.N` to `.N+1` (dropping the oldest and any beyond `keep`), the live file to `.1`,
@@ -156,7 +184,6 @@ pub fn pump(name: &str, cprd_end: &OwnedFd, log: &Path) {
     let vm = name.to_string();
     let spawned = std::thread::Builder::new().name(format!("console-{name}")).spawn(move || {
         let _registered = Pumping(pipe);
-        let mut sock = std::fs::File::from(fd);
         let mut out = match RotatingLog::open(&log) {
             Ok(out) => out,
             Err(e) => {
@@ -164,6 +191,22 @@ pub fn pump(name: &str, cprd_end: &OwnedFd, log: &Path) {
                 return;
             }
         };
+        if st.st_mode & libc::S_IFMT == libc::S_IFIFO {
+            // A cpr-vmm's pipe: moved in the kernel, nothing in flight in cprd.
+            loop {
+                match out.splice_from(&fd, limits()) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!(CPRD_VM = vm, "console log {}: {e}; no longer logged", log.display());
+                        return;
+                    }
+                }
+            }
+        }
+        // A QEMU's socket: read, then written (a cprd that dies in between loses that read).
+        let mut sock = std::fs::File::from(fd);
         let mut buf = vec![0u8; 16 << 10];
         let mut failing = false;
         loop {
@@ -265,5 +308,33 @@ mod tests {
             log.append(&line, ConsoleLimits { max_bytes: 1000, keep: 0 }).expect("append");
         }
         assert_eq!(files_of(&path), vec![path.clone()]);
+    }
+
+    /// What a pipe holds moves into the log inside the kernel, rotated at the same limits.
+    #[test]
+    fn a_pipe_is_spliced_into_the_log_and_rotated() {
+        use std::io::Write;
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("vm.console");
+        let (write, read) = pipe().expect("pipe");
+        let mut writer = std::fs::File::from(write);
+        let mut written = String::new();
+        let mut log = RotatingLog::open(&path).expect("open");
+        let limits = ConsoleLimits { max_bytes: 1000, keep: 2 };
+        for i in 0..500 {
+            let line = format!("line {i:04}\n");
+            writer.write_all(line.as_bytes()).expect("write");
+            written.push_str(&line);
+            if i % 50 == 49 {
+                while log.splice_from(&read, limits).expect("splice") == 1000 {}
+            }
+        }
+        drop(writer);
+        while log.splice_from(&read, limits).expect("splice") > 0 {}
+        let s = sizes(&path);
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert!(s.iter().all(|n| *n <= 1000), "{s:?}");
+        let kept: String = files_of(&path).iter().rev().map(|p| std::fs::read_to_string(p).expect("read")).collect();
+        assert!(written.ends_with(&kept) && kept.len() > 2000, "{} bytes kept", kept.len());
     }
 }

@@ -41,9 +41,10 @@ pub fn runtime_dirs(runtime_dir: &Path) {
     share_with_group(&runtime_dir.join("vms"), 0o750);
 }
 
-/// Opens (creating) a console log for appending: 0640, group `cprd`.
+/// Opens (creating) a console log for writing at its end (by offset: `splice` refuses files
+/// opened for appending): 0640, group `cprd`.
 pub fn open_console_log(path: &Path) -> std::io::Result<std::fs::File> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o640).open(path)?;
     share_with_group(path, 0o640);
     Ok(file)
 }
