@@ -380,7 +380,14 @@ impl Qemu {
 
     /// Hands a throw-away VM from the running QEMU's binary to `binary` (`cpr_qemu::trial`), once
     /// per pair of builds, machine and accelerator: two builds of one QEMU need none.
-    fn trial(&self, binary: &Executable, def: &VmDef, scratch: &Path, current: &Current) -> Result<(), CprdError> {
+    fn trial(
+        &self,
+        binary: &Executable,
+        version: &str,
+        def: &VmDef,
+        scratch: &Path,
+        current: &Current,
+    ) -> Result<(), CprdError> {
         let Ok(old) = Executable::of_process(current.pid) else {
             // The VMM is gone: the upgrade's claim says so.
             return Ok(());
@@ -411,7 +418,8 @@ impl Qemu {
         cpr_qemu::trial::trial(&old, binary, &vm, &meeting, scratch, boxed.as_ref(), Duration::from_secs(30)).map_err(
             |why| {
                 CprdError::Incompatible(format!(
-                    "{} cannot take a guest from the running {} (a trial handoff of an empty {} VM): {why}; nothing was changed",
+                    "{} (QEMU {version}) cannot take a guest from the running {} (a trial handoff of an empty {} VM): {why}; \
+                     nothing was changed",
                     binary.path().display(),
                     old.path().display(),
                     vm.machine
@@ -446,8 +454,8 @@ impl Qemu {
 
 impl VmmBackend for Qemu {
     fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, current: &Current) -> Result<(), CprdError> {
-        self.probe(binary, &def.machine, scratch, current.uid)?;
-        self.trial(binary, def, scratch, current)
+        let version = self.probe(binary, &def.machine, scratch, current.uid)?;
+        self.trial(binary, &version, def, scratch, current)
     }
 
     fn start(

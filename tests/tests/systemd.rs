@@ -170,19 +170,25 @@ fn the_fd_store_alone_brings_every_vm_back() {
     }
     let before = list(&c);
     let stored: u32 = c.sh("systemctl show -p NFileDescriptorStore --value cprd").trim().parse().unwrap_or(0);
-    assert_eq!(stored, 7, "three guest memfds, three VMM pidfds and the state record in the fd store");
+    assert_eq!(
+        stored, 10,
+        "three guest memfds, three VMM pidfds, cprd's ends of three console pipes and the state record in the fd store"
+    );
     // Stop cprd and take its runtime records away: only the fd store is left to say what runs.
     c.sh("systemctl stop cprd && rm -f /run/cprd/vms/*.json");
     c.sh("systemctl start cprd");
     assert_eq!(list(&c), before, "same VMs, PIDs and generations, from the fd store");
     let j = c.sh("journalctl -u cprd --no-pager -o cat");
-    assert!(j.contains("took 3 VM records and 6 fds back from the fd store"), "{j}");
+    assert!(j.contains("took 3 VM records and 9 fds back from the fd store"), "{j}");
     for (vm, _) in vms {
         heartbeats_ok(&c, vm);
     }
     c.sh("cprctl upgrade a && cprctl stop c");
     let stored: u32 = c.sh("systemctl show -p NFileDescriptorStore --value cprd").trim().parse().unwrap_or(0);
-    assert_eq!(stored, 5, "a stopped VM's fds leave the store; an upgraded one's stay (pidfd replaced)");
+    assert_eq!(
+        stored, 7,
+        "a stopped VM's fds leave the store (its console's too); an upgraded one's stay (pidfd replaced)"
+    );
 }
 
 #[test]

@@ -40,7 +40,7 @@ fn installed(c: &Container) -> Vec<String> {
 /// Whether the VM's QEMU holds its disk image open.
 fn holds_the_disk(c: &Container, st: &serde_json::Value) -> bool {
     let pid = st["main_pid"].as_u64().unwrap_or(0);
-    c.sh(&format!("ls -l /proc/{pid}/fd/ 2>/dev/null || true")).contains("/var/lib/cprd-test/q.img")
+    c.sh(&format!("ls -l /proc/{pid}/fd/ 2>/dev/null || true")).contains("/var/lib/cprd/images/q.img")
 }
 
 /// The guest prints on (two more probe lines), and everything it printed is one boot without a
@@ -66,10 +66,10 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     c.sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}", deb.display()));
     let qemu_version = || c.sh("dpkg-query -W -f='${Version}' qemu-system-x86");
     assert!(qemu_version().starts_with("1:10.0."), "{}", qemu_version());
-    c.sh("mkdir -p /var/lib/cprd-test && truncate -s 8M /var/lib/cprd-test/q.img");
+    c.sh("mkdir -p /var/lib/cprd/images && truncate -s 8M /var/lib/cprd/images/q.img");
     c.sh(&format!(
         "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n[[disk]]\npath = \"/var/lib/cprd-test/q.img\"\n' \
+         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n[[disk]]\npath = \"/var/lib/cprd/images/q.img\"\n' \
          > /etc/cprd/vms/q.toml",
         kernel.display(),
         initrd.display()
@@ -148,4 +148,5 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
         "{history}"
     );
     guest_continuous(&c, "q");
+    eprintln!("{}", c.sh("cprctl history"));
 }
