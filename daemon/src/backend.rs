@@ -236,7 +236,6 @@ impl VmmBackend for CprVmm {
             .spawn()
             .map_err(|e| CprdError::StartFailed(format!("cannot start {}: {e}", binary.path().display())))?;
         drop(handed);
-        crate::fdstore::push(&crate::console::store_name(&def.name), serial_cprd.as_fd());
         crate::console::pump(&def.name, &serial_cprd, &console);
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = loop {
@@ -270,6 +269,8 @@ impl VmmBackend for CprVmm {
             launch_args: Vec::new(),
             vmm_uid: uid,
         };
+        // Kept once the VM runs (a VMM that failed to start takes its pipe along).
+        crate::fdstore::push(&crate::console::store_name(&def.name), serial_cprd.as_fd());
         Ok((record, memfd, child))
     }
 

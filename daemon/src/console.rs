@@ -170,9 +170,9 @@ impl RotatingLog {
     }
 }
 
-/// Reads the console from cprd's end of the pipe (or socket pair) and appends it to the log at `log` until every
-/// VMM end is closed (the VM is gone), on a thread of its own.
-/// A second call for the same pipe while its pump runs does nothing.
+/// Moves the console from cprd's end of a pipe (or socket pair) into the log at `log` until every
+/// VMM end is closed (the VM is gone), on a thread of its own. A second call for the same pipe
+/// while its pump runs does nothing.
 pub fn pump(name: &str, cprd_end: &OwnedFd, log: &Path) {
     let Ok(fd) = cprd_end.as_fd().try_clone_to_owned() else { return };
     let Ok(st) = nix::sys::stat::fstat(&fd) else { return };
@@ -192,15 +192,21 @@ pub fn pump(name: &str, cprd_end: &OwnedFd, log: &Path) {
             }
         };
         if st.st_mode & libc::S_IFMT == libc::S_IFIFO {
-            // A cpr-vmm's pipe: moved in the kernel, nothing in flight in cprd.
+            // A cpr-vmm's pipe: moved in the kernel, nothing in flight in cprd. A log that cannot
+            // be written (a full disk) is tried again each second; meanwhile the pipe holds what
+            // it can and the VMM drops the rest.
+            let mut failing = false;
             loop {
                 match out.splice_from(&fd, limits()) {
                     Ok(0) => return,
-                    Ok(_) => {}
+                    Ok(_) => failing = false,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        tracing::warn!(CPRD_VM = vm, "console log {}: {e}; no longer logged", log.display());
-                        return;
+                        if !failing {
+                            tracing::warn!(CPRD_VM = vm, "console log {}: {e}; trying again", log.display());
+                        }
+                        failing = true;
+                        std::thread::sleep(std::time::Duration::from_secs(1));
                     }
                 }
             }
