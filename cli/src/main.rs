@@ -30,6 +30,9 @@ trait Manager {
     fn reload(&self) -> zbus::Result<()>;
     #[zbus(name = "GetHistory")]
     fn get_history(&self) -> zbus::Result<Vec<(String, u64, u64, bool, u64, String)>>;
+    #[zbus(name = "GetUpgrades")]
+    #[allow(clippy::type_complexity)]
+    fn get_upgrades(&self) -> zbus::Result<Vec<(String, u64, u64, bool, u64, String, String, String)>>;
 }
 
 #[proxy(interface = "org.cprd1.VM", default_service = "org.cprd1")]
@@ -58,6 +61,8 @@ trait Vm {
     fn state_reason(&self) -> zbus::Result<String>;
     #[zbus(property, name = "MachineType")]
     fn machine_type(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "VMMRelease")]
+    fn vmm_release(&self) -> zbus::Result<String>;
 }
 
 /// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
@@ -280,6 +285,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "memory_bytes": vm.memory_bytes().await?, "vcpus": vm.vcpus().await?,
                 "last_downtime_usec": vm.last_downtime_usec().await?, "console_log": vm.console_log().await?,
                 "state_reason": vm.state_reason().await?, "machine_type": vm.machine_type().await?,
+                "vmm_release": vm.vmm_release().await.unwrap_or_default(),
             });
             if cli.json {
                 println!("{v}");
@@ -324,19 +330,39 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::History => {
-            let h = m.get_history().await?;
+            // A cprd older than `GetUpgrades` (during a package upgrade) still answers `GetHistory`.
+            let h = match m.get_upgrades().await {
+                Ok(h) => h,
+                Err(_) => m
+                    .get_history()
+                    .await?
+                    .into_iter()
+                    .map(|(vm, t, g, ok, d, e)| (vm, t, g, ok, d, e, String::new(), String::new()))
+                    .collect(),
+            };
             if cli.json {
                 let rows: Vec<_> = h
                     .iter()
-                    .map(|(vm, t, g, ok, d, e)| {
-                        json!({"vm": vm, "time_usec": t, "generation": g, "ok": ok, "downtime_usec": d, "error": e})
+                    .map(|(vm, t, g, ok, d, e, from, to)| {
+                        json!({"vm": vm, "time_usec": t, "generation": g, "ok": ok, "downtime_usec": d, "error": e,
+                               "from_release": from, "to_release": to})
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
-                println!("{:<20} {:>10} {:<6} {:>14}  ERROR", "VM", "GENERATION", "RESULT", "DOWNTIME(us)");
-                for (vm, _t, g, ok, d, e) in h {
-                    println!("{vm:<20} {g:>10} {:<6} {d:>14}  {e}", if ok { "ok" } else { "failed" });
+                // A release's first word is its version (`11.1.3 (Debian ...)`).
+                let short = |r: &str| r.split_whitespace().next().unwrap_or("?").to_string();
+                println!(
+                    "{:<20} {:>10} {:<6} {:>14}  {:<20}  ERROR",
+                    "VM", "GENERATION", "RESULT", "DOWNTIME(us)", "RELEASE"
+                );
+                for (vm, _t, g, ok, d, e, from, to) in h {
+                    let release = match (from.is_empty(), ok) {
+                        (true, _) => String::new(),
+                        (false, true) => format!("{} -> {}", short(&from), short(&to)),
+                        (false, false) => short(&from),
+                    };
+                    println!("{vm:<20} {g:>10} {:<6} {d:>14}  {release:<20}  {e}", if ok { "ok" } else { "failed" });
                 }
             }
         }

@@ -58,6 +58,8 @@ pub struct Upgraded {
     pub downtime_usec: u64,
     /// The new VMM's build id.
     pub version: String,
+    /// The new VMM's release in words (see [`crate::engine::VmRecord::vmm_release`]).
+    pub release: String,
 }
 
 /// How an upgrade failed.
@@ -254,9 +256,9 @@ impl VmmBackend for CprVmm {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let version = match client.call(&Request::Describe, &[]) {
-            Ok(Response::Describe(d)) => d.build_id,
-            _ => String::new(),
+        let (version, release) = match client.call(&Request::Describe, &[]) {
+            Ok(Response::Describe(d)) => (d.build_id, d.version),
+            _ => (String::new(), String::new()),
         };
         let record = VmRecord {
             generation: 0,
@@ -268,6 +270,7 @@ impl VmmBackend for CprVmm {
             console,
             launch_args: Vec::new(),
             vmm_uid: uid,
+            vmm_release: release,
         };
         // Kept once the VM runs (a VMM that failed to start takes its pipe along).
         crate::fdstore::push(&crate::console::store_name(&def.name), serial_cprd.as_fd());
@@ -293,21 +296,20 @@ impl VmmBackend for CprVmm {
             Ok(out) => {
                 // The new VMM runs the very file cprd opened and checked, whose build id cprd
                 // knows; asking the VMM would make it hash its binary now.
+                let described =
+                    ControlClient::connect(&req.new_control).ok().and_then(|c| match c.call(&Request::Describe, &[]) {
+                        Ok(Response::Describe(d)) => Some(d),
+                        _ => None,
+                    });
                 let version = crate::engine::executable_build_id(req.binary)
-                    .or_else(|| {
-                        ControlClient::connect(&req.new_control).ok().and_then(|c| {
-                            match c.call(&Request::Describe, &[]) {
-                                Ok(Response::Describe(d)) => Some(d.build_id),
-                                _ => None,
-                            }
-                        })
-                    })
+                    .or_else(|| described.as_ref().map(|d| d.build_id.clone()))
                     .unwrap_or_default();
                 Ok(Upgraded {
                     generation: out.report.generation,
                     downtime_usec: out.report.downtime_ns() / 1000,
                     child: out.child,
                     version,
+                    release: described.map(|d| d.version).unwrap_or_default(),
                 })
             }
             Err(f) => Err(UpgradeError::from_phase(&f.phase, f.reason, f.child)),
@@ -387,6 +389,7 @@ impl VmmBackend for CprVmm {
         }
         record.main_pid = pid;
         record.vmm_version = describe.build_id;
+        record.vmm_release = describe.version;
         reattach_console(name, &client, record, stored);
         Ok(memfd)
     }

@@ -228,6 +228,18 @@ impl Manager {
         reload(conn, &self.engine, false).await.map(|_| ())
     }
 
+    /// Past upgrades with the releases they went between: (vm, time µs since the epoch,
+    /// generation, ok, downtime µs, error, release before, release after; empty when unknown or
+    /// failed).
+    #[zbus(name = "GetUpgrades")]
+    async fn get_upgrades(&self) -> Vec<(String, u64, u64, bool, u64, String, String, String)> {
+        self.engine
+            .history()
+            .into_iter()
+            .map(|r| (r.vm, r.time_usec, r.generation, r.ok, r.downtime_usec, r.error, r.from_release, r.to_release))
+            .collect()
+    }
+
     /// Past upgrades: (vm, time µs since the epoch, generation, ok, downtime µs, error).
     #[zbus(name = "GetHistory")]
     async fn get_history(&self) -> Vec<(String, u64, u64, bool, u64, String)> {
@@ -365,6 +377,12 @@ impl VmObject {
     #[zbus(property, name = "ConsoleLog")]
     async fn console_log(&self) -> zbus::fdo::Result<String> {
         Ok(self.view()?.console)
+    }
+    /// The release of the VMM that runs the guest, in words (`11.1.3 (Debian ...)` for a QEMU,
+    /// the package version for a cpr-vmm; empty when a cprd before this one started it).
+    #[zbus(property, name = "VMMRelease")]
+    async fn vmm_release(&self) -> zbus::fdo::Result<String> {
+        Ok(self.view()?.vmm_release)
     }
     /// QEMU VMs: the machine type pinned when the VM started (every generation keeps it; a new
     /// QEMU without it is refused in pre-flight). Empty for cpr-vmm VMs.

@@ -126,6 +126,10 @@ pub struct VmRecord {
     /// started by a cprd before the sandbox).
     #[serde(default)]
     pub vmm_uid: Option<u32>,
+    /// The VMM's release in words (`11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)` for a QEMU, the
+    /// package version for a cpr-vmm); empty where a cprd before it started the VMM.
+    #[serde(default)]
+    pub vmm_release: String,
 }
 
 /// How a VMM ended, in words (a seccomp kill named as such).
@@ -203,6 +207,8 @@ pub struct VmView {
     pub state_reason: String,
     /// The uid its VMMs run as, when they run boxed.
     pub vmm_uid: Option<u32>,
+    /// Its VMM's release in words (see [`VmRecord::vmm_release`]).
+    pub vmm_release: String,
     /// QEMU only: the machine type its first QEMU started with, which every generation keeps
     /// (empty for cpr-vmm VMs and stopped VMs).
     pub machine_type: String,
@@ -225,6 +231,12 @@ pub struct UpgradeRecord {
     pub downtime_usec: u64,
     /// The error, when it failed.
     pub error: String,
+    /// The release of the VMM that ran the guest before (see [`VmRecord::vmm_release`]).
+    #[serde(default)]
+    pub from_release: String,
+    /// The release of the VMM that runs it after a successful upgrade (empty when it failed).
+    #[serde(default)]
+    pub to_release: String,
 }
 
 /// Something D-Bus should announce.
@@ -611,13 +623,14 @@ impl Engine {
             )
         {
             // Refused before anything was touched; still an upgrade attempt for the history.
-            return self.upgrade_ended(name, id, Err(e));
+            return self.upgrade_ended(name, id, Err(e), (view.vmm_release, String::new()));
         }
         let owner::Claim::Claimed { record: Some(mut record), uid, .. } = self.claim(name, owner::Purpose::Upgrade)?
         else {
             return Err(CprdError::InvalidArgument(format!("VM {name} has no running VMM")));
         };
         let generation = record.generation + 1;
+        let from_release = record.vmm_release.clone();
         let new_control = self.runtime_dir.join("vms").join(format!("{name}.{generation}.sock"));
         let (tx, rx) = std::sync::mpsc::channel();
         let recorder = {
@@ -654,6 +667,7 @@ impl Engine {
         if result.is_ok() {
             crate::scope::settle_weight(name, generation);
         }
+        let to_release = result.as_ref().map_or_else(|_| String::new(), |up| up.release.clone());
         let (end, child) = match result {
             Ok(up) => {
                 let old_control = std::mem::replace(&mut record.control, new_control);
@@ -662,6 +676,7 @@ impl Engine {
                 record.main_pid = up.child.id();
                 record.vmm_binary = binary.path().to_path_buf();
                 record.vmm_version = up.version;
+                record.vmm_release.clone_from(&up.release);
                 record.last_downtime_usec = up.downtime_usec;
                 record.vmm_uid = uid;
                 (owner::HandoffEnd::Committed(record), Some(up.child))
@@ -680,7 +695,7 @@ impl Engine {
         if let Some(child) = child {
             self.supervise_child(name, child);
         }
-        self.upgrade_ended(name, id, outcome)
+        self.upgrade_ended(name, id, outcome, (from_release, to_release))
     }
 
     /// The journal of VM `name`'s handoffs.
@@ -688,15 +703,23 @@ impl Engine {
         CprdJournal { file: cpr_handoff::FileJournal::new(&self.runtime_dir.join("vms"), name) }
     }
 
-    /// Reports an upgrade's outcome to the owner (history, log, signal) and returns it.
+    /// Reports an upgrade's outcome to the owner (history, log, signal) and returns it, with the
+    /// releases it went (from, to).
     fn upgrade_ended(
         &self,
         name: &str,
         id: u64,
         outcome: Result<(u64, u64), CprdError>,
+        releases: (String, String),
     ) -> Result<(u64, u64), CprdError> {
         let reported = outcome.clone();
-        self.ask(|reply| owner::Request::UpgradeEnded { name: name.to_string(), id, outcome: reported, reply });
+        self.ask(|reply| owner::Request::UpgradeEnded {
+            name: name.to_string(),
+            id,
+            outcome: reported,
+            releases,
+            reply,
+        });
         outcome
     }
 

@@ -378,6 +378,15 @@ impl Qemu {
         Ok(d)
     }
 
+    /// What the pre-flight found `binary` to be (`11.1.3 (Debian ...)`), if it probed it.
+    fn probed_release(&self, binary: &Executable) -> Option<String> {
+        let key = crate::engine::executable_build_id(binary).unwrap_or_default();
+        lock(&self.probed)
+            .iter()
+            .find(|(b, k, _)| b == binary.path() && k.starts_with(&format!("{key}/")))
+            .map(|(_, _, d)| d.clone())
+    }
+
     /// Hands a throw-away VM from the running QEMU's binary to `binary` (`cpr_qemu::trial`), once
     /// per pair of builds, machine and accelerator: two builds of one QEMU need none.
     fn trial(
@@ -448,6 +457,7 @@ impl Qemu {
             console: def.console_log.clone().unwrap_or_else(|| dir.join(format!("{}.console", def.name))),
             launch_args,
             vmm_uid: None,
+            vmm_release: String::new(),
         }
     }
 }
@@ -493,8 +503,11 @@ impl VmmBackend for Qemu {
         let control = dir.join(format!("{}.0.sock", def.name));
         let log = dir.join(format!("{}.log", def.name));
         let boxed = uid.map(|u| qemu_box(dir, &def.name, u, &held.args)).transpose().map_err(start_failed)?;
-        let record =
-            VmRecord { vmm_uid: uid, ..Self::record_for(def, binary, control.clone(), held.args.clone(), dir) };
+        let record = VmRecord {
+            vmm_uid: uid,
+            vmm_release: version.clone(),
+            ..Self::record_for(def, binary, control.clone(), held.args.clone(), dir)
+        };
         crate::console::pump(&def.name, &held.serial_cprd, &record.console);
         let mut child = self.spawn(&held, binary, &control, &[], &log, boxed.as_ref()).map_err(start_failed)?;
         let ready = Qmp::connect(&control, START_TIMEOUT)
@@ -597,6 +610,7 @@ impl VmmBackend for Qemu {
                     child,
                     downtime_usec,
                     version: crate::engine::executable_build_id(req.binary).unwrap_or_default(),
+                    release: self.probed_release(req.binary).unwrap_or_default(),
                 })
             }
             Err(e) => {

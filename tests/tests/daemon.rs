@@ -117,6 +117,13 @@ fn full_lifecycle_through_cprctl_and_busctl() {
     let hist = json(&c.cprctl(&["--json", "history"]));
     assert_eq!(hist.as_array().map(Vec::len), Some(2));
     assert!(hist[1]["ok"].as_bool().unwrap_or(false));
+    // The releases an upgrade went between: this build's cpr-vmm, as it describes itself.
+    let release = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        (&hist[1]["from_release"], &hist[1]["to_release"]),
+        (&serde_json::json!(release), &serde_json::json!(release))
+    );
+    assert_eq!(st["vmm_release"], release);
     console_ok(&s, "vm1");
     // The pid read before the stop: after it, the status says 0.
     let running_pid = main_pid(&st);

@@ -111,6 +111,10 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     let history: serde_json::Value = serde_json::from_str(&c.sh("cprctl --json history")).expect("history");
     let last = history.as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
     assert!(last["ok"] == true && last["downtime_usec"].as_u64().is_some_and(|d| d > 0), "{history}");
+    let (from, to) =
+        (last["from_release"].as_str().unwrap_or_default(), last["to_release"].as_str().unwrap_or_default());
+    assert!(from.starts_with("10.0.") && to.starts_with("11.1."), "{history}");
+    assert!(after["vmm_release"].as_str().is_some_and(|r| r.starts_with("11.1.")), "{after}");
     let followed_to =
         || probe_lines(&std::fs::read_to_string(&followed).unwrap_or_default()).last().map_or(0, |l| l.seq);
     let read_on = wait_until(Duration::from_secs(30), || followed_to() >= seq);

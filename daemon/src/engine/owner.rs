@@ -35,6 +35,7 @@ pub enum Purpose {
 
 /// What a claim hands the operation.
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "one message per operation, moved once: a box would buy nothing")]
 pub enum Claim {
     /// Nothing to do (starting a running VM, stopping a stopped one).
     AlreadyDone,
@@ -71,6 +72,7 @@ pub enum HandoffEnd {
 
 /// Why re-attach did not take a VM back.
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "one message per VM at start, moved once: a box would buy nothing")]
 pub enum NotReattached {
     /// Nothing of use was left: the VM is stopped.
     Nothing,
@@ -113,7 +115,13 @@ pub enum Request {
     /// A handoff ended; the answer is the upgrade's result.
     HandoffEnded { name: String, end: HandoffEnd, reply: Reply<Result<(u64, u64), CprdError>> },
     /// An upgrade attempt ended (`id`: when it began): logged, kept in the history, signalled.
-    UpgradeEnded { name: String, id: u64, outcome: Result<(u64, u64), CprdError>, reply: Reply<()> },
+    UpgradeEnded {
+        name: String,
+        id: u64,
+        outcome: Result<(u64, u64), CprdError>,
+        releases: (String, String),
+        reply: Reply<()>,
+    },
     /// A reload read a new configuration.
     Configure { settings: Box<Settings>, defs: BTreeMap<String, VmDef>, reply: Reply<()> },
     /// VMs a previous cprd left running: held in `starting` until re-attach decides.
@@ -194,8 +202,8 @@ impl Table {
                 answer(reply, ());
             }
             Request::HandoffEnded { name, end, reply } => answer(reply, self.handoff_ended(&name, end)),
-            Request::UpgradeEnded { name, id, outcome, reply } => {
-                self.upgrade_ended(&name, id, outcome);
+            Request::UpgradeEnded { name, id, outcome, releases, reply } => {
+                self.upgrade_ended(&name, id, outcome, releases);
                 answer(reply, ());
             }
             Request::Configure { settings, defs, reply } => {
@@ -266,6 +274,7 @@ impl Table {
             console: r.map_or_else(String::new, |r| r.console.display().to_string()),
             state_reason: vm.attention.clone().unwrap_or_default(),
             vmm_uid: vm.uid,
+            vmm_release: r.map_or_else(String::new, |r| r.vmm_release.clone()),
             machine_type: r.map_or_else(String::new, |r| machine_type_of(&r.launch_args)),
         })
     }
@@ -514,7 +523,13 @@ impl Table {
         result
     }
 
-    fn upgrade_ended(&mut self, name: &str, id: u64, outcome: Result<(u64, u64), CprdError>) {
+    fn upgrade_ended(
+        &mut self,
+        name: &str,
+        id: u64,
+        outcome: Result<(u64, u64), CprdError>,
+        (from_release, to_release): (String, String),
+    ) {
         let rec = UpgradeRecord {
             id,
             vm: name.to_string(),
@@ -523,6 +538,8 @@ impl Table {
             ok: outcome.is_ok(),
             downtime_usec: outcome.as_ref().map_or(0, |(d, _)| *d),
             error: outcome.as_ref().err().map_or_else(String::new, ToString::to_string),
+            from_release,
+            to_release,
         };
         tracing::info!(
             CPRD_VM = name,

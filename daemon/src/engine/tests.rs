@@ -79,6 +79,7 @@ impl VmmBackend for Fake {
             console: dir.join(format!("{}.console", def.name)),
             launch_args: Vec::new(),
             vmm_uid: None,
+            vmm_release: "fake 1".into(),
         };
         Ok((record, memfd, child))
     }
@@ -100,6 +101,7 @@ impl VmmBackend for Fake {
                     child,
                     downtime_usec: 100,
                     version: "fake".into(),
+                    release: "fake 2".into(),
                 })
             }
             Script::RollBack => Err(UpgradeError::RolledBack("the new VMM refused the state".into())),
@@ -194,7 +196,11 @@ fn start_upgrade_stop() {
     assert_eq!((downtime, generation), (100, 1));
     let now = e.engine.view("vm1").expect("view");
     assert_ne!(now.main_pid, first.main_pid);
-    assert!(e.engine.history().last().is_some_and(|r| r.ok));
+    // The history says which releases the upgrade went between; the view shows the new one.
+    let last = e.engine.history().last().cloned().expect("an upgrade on record");
+    assert!(last.ok);
+    assert_eq!((last.from_release.as_str(), last.to_release.as_str()), ("fake 1", "fake 2"));
+    assert_eq!(now.vmm_release, "fake 2");
     e.engine.stop("vm1", false).expect("stop");
     assert_eq!(state(&e, "vm1"), VmState::Stopped);
     assert!(cpr_handoff::process::is_gone(now.main_pid));
