@@ -261,6 +261,7 @@ impl VmmBackend for CprVmm {
             _ => (String::new(), String::new()),
         };
         let record = VmRecord {
+            format: crate::engine::RECORD_FORMAT,
             generation: 0,
             main_pid: child.id(),
             control,

@@ -105,6 +105,11 @@ impl VmState {
 /// What cprd keeps about a VM whose VMM runs (persisted under the runtime directory).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
+    /// The record's format ([`RECORD_FORMAT`]; 0 in records of cprds before it had one, which
+    /// this format reads alike). A cprd adopts records of its own format or older; a VM whose
+    /// record is newer needs attention, with the reason, and its VMM is kept.
+    #[serde(default)]
+    pub format: u32,
     /// Handoffs so far.
     pub generation: u64,
     /// The VMM's pid.
@@ -132,7 +137,25 @@ pub struct VmRecord {
     pub vmm_release: String,
 }
 
-/// How a VMM ended, in words (a seccomp kill named as such).
+/// The format of the runtime records this cprd writes (`/run/cprd/vms/NAME.json` and the fd
+/// store's state record). New fields come with defaults and keep the format; a change an older
+/// cprd would misread bumps it. Golden files of each format are in `tests/golden/`.
+pub const RECORD_FORMAT: u32 = 1;
+
+impl VmRecord {
+    /// Checks that this cprd reads the record's format.
+    pub fn check_format(&self) -> Result<(), String> {
+        if self.format > RECORD_FORMAT {
+            return Err(format!(
+                "record format {} is newer than this cprd's {RECORD_FORMAT} (written by a newer cprd)",
+                self.format
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How a VMM ended (a seccomp kill named as such).
 pub fn exit_description(status: std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
@@ -908,6 +931,11 @@ impl Engine {
         stored_pidfd: Option<OwnedFd>,
         stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<u32, ReattachError> {
+        // A record a newer cprd wrote may mean more than this one reads: its VMM is kept and
+        // the VM needs attention (stop still ends it), rather than being guessed at.
+        if let Err(why) = record.check_format() {
+            return Err(Attention { why, record, other_pid: None }.into());
+        }
         let def = self.def(name).map_err(|e| e.to_string())?;
         let backend = (self.backends)(def.backend).map_err(|e| e.to_string())?;
         // A handoff that a dead cprd left in flight is finished or rolled back first, from its

@@ -448,6 +448,7 @@ impl Qemu {
         dir: &Path,
     ) -> VmRecord {
         VmRecord {
+            format: crate::engine::RECORD_FORMAT,
             generation: 0,
             main_pid: 0,
             control,

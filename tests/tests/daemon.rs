@@ -787,6 +787,31 @@ fn reattach_adopts_only_the_vmm_that_runs_the_recorded_generation() {
     assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(pid)));
 }
 
+/// A runtime record a newer cprd wrote (a higher `format`) is not guessed at after a restart
+/// (a downgrade of cprd): its VM needs attention with the reason, its VMM is kept, and a stop
+/// still ends it.
+#[test]
+fn a_record_of_a_newer_cprd_leaves_its_vm_needing_attention_and_its_vmm_alive() {
+    let mut s = setup(&["vm1"], &[]);
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let pid = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
+    s.cprd.kill9();
+    let path = s.cprd.runtime_dir.join("vms/vm1.json");
+    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
+    assert_eq!(record["format"], 1, "this cprd writes format 1: {record}");
+    record["format"] = serde_json::json!(2);
+    std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("write record");
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    assert_eq!(st["state"], "needs-attention", "{st}");
+    assert!(st["state_reason"].as_str().is_some_and(|r| r.contains("record format 2 is newer")), "{st}");
+    assert!(!cpr_tests::process_gone(pid), "the VMM of a record it could not read was killed");
+    assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success());
+    assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(pid)));
+}
+
 /// The pre-flight question to a candidate binary (`--state-formats`) had no deadline: a binary
 /// that never answers held the upgrade (and its caller) for ever. Now it is refused in time,
 /// killed, and the guest is untouched.

@@ -365,6 +365,11 @@ impl Table {
     /// Only the owner writes them, so they land in the order of the changes.
     fn persist(&self, name: &str) {
         match self.vms.get(name).and_then(|vm| vm.record.as_ref()) {
+            // A record an older cprd wrote is written in this cprd's format from now on.
+            Some(r) if r.format != super::RECORD_FORMAT => {
+                let r = VmRecord { format: super::RECORD_FORMAT, ..r.clone() };
+                write_atomic(&self.record_path(name), &serde_json::to_vec_pretty(&r).unwrap_or_default());
+            }
             Some(r) => write_atomic(&self.record_path(name), &serde_json::to_vec_pretty(r).unwrap_or_default()),
             None => {
                 let _ = std::fs::remove_file(self.record_path(name));

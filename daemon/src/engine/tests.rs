@@ -70,6 +70,7 @@ impl VmmBackend for Fake {
         let memfd = cpr_proto::memory::create_memfd(def.memory_bytes).map_err(CprdError::StartFailed)?;
         let child = vmm_process();
         let record = VmRecord {
+            format: crate::engine::RECORD_FORMAT,
             generation: 0,
             main_pid: child.id(),
             control: dir.join(format!("{}.0.sock", def.name)),
@@ -416,4 +417,29 @@ fn runtime_records_end_as_the_last_change_left_them() {
         assert_eq!((on_disk.generation, on_disk.main_pid), (v.generation, v.main_pid), "{name}");
         assert_eq!(v.generation, 4);
     }
+}
+
+/// Runtime records of every format this cprd reads, as earlier cprds wrote them
+/// (`tests/golden/`): the one before records had a format (session 8's, no `format`, no
+/// `vmm_release`) and format 1. A record of a newer format is refused with the reason.
+#[test]
+fn runtime_records_of_every_format_this_cprd_reads_are_read() {
+    let old: VmRecord =
+        serde_json::from_str(include_str!("../../../tests/golden/runtime-record-0.json")).expect("format 0");
+    let one: VmRecord =
+        serde_json::from_str(include_str!("../../../tests/golden/runtime-record-1.json")).expect("format 1");
+    for r in [&old, &one] {
+        r.check_format().expect("readable");
+        assert_eq!((r.generation, r.main_pid, r.vmm_uid), (3, 4242, Some(0x7000_0000)));
+        assert_eq!(r.launch_args.len(), 4);
+    }
+    assert_eq!((old.format, old.vmm_release.as_str()), (0, ""));
+    assert_eq!((one.format, one.vmm_release.as_str()), (1, "11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)"));
+    // What this build writes reads back the same.
+    let written = serde_json::to_string(&one).expect("serialize");
+    let again: VmRecord = serde_json::from_str(&written).expect("round trip");
+    assert_eq!(serde_json::to_value(&again).ok(), serde_json::to_value(&one).ok());
+    let newer = VmRecord { format: crate::engine::RECORD_FORMAT + 1, ..one };
+    let e = newer.check_format().expect_err("newer");
+    assert!(e.contains("record format 2 is newer than this cprd's 1"), "{e}");
 }
