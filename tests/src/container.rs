@@ -122,11 +122,12 @@ impl Container {
 
     /// Boots a Debian 13 container (systemd 257, QEMU 10.0 installed, QEMU 11.1 from
     /// trixie-backports downloaded) with nothing of cprd's: for the version-jump tests. `binds`
-    /// as for [`Container::boot_for_packages`].
-    pub fn boot_trixie_for_packages(binds: &[&Path]) -> Self {
+    /// as for [`Container::boot_for_packages`]; `extra_args` go to `systemd-nspawn`.
+    pub fn boot_trixie_for_packages(binds: &[&Path], extra_args: &[&str]) -> Self {
         let (dir, root) = unpack(&[("DIST", "trixie")]);
-        let binds: Vec<String> = binds.iter().map(|p| format!("--bind-ro={}", p.display())).collect();
-        Self::start(dir, root, &binds)
+        let mut args: Vec<String> = binds.iter().map(|p| format!("--bind-ro={}", p.display())).collect();
+        args.extend(extra_args.iter().map(ToString::to_string));
+        Self::start(dir, root, &args)
     }
 
     fn start(dir: tempfile::TempDir, root: PathBuf, extra_args: &[String]) -> Self {

@@ -1,7 +1,8 @@
 //! Upgrades between real QEMU versions (issue 16), the way a distribution delivers them: in a
 //! container running Debian 13's systemd 257 with cprd's .deb installed, trixie's QEMU 10.0 is
 //! replaced by trixie-backports' QEMU 11.1 with `apt-get install`; the package's dpkg trigger
-//! reloads cprd, which moves every QEMU guest to the new binary live. Then the downgrade. QEMU
+//! reloads cprd, which moves every QEMU guest to the new binary live, with a TCP connection to the
+//! guest open over its tap, its disk and a console client. Then the downgrade. QEMU
 //! runs with TCG here (`accel` is one word in the definition; on a host with hardware KVM the
 //! same test runs with `kvm`). The rootfs is built once by `scripts/container-rootfs`
 //! (`DIST=trixie`), with both QEMUs' packages in apt's cache, so the test needs no network.
@@ -11,7 +12,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cpr_tests::container::{Container, built_package};
-use cpr_tests::linux_guest::{check_probe, initramfs, kernel, probe_lines};
+use std::io::{Read, Write};
+
+use cpr_tests::linux_guest::{NetNs, check_probe, initramfs, kernel, probe_lines};
 use cpr_tests::wait_until;
 
 fn console(c: &Container, vm: &str) -> PathBuf {
@@ -62,17 +65,22 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     let deb = built_package("0.1.0");
     let (kernel, initrd) = (kernel(), initramfs());
     let pkgs = deb.parent().expect("dir").to_path_buf();
-    let c = Container::boot_trixie_for_packages(&[&pkgs, &kernel, &initrd]);
+    // The guest's network card: a tap that cprd creates in a network namespace of the test's,
+    // bound into the container (which gets a network of its own and CAP_NET_ADMIN with it).
+    let ns = NetNs::create("versions");
+    let ns_bind = format!("--bind-ro={}", ns.path().display());
+    let c = Container::boot_trixie_for_packages(&[&pkgs, &kernel, &initrd], &["--private-network", &ns_bind]);
     c.sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}", deb.display()));
     let qemu_version = || c.sh("dpkg-query -W -f='${Version}' qemu-system-x86");
     assert!(qemu_version().starts_with("1:10.0."), "{}", qemu_version());
     c.sh("mkdir -p /var/lib/cprd/images && truncate -s 8M /var/lib/cprd/images/q.img");
     c.sh(&format!(
         "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n[[disk]]\npath = \"/var/lib/cprd/images/q.img\"\n' \
-         > /etc/cprd/vms/q.toml",
+         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n[[disk]]\npath = \"/var/lib/cprd/images/q.img\"\n\
+         [[nic]]\ntap = \"cprv0\"\nnetns = \"{}\"\nmodel = \"e1000\"\n' > /etc/cprd/vms/q.toml",
         kernel.display(),
-        initrd.display()
+        initrd.display(),
+        ns.path().display()
     ));
     c.sh("cprctl reload && cprctl start q");
     assert!(wait_until(Duration::from_secs(90), || probe_lines(
@@ -81,6 +89,30 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     .len()
         > 3));
     guest_continuous(&c, "q");
+    // A TCP connection to the guest's echo server, open across every step below.
+    assert!(ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "cprv0"]) && ns.ip(&["link", "set", "cprv0", "up"]));
+    let text = || std::fs::read_to_string(console(&c, "q")).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(30), || text().contains("ECHO listening")), "{}", text());
+    let mut conn = ns.run(|| {
+        let mut last = None;
+        for _ in 0..100 {
+            match std::net::TcpStream::connect_timeout(&"10.0.2.15:7".parse().expect("addr"), Duration::from_secs(2)) {
+                Ok(c) => return c,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("cannot connect to the guest: {last:?}");
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut echo = |n: u32| {
+        let msg = format!("ping {n} {}\n", "x".repeat(1000));
+        conn.write_all(msg.as_bytes()).expect("send");
+        let mut back = vec![0u8; msg.len()];
+        conn.read_exact(&mut back).unwrap_or_else(|e| panic!("echo {n}: {e}"));
+        assert_eq!(back, msg.as_bytes(), "echo {n}");
+    };
+    echo(0);
     let before = status(&c, "q");
     assert!(holds_the_disk(&c, &before), "QEMU 10.0 does not hold the disk image");
     let packages_10 = installed(&c);
@@ -121,6 +153,7 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     let _ = follower.kill();
     let _ = follower.wait();
     assert!(read_on, "the console client stopped at {} (the guest is at {seq})", followed_to());
+    echo(1);
 
     // The downgrade: every package the upgrade changed, back to its trixie version. QEMU 10.0
     // cannot read QEMU 11.1's CPR state (it exits with `vmstate_load_state error -2`), which
@@ -152,5 +185,6 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
         "{history}"
     );
     guest_continuous(&c, "q");
+    echo(2);
     eprintln!("{}", c.sh("cprctl history"));
 }
