@@ -2,9 +2,8 @@
 //! speak QMP, be version 10.0 or newer (`cpr-transfer`), know the VM's pinned machine type and
 //! have that machine's `aux-ram-share` option.
 
-use std::os::fd::AsFd;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -56,52 +55,18 @@ pub fn probe(
 ) -> Result<ProbeReport, ProbeError> {
     let name = binary.path().display().to_string();
     let not_qemu = |why: String| ProbeError::NotQemu(name.clone(), why);
-    // One connection made before QEMU starts: a client that connects to a listening QMP socket
-    // while QEMU is still starting races its monitor's move to the I/O thread (a second greeting,
-    // or a hang: fixed upstream after 10.1); a connected socket is never accepted, so never raced.
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| not_qemu(format!("cannot make a socket pair: {e}")))?;
-    let args: Vec<String> = [
-        "-machine",
-        "none",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-S",
-        "-chardev",
-        &format!("socket,id=qmp,fd={}", crate::cmdline::QMP_FD),
-        "-mon",
-        "chardev=qmp,mode=control",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    let mut args = vec!["-machine".to_string(), "none".to_string()];
+    args.extend(crate::spawn::question_args());
     let output = scratch.join(format!("probe-{}-{}.out", std::process::id(), crate::transfer::unique()));
-    let out_file = std::fs::File::create(&output).ok();
-    let child = crate::spawn::spawn(binary, &args, &[(crate::cmdline::QMP_FD, theirs.as_fd())], out_file, sandbox);
-    drop(theirs);
-    let said = || {
-        let text = std::fs::read_to_string(&output).unwrap_or_default();
-        text.lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| format!("; it said: {}", l.trim()))
-            .unwrap_or_default()
-    };
-    let mut child = child.map_err(|e| not_qemu(format!("cannot run it: {e}")))?;
+    let (mut qemu, monitor) = crate::spawn::Questioned::start(binary, &args, output, sandbox).map_err(not_qemu)?;
+    let said = |q: &crate::spawn::Questioned| q.last_line().map(|l| format!("; it said: {l}")).unwrap_or_default();
     let result = (|| {
-        let mut qmp = match Qmp::negotiate(ours, timeout) {
+        let mut qmp = match Qmp::negotiate(monitor, timeout) {
             Ok(q) => q,
             Err(e) => {
-                let end = Instant::now() + Duration::from_secs(1);
-                let mut exit = None;
-                while exit.is_none() && Instant::now() < end {
-                    exit = child.try_wait().ok().flatten();
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                let how = exit.map(|s| format!(", it exited ({s})")).unwrap_or_default();
-                return Err(not_qemu(format!("{e}{how}{}", said())));
+                let how =
+                    qemu.wait_exit(Duration::from_secs(1)).map(|s| format!(", it exited ({s})")).unwrap_or_default();
+                return Err(not_qemu(format!("{e}{how}{}", said(&qemu))));
             }
         };
         let report = ProbeReport { version: qmp.version, package: qmp.package.clone() };
@@ -127,12 +92,7 @@ pub fn probe(
         let _ = qmp.execute("quit", None);
         Ok(report)
     })();
-    let end = Instant::now() + Duration::from_secs(2);
-    while child.try_wait().ok().flatten().is_none() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&output);
+    // Time to quit by itself; the drop kills it otherwise.
+    qemu.wait_exit(Duration::from_secs(2));
     result
 }

@@ -27,6 +27,85 @@ pub fn spawn(
     cmd.spawn()
 }
 
+/// The arguments of a QEMU started only to be asked something (the pre-flight probe, a trial
+/// handoff): no devices, paused (`-S`), its monitor on the connected socket at
+/// [`crate::cmdline::QMP_FD`] that [`Questioned::start`] hands it. The caller adds `-machine`.
+pub fn question_args() -> Vec<String> {
+    [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-S",
+        "-chardev",
+        &format!("socket,id=qmp,fd={}", crate::cmdline::QMP_FD),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect()
+}
+
+/// A QEMU started only to be asked something, its monitor on a socket pair (connected before
+/// it starts, so never `accept`ed and never raced: see `Qmp::negotiate`), what it prints in a
+/// file. Killed, reaped and its file removed on drop.
+#[derive(Debug)]
+pub struct Questioned {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Questioned {
+    /// Starts `binary args` (see [`question_args`]) with what it prints going to `log` (left
+    /// out if `log` cannot be created); returns it and cprd's end of its monitor.
+    pub fn start(
+        binary: &cpr_spawn::Executable,
+        args: &[String],
+        log: std::path::PathBuf,
+        sandbox: Option<&cpr_spawn::Sandbox>,
+    ) -> Result<(Self, std::os::unix::net::UnixStream), String> {
+        use std::os::fd::AsFd;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| format!("cannot make a socket pair: {e}"))?;
+        let out = File::create(&log).ok();
+        let child = spawn(binary, args, &[(crate::cmdline::QMP_FD, theirs.as_fd())], out, sandbox)
+            .map_err(|e| format!("cannot run {}: {e}", binary.path().display()))?;
+        Ok((Self { child, log }, ours))
+    }
+
+    /// The last line it printed, for an error message (QEMU's deprecation notices skipped).
+    pub fn last_line(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().rev().find(|l| !l.trim().is_empty() && !l.contains("is deprecated")).map(|l| l.trim().to_string())
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let status = self.exited();
+            if status.is_some() || std::time::Instant::now() >= end {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Questioned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
 /// A listening UNIX socket at `path` (a stale file there is replaced).
 pub fn listen_at(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     match std::fs::remove_file(path) {

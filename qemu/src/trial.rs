@@ -9,14 +9,13 @@
 //! `paused`, the upgrade is refused with what the new QEMU said. It covers the CPR state and the
 //! machine's and CPU's device state, not the state of the VM's own cards and disks.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::qmp::Qmp;
+use crate::spawn::Questioned;
 
 /// What the throw-away VM is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,19 +38,11 @@ impl TrialVm {
             "memory-backend-memfd,id=trial-ram,size=16M,share=on",
             "-m",
             "16M",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-S",
-            "-chardev",
-            &format!("socket,id=qmp,fd={}", crate::cmdline::QMP_FD),
-            "-mon",
-            "chardev=qmp,mode=control",
         ]
         .iter()
         .map(ToString::to_string)
         .collect();
+        a.extend(crate::spawn::question_args());
         if let Some(cpu) = &self.cpu {
             a.extend(["-cpu".to_string(), cpu.clone()]);
         }
@@ -69,48 +60,9 @@ pub struct Meeting {
     pub inside: PathBuf,
 }
 
-/// One QEMU of the trial, killed and reaped on drop.
-struct Side {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Side {
-    fn start(
-        binary: &cpr_spawn::Executable,
-        args: &[String],
-        log: PathBuf,
-        sandbox: Option<&cpr_spawn::Sandbox>,
-    ) -> Result<(Self, std::os::unix::net::UnixStream), String> {
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| format!("cannot make a socket pair: {e}"))?;
-        let out = std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let child = crate::spawn::spawn(binary, args, &[(crate::cmdline::QMP_FD, theirs.as_fd())], Some(out), sandbox)
-            .map_err(|e| format!("cannot run {}: {e}", binary.path().display()))?;
-        Ok((Self { child, log }, ours))
-    }
-
-    /// What it printed last, for an error message.
-    fn said(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .rev()
-            .find(|l| !l.trim().is_empty() && !l.contains("is deprecated"))
-            .map(|l| l.trim().to_string())
-            .unwrap_or_else(|| "nothing".into())
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Side {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
+/// What `side` printed last, for an error message.
+fn said(side: &Questioned) -> String {
+    side.last_line().unwrap_or_else(|| "nothing".into())
 }
 
 /// Hands a throw-away VM from `old` to `new` with cpr-transfer (see the module's comment);
@@ -135,16 +87,17 @@ pub fn trial(
         [meeting.host.join(format!("trial-{id}-main.sock")), meeting.host.join(format!("trial-{id}-cpr.sock"))];
     let result = (|| {
         let args = vm.args();
-        let (source, qmp) = Side::start(old, &args, scratch.join(format!("trial-{id}-old.log")), sandbox)?;
+        let (source, qmp) = Questioned::start(old, &args, scratch.join(format!("trial-{id}-old.log")), sandbox)?;
         let mut source_qmp = Qmp::negotiate(qmp, left())
-            .map_err(|e| format!("the running QEMU's binary did not start a trial VM: {e} ({})", source.said()))?;
+            .map_err(|e| format!("the running QEMU's binary did not start a trial VM: {e} ({})", said(&source)))?;
         source_qmp.execute("cont", None).map_err(|e| format!("cont on the trial VM: {e}"))?;
         let mut incoming = args.clone();
         incoming.extend(crate::cmdline::incoming_args(&main, &cpr));
-        let (mut target, qmp) = Side::start(new, &incoming, scratch.join(format!("trial-{id}-new.log")), sandbox)?;
+        let (mut target, qmp) =
+            Questioned::start(new, &incoming, scratch.join(format!("trial-{id}-new.log")), sandbox)?;
         while !crate::spawn::is_listening(&cpr) {
             if let Some(status) = target.exited() {
-                return Err(format!("it exited ({status}) before listening for the cpr channel: {}", target.said()));
+                return Err(format!("it exited ({status}) before listening for the cpr channel: {}", said(&target)));
             }
             if Instant::now() > deadline {
                 return Err(format!("it did not listen for the cpr channel within {timeout:?}"));
@@ -161,24 +114,21 @@ pub fn trial(
         let mut target_qmp = match Qmp::negotiate(qmp, left()) {
             Ok(q) => q,
             Err(e) => {
-                let end = Instant::now() + Duration::from_secs(1);
-                while target.exited().is_none() && Instant::now() < end {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                return Err(format!("it did not take the CPR state ({e}): {}", target.said()));
+                target.wait_exit(Duration::from_secs(1));
+                return Err(format!("it did not take the CPR state ({e}): {}", said(&target)));
             }
         };
         loop {
             match target_qmp.status() {
                 Ok(s) if s == "paused" => return Ok(()),
                 Ok(_) => {}
-                Err(e) => return Err(format!("it did not take the state ({e}): {}", target.said())),
+                Err(e) => return Err(format!("it did not take the state ({e}): {}", said(&target))),
             }
             if let Ok(info) = source_qmp.execute("query-migrate", None) {
                 let status = info.get("status").and_then(Value::as_str).unwrap_or_default();
                 if matches!(status, "failed" | "cancelled") {
                     let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                    return Err(format!("the migration {status}: {why}; it said: {}", target.said()));
+                    return Err(format!("the migration {status}: {why}; it said: {}", said(&target)));
                 }
             }
             if Instant::now() > deadline {

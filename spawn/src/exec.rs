@@ -86,6 +86,17 @@ fn open_at(dir: BorrowedFd<'_>, name: &[u8], flags: libc::c_int) -> std::io::Res
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A close-on-exec copy of `file` at or above [`EXEC_FD_FLOOR`], where an `Executable` keeps it.
+fn above_floor(file: &File) -> std::io::Result<Arc<OwnedFd>> {
+    // SAFETY: F_DUPFD_CLOEXEC on a valid descriptor returns a new one or -1.
+    let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, EXEC_FD_FLOOR) };
+    if high < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(high) }))
+}
+
 /// Whether `name` in `dir` is a symbolic link (to explain a refused open).
 fn is_symlink_at(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
     let Ok(name) = CString::new(name) else { return false };
@@ -166,13 +177,7 @@ impl Executable {
         check_owner_and_mode(&here, &meta, false)?;
         let mut magic = [0u8; 2];
         let script = dir.read_at(&mut magic, 0).is_ok_and(|n| n == 2) && magic == *b"#!";
-        // SAFETY: F_DUPFD_CLOEXEC on a valid descriptor returns a new one or -1.
-        let high = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, EXEC_FD_FLOOR) };
-        if high < 0 {
-            return Err(UntrustedPath::Io { path: here, source: std::io::Error::last_os_error() });
-        }
-        // SAFETY: fcntl returned a new descriptor that nothing else owns.
-        let file = Arc::new(unsafe { OwnedFd::from_raw_fd(high) });
+        let file = above_floor(&dir).map_err(|source| UntrustedPath::Io { path: here, source })?;
         Ok(Self { path: path.to_path_buf(), file, script })
     }
 
@@ -184,14 +189,7 @@ impl Executable {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let io = |source| UntrustedPath::Io { path: exe.clone(), source };
         let path = std::fs::read_link(&exe).map_err(io)?;
-        let file = File::open(&exe).map_err(io)?;
-        // SAFETY: F_DUPFD_CLOEXEC on a valid descriptor returns a new one or -1.
-        let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, EXEC_FD_FLOOR) };
-        if high < 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
-        // SAFETY: fcntl returned a new descriptor that nothing else owns.
-        let file = Arc::new(unsafe { OwnedFd::from_raw_fd(high) });
+        let file = above_floor(&File::open(&exe).map_err(io)?).map_err(io)?;
         Ok(Self { path, file, script: false })
     }
 
