@@ -179,6 +179,21 @@ impl Container {
         Command::new("nsenter").args(["-t", &self.leader.to_string(), "-a"]).args(args).output().expect("nsenter")
     }
 
+    /// Where VM `vm`'s console log is, seen from the host.
+    pub fn console(&self, vm: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root/run/cprd/vms/{vm}.console", self.leader))
+    }
+
+    /// `cprctl --json status VM` inside the container.
+    pub fn status(&self, vm: &str) -> serde_json::Value {
+        serde_json::from_str(&self.sh(&format!("cprctl --json status {vm}"))).expect("status json")
+    }
+
+    /// The end of cprd's journal, for failure messages.
+    pub fn journal(&self) -> String {
+        String::from_utf8_lossy(&self.exec(&["journalctl", "-u", "cprd", "--no-pager", "-n", "80"]).stdout).into_owned()
+    }
+
     /// Runs a shell command line inside the container and returns its stdout; panics on failure.
     pub fn sh(&self, line: &str) -> String {
         let o = self.exec(&["sh", "-c", line]);

@@ -46,6 +46,14 @@ pub fn require_kvm() {
     assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing: these tests run real guests and cannot be skipped");
 }
 
+/// Writes `contents` to `path` as an executable (mode 0755): a test's fake or wrapper binary.
+pub fn write_executable(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;

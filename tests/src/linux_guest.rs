@@ -179,3 +179,40 @@ impl Drop for NetNs {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+/// A TCP connection to the probe guest's echo server (10.0.2.15, port 7), made from inside the
+/// network namespace of the guest's tap, whose host side the test addressed 10.0.2.1/24.
+#[derive(Debug)]
+pub struct Echo(std::net::TcpStream);
+
+impl Echo {
+    /// Connects, trying for 20 s while the guest brings its network up.
+    pub fn connect(ns: &NetNs) -> Self {
+        let conn = ns.run(|| {
+            let mut last = None;
+            for _ in 0..100 {
+                match std::net::TcpStream::connect_timeout(
+                    &"10.0.2.15:7".parse().expect("addr"),
+                    std::time::Duration::from_secs(2),
+                ) {
+                    Ok(c) => return c,
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            panic!("cannot connect to the guest: {last:?}");
+        });
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(30))).expect("timeout");
+        Self(conn)
+    }
+
+    /// Sends a line of about 1 KiB numbered `n` and checks that the guest sends it back whole.
+    pub fn check(&mut self, n: u32) {
+        use std::io::{Read, Write};
+        let msg = format!("ping {n} {}\n", "x".repeat(1000));
+        self.0.write_all(msg.as_bytes()).expect("send");
+        let mut back = vec![0u8; msg.len()];
+        self.0.read_exact(&mut back).unwrap_or_else(|e| panic!("echo {n}: {e}"));
+        assert_eq!(back, msg.as_bytes(), "echo {n}");
+    }
+}

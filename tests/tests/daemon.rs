@@ -770,21 +770,29 @@ fn reattach_adopts_only_the_vmm_that_runs_the_recorded_generation() {
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     assert!(s.cprd.cprctl(&["upgrade", "vm1"]).status.success());
     let pid = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
-    s.cprd.kill9();
     // The record now names another generation than the VMM at its control socket runs.
-    let path = s.cprd.runtime_dir.join("vms/vm1.json");
-    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
-    assert_eq!(record["generation"], 1);
-    record["generation"] = serde_json::json!(0);
-    std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("write record");
-    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
-    let config = s.cprd.config_dir.clone();
-    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    restart_with_record_changed(&mut s, "vm1", |record| {
+        assert_eq!(record["generation"], 1);
+        record["generation"] = serde_json::json!(0);
+    });
     let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
     assert_eq!(st["state"], "needs-attention", "{st}");
     assert!(!cpr_tests::process_gone(pid), "the VMM that may hold the guest was not killed");
     assert!(s.cprd.cprctl(&["stop", "vm1"]).status.success());
     assert!(wait_until(Duration::from_secs(5), || cpr_tests::process_gone(pid)));
+}
+
+/// Kills cprd (its VMMs run on), lets `change` edit `vm`'s runtime record, and starts cprd again
+/// (without an fd store it re-attaches from the records).
+fn restart_with_record_changed(s: &mut Setup, vm: &str, change: impl FnOnce(&mut serde_json::Value)) {
+    s.cprd.kill9();
+    let path = s.cprd.runtime_dir.join(format!("vms/{vm}.json"));
+    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
+    change(&mut record);
+    std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("write record");
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
 }
 
 /// A runtime record a newer cprd wrote (a higher `format`) is not guessed at after a restart
@@ -795,15 +803,10 @@ fn a_record_of_a_newer_cprd_leaves_its_vm_needing_attention_and_its_vmm_alive() 
     let mut s = setup(&["vm1"], &[]);
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     let pid = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
-    s.cprd.kill9();
-    let path = s.cprd.runtime_dir.join("vms/vm1.json");
-    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
-    assert_eq!(record["format"], 1, "this cprd writes format 1: {record}");
-    record["format"] = serde_json::json!(2);
-    std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("write record");
-    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
-    let config = s.cprd.config_dir.clone();
-    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    restart_with_record_changed(&mut s, "vm1", |record| {
+        assert_eq!(record["format"], 1, "this cprd writes format 1: {record}");
+        record["format"] = serde_json::json!(2);
+    });
     let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
     assert_eq!(st["state"], "needs-attention", "{st}");
     assert!(st["state_reason"].as_str().is_some_and(|r| r.contains("record format 2 is newer")), "{st}");
@@ -1361,8 +1364,7 @@ fn the_preflight_asks_a_cpr_vmm_candidate_in_the_vms_box_not_as_root() {
         "#!/bin/sh\nif [ \"$(id -u)\" = 0 ]; then echo 'asked as root' >&2; exit 3; fi\nexec {} \"$@\"\n",
         cpr_tests::bin("cpr-vmm").display()
     );
-    std::fs::write(&path, script).expect("write");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    cpr_tests::write_executable(&path, script);
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     let up = s.cprd.cprctl(&["--json", "upgrade", "vm1", "--binary", &path.display().to_string()]);
     assert_eq!(json(&up)["generation"], 1);

@@ -11,27 +11,14 @@ use cpr_tests::container::{Container, built_package as package};
 use cpr_tests::linux_guest::{check_probe, initramfs, kernel, probe_lines};
 use cpr_tests::{check_heartbeats, heartbeats, wait_until};
 
-fn console(c: &Container, vm: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{}/root/run/cprd/vms/{vm}.console", c.leader))
-}
-
-/// cprd's journal, for failure messages.
-fn journal(c: &Container) -> String {
-    String::from_utf8_lossy(&c.exec(&["journalctl", "-u", "cprd", "--no-pager", "-n", "60"]).stdout).into_owned()
-}
-
-fn status(c: &Container, vm: &str) -> serde_json::Value {
-    serde_json::from_str(&c.sh(&format!("cprctl --json status {vm}"))).expect("status json")
-}
-
 fn guests_continuous(c: &Container) {
     for vm in ["a", "b"] {
-        let path = console(c, vm);
+        let path = c.console(vm);
         let seq = heartbeats(&path).last().map_or(0, |h| h.seq);
         assert!(wait_until(Duration::from_secs(20), || heartbeats(&path).last().is_some_and(|h| h.seq > seq + 1)));
         check_heartbeats(&heartbeats(&path)).unwrap_or_else(|e| panic!("{vm}: {e}"));
     }
-    let q = console(c, "q");
+    let q = c.console("q");
     let text = || std::fs::read_to_string(&q).unwrap_or_default();
     let seq = probe_lines(&text()).last().map_or(0, |l| l.seq);
     assert!(wait_until(Duration::from_secs(30), || probe_lines(&text()).last().is_some_and(|l| l.seq > seq + 2)));
@@ -97,12 +84,12 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     ));
     c.sh("cprctl reload && cprctl start a && cprctl start b && cprctl start q");
     assert!(wait_until(Duration::from_secs(90), || probe_lines(
-        &std::fs::read_to_string(console(&c, "q")).unwrap_or_default()
+        &std::fs::read_to_string(c.console("q")).unwrap_or_default()
     )
     .len()
         > 3));
     guests_continuous(&c);
-    let q_pid = status(&c, "q")["main_pid"].clone();
+    let q_pid = c.status("q")["main_pid"].clone();
     let cprd_pid = c.sh("systemctl show -P MainPID cprd.service");
 
     // Upgrade the package: cprd re-executes in place, both cpr-vmm guests move to the new
@@ -111,15 +98,15 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     assert!(c.sh("cprctl --version").contains("0.1.1"));
     assert_eq!(c.sh("systemctl show -P MainPID cprd.service"), cprd_pid, "cprd was restarted, not reloaded");
     for vm in ["a", "b"] {
-        let st = status(&c, vm);
+        let st = c.status(vm);
         assert_eq!((st["generation"].as_u64(), st["state"].as_str()), (Some(1), Some("running")), "{vm}: {st}");
     }
-    let st = status(&c, "q");
+    let st = c.status("q");
     assert_eq!(
         (&st["generation"], &st["main_pid"]),
         (&serde_json::json!(0), &q_pid),
         "QEMU VM touched: {st}\n{}",
-        journal(&c)
+        c.journal()
     );
     guests_continuous(&c);
     let history: serde_json::Value = serde_json::from_str(&c.sh("cprctl --json history")).expect("history");
@@ -130,15 +117,15 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     // A new binary at QEMU's path fires the trigger: the QEMU guest moves to it, live.
     let update = qemu_update_package(&c, scratch.path(), false);
     c.sh(&format!("dpkg -i --force-overwrite {}", update.display()));
-    let st = status(&c, "q");
-    assert_eq!(st["generation"], 1, "the trigger did not upgrade the QEMU VM: {st}\n{}", journal(&c));
+    let st = c.status("q");
+    assert_eq!(st["generation"], 1, "the trigger did not upgrade the QEMU VM: {st}\n{}", c.journal());
     guests_continuous(&c);
     // A broken binary at QEMU's path: the transaction still succeeds (c.sh checks the exit
     // status), the VM stays on its QEMU, and the failed upgrade is in the history.
-    let q_pid = status(&c, "q")["main_pid"].clone();
+    let q_pid = c.status("q")["main_pid"].clone();
     let broken = qemu_update_package(&c, scratch.path(), true);
     c.sh(&format!("dpkg -i --force-overwrite {}", broken.display()));
-    let st = status(&c, "q");
+    let st = c.status("q");
     assert_eq!(
         (&st["generation"], &st["main_pid"], st["state"].as_str()),
         (&serde_json::json!(1), &q_pid, Some("running")),
@@ -155,7 +142,7 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     );
 
     // Purge: VMs stopped, service gone, files and state removed, no units left behind.
-    let pids: Vec<u64> = ["a", "b", "q"].iter().filter_map(|v| status(&c, v)["main_pid"].as_u64()).collect();
+    let pids: Vec<u64> = ["a", "b", "q"].iter().filter_map(|v| c.status(v)["main_pid"].as_u64()).collect();
     c.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q cprd");
     for pid in pids {
         let gone = wait_until(Duration::from_secs(10), || {

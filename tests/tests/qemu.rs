@@ -4,15 +4,15 @@
 //! same code path with `accel=kvm`.
 #![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, text, write_config};
-use cpr_tests::linux_guest::{NetNs, check_probe, probe_lines, qemu, vm_definition};
-use cpr_tests::wait_until;
+use cpr_tests::linux_guest::{Echo, NetNs, check_probe, probe_lines, qemu, vm_definition};
+use cpr_tests::{wait_until, write_executable};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -140,30 +140,12 @@ fn tcp_connection_to_the_guest_survives_ten_upgrades() {
         "{}",
         console(&s, "net")
     );
-    let mut conn = ns.run(|| {
-        let mut last = None;
-        for _ in 0..100 {
-            match std::net::TcpStream::connect_timeout(&"10.0.2.15:7".parse().expect("addr"), Duration::from_secs(2)) {
-                Ok(c) => return c,
-                Err(e) => last = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("cannot connect to the guest: {last:?}");
-    });
-    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    let mut echo = |n: u32| {
-        let msg = format!("ping {n} {}\n", "x".repeat(1000));
-        conn.write_all(msg.as_bytes()).expect("send");
-        let mut back = vec![0u8; msg.len()];
-        conn.read_exact(&mut back).unwrap_or_else(|e| panic!("echo {n}: {e}"));
-        assert_eq!(back, msg.as_bytes(), "echo {n}");
-    };
-    echo(0);
+    let mut echo = Echo::connect(&ns);
+    echo.check(0);
     for generation in 1..=10 {
         let up = json(&s.cprd.cprctl(&["--json", "upgrade", "net"]));
         assert_eq!(up["generation"], generation);
-        echo(generation);
+        echo.check(generation);
     }
     still_running(&s, "net", 3);
     let out = s.cprd.cprctl(&["stop", "net"]);
@@ -209,14 +191,11 @@ fn a_binary_that_is_not_qemu_10_is_refused_before_anything_changes() {
     let s = setup(&[("lin", vm_definition("128M", ""))], &[]);
     start_and_wait(&s, "lin");
     let fake = s.dir.path().join("fake-qemu");
-    std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 9.2.0'\nexit 1\n").expect("fake");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    write_executable(&fake, "#!/bin/sh\necho 'QEMU emulator version 9.2.0'\nexit 1\n");
     upgrade_fails_and_guest_runs_on(&s, "lin", &fake.display().to_string(), "Incompatible");
     // A process that speaks real QMP but says it is QEMU 9.2 (on the QMP socket cprd hands it).
     let old = s.dir.path().join("fake-qemu9");
-    std::fs::write(&old, FAKE_QEMU_9).expect("fake");
-    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    write_executable(&old, FAKE_QEMU_9);
     let err = upgrade_fails_and_guest_runs_on(&s, "lin", &old.display().to_string(), "Incompatible");
     assert!(err.contains("is QEMU 9.2.0; cpr-transfer needs QEMU 10.0 or newer"), "{err}");
     // Still upgradable afterwards.
@@ -236,9 +215,7 @@ fn the_preflight_probes_a_qemu_candidate_in_the_vms_box_not_as_root() {
         "#!/bin/sh\nif [ \"$(id -u)\" = 0 ]; then echo 'started as root' >&2; exit 3; fi\nexec {} \"$@\"\n",
         qemu().display()
     );
-    std::fs::write(&path, script).expect("write");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    write_executable(&path, script);
     let up = s.cprd.cprctl(&["--json", "upgrade", "lin", "--binary", &path.display().to_string()]);
     assert_eq!(json(&up)["generation"], 1);
     still_running(&s, "lin", 2);
@@ -298,9 +275,7 @@ fn a_qemu_that_cannot_take_the_guest_is_refused_by_a_trial_before_the_guest_is_t
          exit 1 ;; esac\nexec {} \"$@\"\n",
         qemu().display()
     );
-    std::fs::write(&path, script).expect("write");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    write_executable(&path, script);
     let out = s.cprd.cprctl(&["upgrade", "lin", "--binary", &path.display().to_string()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -496,7 +471,6 @@ struct Unreachable {
 /// with another state than `inmigrate`), then counts the probe lines of the next two seconds.
 /// Checks that cprd still waits for the new QEMU then.
 fn upgrade_to_an_unreachable_qemu(s: &Setup) -> Unreachable {
-    use std::os::unix::fs::PermissionsExt;
     // The new QEMU runs in the VM's box, where the one place it may create a socket is the VM's
     // channel directory; the box shows that directory at the host path below /run/cprd-vm.
     let chan = s.cprd.runtime_dir.join("vms").join("lin.chan");
@@ -506,8 +480,7 @@ fn upgrade_to_an_unreachable_qemu(s: &Setup) -> Unreachable {
     let script = UNREACHABLE_QEMU
         .replace("@QMP@", &inside.display().to_string())
         .replace("@QEMU@", &qemu().display().to_string());
-    std::fs::write(&binary, script).expect("write the wrapper");
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    write_executable(&binary, script);
     let binary = binary.display().to_string();
     let mut upgrade = s
         .cprd

@@ -8,26 +8,11 @@
 //! (`DIST=trixie`), with both QEMUs' packages in apt's cache, so the test needs no network.
 #![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use cpr_tests::container::{Container, built_package};
-use std::io::{Read, Write};
-
-use cpr_tests::linux_guest::{NetNs, check_probe, initramfs, kernel, probe_lines};
+use cpr_tests::linux_guest::{Echo, NetNs, check_probe, initramfs, kernel, probe_lines};
 use cpr_tests::wait_until;
-
-fn console(c: &Container, vm: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{}/root/run/cprd/vms/{vm}.console", c.leader))
-}
-
-fn status(c: &Container, vm: &str) -> serde_json::Value {
-    serde_json::from_str(&c.sh(&format!("cprctl --json status {vm}"))).expect("status json")
-}
-
-fn journal(c: &Container) -> String {
-    String::from_utf8_lossy(&c.exec(&["journalctl", "-u", "cprd", "--no-pager", "-n", "80"]).stdout).into_owned()
-}
 
 /// Installed packages and their versions (`name=version` lines, sorted).
 fn installed(c: &Container) -> Vec<String> {
@@ -49,7 +34,7 @@ fn holds_the_disk(c: &Container, st: &serde_json::Value) -> bool {
 /// The guest prints on (two more probe lines), and everything it printed is one boot without a
 /// hole.
 fn guest_continuous(c: &Container, vm: &str) -> u64 {
-    let path = console(c, vm);
+    let path = c.console(vm);
     let text = || std::fs::read_to_string(&path).unwrap_or_default();
     let seq = probe_lines(&text()).last().map_or(0, |l| l.seq);
     assert!(
@@ -84,36 +69,18 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     ));
     c.sh("cprctl reload && cprctl start q");
     assert!(wait_until(Duration::from_secs(90), || probe_lines(
-        &std::fs::read_to_string(console(&c, "q")).unwrap_or_default()
+        &std::fs::read_to_string(c.console("q")).unwrap_or_default()
     )
     .len()
         > 3));
     guest_continuous(&c, "q");
     // A TCP connection to the guest's echo server, open across every step below.
     assert!(ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "cprv0"]) && ns.ip(&["link", "set", "cprv0", "up"]));
-    let text = || std::fs::read_to_string(console(&c, "q")).unwrap_or_default();
+    let text = || std::fs::read_to_string(c.console("q")).unwrap_or_default();
     assert!(wait_until(Duration::from_secs(30), || text().contains("ECHO listening")), "{}", text());
-    let mut conn = ns.run(|| {
-        let mut last = None;
-        for _ in 0..100 {
-            match std::net::TcpStream::connect_timeout(&"10.0.2.15:7".parse().expect("addr"), Duration::from_secs(2)) {
-                Ok(c) => return c,
-                Err(e) => last = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("cannot connect to the guest: {last:?}");
-    });
-    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    let mut echo = |n: u32| {
-        let msg = format!("ping {n} {}\n", "x".repeat(1000));
-        conn.write_all(msg.as_bytes()).expect("send");
-        let mut back = vec![0u8; msg.len()];
-        conn.read_exact(&mut back).unwrap_or_else(|e| panic!("echo {n}: {e}"));
-        assert_eq!(back, msg.as_bytes(), "echo {n}");
-    };
-    echo(0);
-    let before = status(&c, "q");
+    let mut echo = Echo::connect(&ns);
+    echo.check(0);
+    let before = c.status("q");
     assert!(holds_the_disk(&c, &before), "QEMU 10.0 does not hold the disk image");
     let packages_10 = installed(&c);
     // A console client, started before the upgrade, reads on across it.
@@ -129,12 +96,12 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     // The distribution's upgrade: QEMU 11.1 from trixie-backports.
     c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t trixie-backports qemu-system-x86");
     assert!(qemu_version().starts_with("1:11.1."), "{}", qemu_version());
-    let after = status(&c, "q");
+    let after = c.status("q");
     assert_eq!(
         (after["generation"].as_u64(), after["state"].as_str()),
         (Some(1), Some("running")),
         "the trigger did not move the guest to QEMU 11.1: {after}\n{}",
-        journal(&c)
+        c.journal()
     );
     assert_ne!(after["main_pid"], before["main_pid"]);
     assert_eq!(after["machine_type"], before["machine_type"], "the machine type is pinned");
@@ -153,7 +120,7 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     let _ = follower.kill();
     let _ = follower.wait();
     assert!(read_on, "the console client stopped at {} (the guest is at {seq})", followed_to());
-    echo(1);
+    echo.check(1);
 
     // The downgrade: every package the upgrade changed, back to its trixie version. QEMU 10.0
     // cannot read QEMU 11.1's CPR state (it exits with `vmstate_load_state error -2`), which
@@ -167,12 +134,12 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
         back.join(" ")
     ));
     assert!(qemu_version().starts_with("1:10.0."), "{}", qemu_version());
-    let down = status(&c, "q");
+    let down = c.status("q");
     assert_eq!(
         (&down["generation"], &down["main_pid"], down["state"].as_str()),
         (&after["generation"], &after["main_pid"], Some("running")),
         "{down}\n{}",
-        journal(&c)
+        c.journal()
     );
     let history: serde_json::Value = serde_json::from_str(&c.sh("cprctl --json history")).expect("history");
     let last = history.as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
@@ -185,6 +152,6 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
         "{history}"
     );
     guest_continuous(&c, "q");
-    echo(2);
+    echo.check(2);
     eprintln!("{}", c.sh("cprctl history"));
 }
