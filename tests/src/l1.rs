@@ -33,10 +33,12 @@ impl L1Run {
     /// Everything, for assertion messages.
     pub fn dump(&self) -> String {
         format!(
-            "L1 ran {:.1} s, rc {:?}\n--- L1 console ---\n{}\n--- second console (tail) ---\n{}\n--- QEMU ---\n{}",
+            "L1 ran {:.1} s, rc {:?}\n--- L1 console ---\n{}\n--- second console: lines other than whole probe lines \
+             ---\n{}\n--- second console (tail) ---\n{}\n--- QEMU ---\n{}",
             self.elapsed.as_secs_f64(),
             self.rc,
             self.console,
+            crate::linux_guest::odd_lines(&self.second_console).join("\n"),
             tail(&self.second_console, 60),
             self.qemu_stderr
         )

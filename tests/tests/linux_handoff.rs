@@ -108,10 +108,11 @@ fn chain(backend: &str, vcpus: u8, hops: u32) {
     assert!(worst < 2_000_000, "the guest saw a {worst} us gap\n{}", run.dump());
     println!(
         "{backend}, {vcpus} vCPUs, {hops} upgrades through cprd: {} probe lines, longest guest gap {worst} us, \
-         downtimes (us) {:?}, L1 run {:.1} s",
+         downtimes (us) {:?}, L1 run {:.1} s; other console lines: {:?}",
         lines.len(),
         downtimes(&run),
-        run.elapsed.as_secs_f64()
+        run.elapsed.as_secs_f64(),
+        cpr_tests::linux_guest::odd_lines(&run.second_console)
     );
 }
 
