@@ -14,6 +14,7 @@ use cpr_handoff::cpr_vmm::{HandoffRequest, hand_off};
 use cpr_handoff::{HandoffRecord, Journal, Phase};
 use cpr_proto::client::ControlClient;
 use cpr_proto::control::{Request, Response, RunState};
+use cpr_proto::state::StateFormats;
 
 use crate::config::{BackendKind, GuestDef, VmDef};
 use crate::engine::VmRecord;
@@ -167,7 +168,7 @@ impl VmmBackend for CprVmm {
         _scratch: &Path,
         current: &Current,
     ) -> Result<(), CprdError> {
-        preflight(binary, current.uid)
+        preflight(binary, current)
     }
 
     fn start(
@@ -479,27 +480,49 @@ pub fn end_process(pid: u32, asked: bool) {
     }
 }
 
-/// Binaries that passed pre-flight, by path and build id: asked once per build.
-static PREFLIGHT_OK: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+/// What binaries said about state formats, by path and build id: each build is asked once.
+static STATE_FORMATS: Mutex<Vec<((PathBuf, String), StateFormats)>> = Mutex::new(Vec::new());
 
-/// Asks a candidate VMM binary which state formats it reads, before anything is touched.
-fn preflight(binary: &Executable, uid: Option<u32>) -> Result<(), CprdError> {
-    let key = crate::engine::executable_build_id(binary).map(|id| (binary.path().to_path_buf(), id));
-    let lock = |m: &'static Mutex<Vec<(PathBuf, String)>>| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if key.as_ref().is_some_and(|k| lock(&PREFLIGHT_OK).contains(k)) {
-        return Ok(());
-    }
-    ask_state_formats(binary, uid)?;
-    if let Some(k) = key {
-        lock(&PREFLIGHT_OK).push(k);
+/// Checks, before anything is touched, that the candidate reads the state format the running
+/// VMM writes (both are asked: `--state-formats`), so a format rule, not this cprd's build,
+/// decides whether two releases of cpr-vmm can hand a guest over.
+fn preflight(binary: &Executable, current: &Current) -> Result<(), CprdError> {
+    let candidate = state_formats(binary, current.uid)?;
+    let running_binary = Executable::of_process(current.pid).map_err(|e| {
+        CprdError::Incompatible(format!("cannot open the running VMM's binary: {e}; nothing was changed"))
+    })?;
+    let running = state_formats(&running_binary, current.uid)?;
+    let (major, minor) = running.writes;
+    if !candidate.reads.contains(&major) {
+        return Err(CprdError::Incompatible(format!(
+            "{} reads state format majors {:?}, but the running VMM ({}) writes {major}.{minor}; nothing was \
+             changed",
+            binary.path().display(),
+            candidate.reads,
+            running_binary.path().display()
+        )));
     }
     Ok(())
 }
 
-/// How long a candidate binary may take to say which state formats it reads.
+/// What `binary` says about state formats (remembered per build).
+fn state_formats(binary: &Executable, uid: Option<u32>) -> Result<StateFormats, CprdError> {
+    let key = crate::engine::executable_build_id(binary).map(|id| (binary.path().to_path_buf(), id));
+    let lock = || STATE_FORMATS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = key.as_ref().and_then(|k| lock().iter().find(|(key, _)| key == k).map(|(_, f)| f.clone())) {
+        return Ok(known);
+    }
+    let formats = ask_state_formats(binary, uid)?;
+    if let Some(k) = key {
+        lock().push((k, formats.clone()));
+    }
+    Ok(formats)
+}
+
+/// How long a binary may take to say which state formats it reads.
 const STATE_FORMATS_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn ask_state_formats(binary: &Executable, uid: Option<u32>) -> Result<(), CprdError> {
+fn ask_state_formats(binary: &Executable, uid: Option<u32>) -> Result<StateFormats, CprdError> {
     let cannot_run =
         |e: std::io::Error| CprdError::Incompatible(format!("cannot run {}: {e}", binary.path().display()));
     let mut cmd = binary.command();
@@ -530,20 +553,13 @@ fn ask_state_formats(binary: &Executable, uid: Option<u32>) -> Result<(), CprdEr
         use std::io::Read;
         let _ = out.take(64 * 1024).read_to_end(&mut stdout);
     }
-    let out = std::process::Output { status, stdout, stderr: Vec::new() };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let reads: Vec<u16> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("reads: "))
-        .map(|l| l.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-        .unwrap_or_default();
-    if !out.status.success() || !reads.contains(&cpr_proto::state::FORMAT_MAJOR) {
-        return Err(CprdError::Incompatible(format!(
-            "{} does not read state format {} (it says {:?}); nothing was changed",
+    let text = String::from_utf8_lossy(&stdout);
+    let answer = if status.success() { StateFormats::parse(&text) } else { Err(format!("it exited with {status}")) };
+    answer.map_err(|e| {
+        CprdError::Incompatible(format!(
+            "{} did not say which state formats it reads ({e}; it said {:?}); nothing was changed",
             binary.path().display(),
-            cpr_proto::state::FORMAT_MAJOR,
             text.trim()
-        )));
-    }
-    Ok(())
+        ))
+    })
 }

@@ -30,6 +30,44 @@ pub const FORMAT_MAJOR: u16 = 1;
 pub const FORMAT_MINOR: u16 = 0;
 /// Major format versions this build reads.
 pub const READS_FORMATS: &[u16] = &[1];
+/// What a cpr-vmm binary says about state formats when asked (`cpr-vmm --state-formats`): the
+/// version it writes and the majors it reads. Printed by the VMM and parsed by cprd's pre-flight,
+/// which hands a guest over only when the candidate reads the major the running VMM writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateFormats {
+    /// The `(major, minor)` it writes.
+    pub writes: (u16, u16),
+    /// The majors it reads.
+    pub reads: Vec<u16>,
+}
+
+impl StateFormats {
+    /// This build's.
+    pub fn this_build() -> Self {
+        Self { writes: (FORMAT_MAJOR, FORMAT_MINOR), reads: READS_FORMATS.to_vec() }
+    }
+
+    /// The answer's text: `writes: M.m` and `reads: M [M...]`, one line each.
+    pub fn render(&self) -> String {
+        let reads: Vec<String> = self.reads.iter().map(u16::to_string).collect();
+        format!("writes: {}.{}\nreads: {}\n", self.writes.0, self.writes.1, reads.join(" "))
+    }
+
+    /// Parses an answer (lines other than `writes:` and `reads:` are ignored).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let writes = field("writes: ")
+            .and_then(|w| w.split_once('.'))
+            .and_then(|(major, minor)| Some((major.parse().ok()?, minor.parse().ok()?)))
+            .ok_or("no `writes: MAJOR.MINOR` line")?;
+        let reads = field("reads: ")
+            .map(|r| r.split_whitespace().map(str::parse).collect::<Result<Vec<u16>, _>>())
+            .ok_or("no `reads:` line")?
+            .map_err(|e| format!("bad `reads:` line: {e}"))?;
+        Ok(Self { writes, reads })
+    }
+}
+
 /// Largest state stream accepted (a guard against a corrupt length field, as Firecracker's 10 MB).
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 
@@ -594,6 +632,17 @@ mod tests {
         bad[16..24].copy_from_slice(&(MAX_STATE_BYTES + 1).to_le_bytes());
         let err = read_stream(&mut &bad[..]).expect_err("too long");
         assert_eq!(err, StateError::BadLength(MAX_STATE_BYTES + 1));
+    }
+
+    #[test]
+    fn state_formats_render_and_parse_back() {
+        let this = StateFormats::this_build();
+        assert_eq!(StateFormats::parse(&this.render()), Ok(this));
+        let other = StateFormats::parse("note\nwrites: 2.7\nreads: 1 2\n").expect("parse");
+        assert_eq!(other, StateFormats { writes: (2, 7), reads: vec![1, 2] });
+        assert!(StateFormats::parse("writes: 1\nreads: 1\n").is_err());
+        assert!(StateFormats::parse("writes: 1.0\nreads: one\n").is_err());
+        assert!(StateFormats::parse("reads: 1\n").is_err());
     }
 
     #[test]

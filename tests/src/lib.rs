@@ -30,6 +30,19 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The directory of the previous release's binaries (`cprd`, `cprctl`, `cpr-vmm`), built from
+/// its commit and cached by `scripts/previous-release` (which `scripts/setup-host` runs).
+pub fn previous_release_bin_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/previous-release");
+        let out = Command::new(script).output().expect("run scripts/previous-release");
+        assert!(out.status.success(), "scripts/previous-release failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
 /// Whether this run is CI, where a missing environment is a failure, not a skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -114,10 +127,15 @@ impl VmmProcess {
 
     /// [`VmmProcess::start`] with extra environment variables (fault injection).
     pub fn start_with_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_program(&bin("cpr-vmm"), dir, name, args, env)
+    }
+
+    /// [`VmmProcess::start_with_env`] of the cpr-vmm binary at `program` (another release's).
+    pub fn start_program(program: &Path, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let control = dir.join(format!("{name}.sock"));
         let serial = dir.join(format!("{name}.serial"));
         let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(bin("cpr-vmm"))
+        let child = Command::new(program)
             .args(args)
             .arg("--control")
             .arg(&control)
@@ -240,7 +258,12 @@ pub struct Chain {
 impl Chain {
     /// Boots generation 0 in `dir` with `args` (and `env` for fault injection).
     pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut first = VmmProcess::start_with_env(dir, "vm", args, env);
+        Self::start_program(&bin("cpr-vmm"), dir, args, env)
+    }
+
+    /// [`Chain::start`] with generation 0 run by the cpr-vmm binary at `program`.
+    pub fn start_program(program: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut first = VmmProcess::start_program(program, dir, "vm", args, env);
         assert!(wait_until(Duration::from_secs(20), || first.status().test_guest.is_some()), "guest never initialised");
         let child = std::mem::replace(&mut first.child, Command::new("true").spawn().expect("placeholder"));
         let control = first.control.clone();

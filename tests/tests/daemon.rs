@@ -835,6 +835,35 @@ fn a_candidate_binary_that_never_answers_its_preflight_is_refused_in_time() {
     assert_eq!((&st["state"], &st["main_pid"]), (&before["state"], &before["main_pid"]), "untouched");
 }
 
+/// Issue 16: whether two builds of cpr-vmm can hand a guest over is decided by the state format
+/// the running VMM writes and the majors the candidate reads (both asked, `--state-formats`),
+/// not by the format this cprd was built with. A candidate of a later major that no longer reads
+/// major 1 is refused before the guest is paused, with both sides named.
+#[test]
+fn a_candidate_that_does_not_read_the_running_vmms_state_format_is_refused_before_the_pause() {
+    let (wrappers, s) = setup_with_wrappers(&["vm1"]);
+    let newer = wrappers.path().join("newer-major.sh");
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = --state-formats ]; then printf 'writes: 2.0\\nreads: 2\\n'; exit 0; fi\nexec {} \"$@\"\n",
+        cpr_tests::bin("cpr-vmm").display()
+    );
+    cpr_tests::write_executable(&newer, script);
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    let out = s.cprd.cprctl(&["upgrade", "vm1", "--binary", &newer.to_string_lossy()]);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(said.contains("Incompatible") && said.contains("reads state format majors [2]"), "{said}");
+    assert!(said.contains("writes 1.0") && said.contains("nothing was changed"), "{said}");
+    let st = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
+    for key in ["state", "main_pid", "generation", "last_downtime_usec"] {
+        assert_eq!(st[key], before[key], "{key} untouched");
+    }
+    let history = json(&s.cprd.cprctl(&["--json", "history"]));
+    let refused = &history[0];
+    assert!(refused["ok"] == false && refused["downtime_usec"] == 0, "recorded as refused, no pause: {history}");
+}
+
 /// The operator's way out of that state when they know the new VMM never ran (here it never got
 /// the commit and exited): `cprctl resume` makes the old VMM run the paused guest again, and the
 /// guest goes on where it stopped.

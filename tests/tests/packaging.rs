@@ -1,7 +1,7 @@
 //! The .deb of `packaging/build`, installed and upgraded with apt in a container running real
 //! systemd 254 and QEMU 10 (the rootfs `scripts/container-rootfs` builds with WITH_QEMU=1).
-//! `scripts/test` builds the packages first: version 0.1.0 and, with a re-stamped cpr-vmm and
-//! cprd, 0.1.1.
+//! `scripts/test` builds the packages first: version 0.2.0 and, with a re-stamped cpr-vmm and
+//! cprd, 0.2.1.
 #![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
 use std::path::{Path, PathBuf};
@@ -63,7 +63,7 @@ fn qemu_update_package(c: &Container, dir: &Path, broken: bool) -> PathBuf {
 
 #[test]
 fn apt_installs_upgrades_live_and_purges_cleanly() {
-    let (v1, v2) = (package("0.1.0"), package("0.1.1"));
+    let (v1, v2) = (package("0.2.0"), package("0.2.1"));
     let scratch = tempfile::Builder::new().prefix("cprd-pkg").tempdir_in("/var/tmp").expect("tempdir");
     let (kernel, initrd) = (kernel(), initramfs());
     let pkgs = v1.parent().expect("dir").to_path_buf();
@@ -73,7 +73,7 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     c.sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}", v1.display()));
     c.sh("systemctl is-active cprd.service && systemctl status cprd.service >/dev/null");
     c.sh("getent group cprd && test -d /run/cprd/vms");
-    assert!(c.sh("cprctl --version").contains("0.1.0"));
+    assert!(c.sh("cprctl --version").contains("0.2.0"));
     // Three VMs: two cpr-vmm test guests, one QEMU guest under TCG.
     c.sh("printf 'memory = \"64M\"\\n' > /etc/cprd/vms/a.toml && cp /etc/cprd/vms/a.toml /etc/cprd/vms/b.toml");
     c.sh(&format!(
@@ -95,7 +95,7 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     // Upgrade the package: cprd re-executes in place, both cpr-vmm guests move to the new
     // cpr-vmm, the QEMU guest is untouched.
     c.sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}", v2.display()));
-    assert!(c.sh("cprctl --version").contains("0.1.1"));
+    assert!(c.sh("cprctl --version").contains("0.2.1"));
     assert_eq!(c.sh("systemctl show -P MainPID cprd.service"), cprd_pid, "cprd was restarted, not reloaded");
     for vm in ["a", "b"] {
         let st = c.status(vm);

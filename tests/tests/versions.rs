@@ -47,7 +47,7 @@ fn guest_continuous(c: &Container, vm: &str) -> u64 {
 
 #[test]
 fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
-    let deb = built_package("0.1.0");
+    let deb = built_package(env!("CARGO_PKG_VERSION"));
     let (kernel, initrd) = (kernel(), initramfs());
     let pkgs = deb.parent().expect("dir").to_path_buf();
     // The guest's network card: a tap that cprd creates in a network namespace of the test's,

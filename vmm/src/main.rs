@@ -296,9 +296,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let a = &cli.run;
     if a.state_formats {
-        println!("writes: {}.{}", cpr_proto::state::FORMAT_MAJOR, cpr_proto::state::FORMAT_MINOR);
-        let reads: Vec<String> = cpr_proto::state::READS_FORMATS.iter().map(u16::to_string).collect();
-        println!("reads: {}", reads.join(" "));
+        print!("{}", cpr_proto::state::StateFormats::this_build().render());
         return Ok(ExitCode::Ok);
     }
     if let Some(path) = &a.describe_state {
