@@ -64,6 +64,15 @@ struct Args {
     /// UpgradeAll rounds of each cprd (with --sandbox-cost).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Instead: real QEMU versions in a Debian 13 container with systemd (cprd's .deb, built
+    /// first with `packaging/build`): same-version upgrades on QEMU 10.0, the 10.0 -> 11.1 jump
+    /// by `apt-get install` (every VM once), then on QEMU 11.1 the fd-type and the path cpr
+    /// channel; downtime and wall time per upgrade.
+    #[arg(long)]
+    qemu_versions: bool,
+    /// VMs (each moved once by the 10.0 -> 11.1 jump), with --qemu-versions.
+    #[arg(long, default_value_t = 4)]
+    jump_vms: usize,
 }
 
 /// One hop of a QEMU guest.
@@ -727,9 +736,106 @@ fn post_resume(ram: &str, prefault: bool, tpu: f64) -> (f64, f64, f64) {
     (steady / 1000.0, extra / 1000.0, extra / pages as f64)
 }
 
+/// `(downtime µs, wall ms)` of `n` upgrades of `vm` in container `c`, one `cprctl upgrade` each.
+fn container_upgrades(c: &cpr_tests::container::Container, vm: &str, n: usize) -> Vec<(f64, f64)> {
+    (0..n)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            c.sh(&format!("cprctl upgrade {vm}"));
+            let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+            (last_downtime_us(c), wall_ms)
+        })
+        .collect()
+}
+
+/// The downtime of the last entry of cprd's history in `c`, µs.
+fn last_downtime_us(c: &cpr_tests::container::Container) -> f64 {
+    let history: serde_json::Value = serde_json::from_str(&c.sh("cprctl --json history")).unwrap_or_default();
+    let last = history.as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
+    assert!(last["ok"] == true, "an upgrade failed: {last}");
+    last["downtime_usec"].as_f64().unwrap_or(0.0)
+}
+
+/// QEMU 10.0 and 11.1 in a Debian 13 container: see `Args::qemu_versions`.
+fn versions_bench(args: &Args) {
+    use cpr_tests::linux_guest::{initramfs, kernel, probe_lines};
+    let deb = cpr_tests::container::built_package(env!("CARGO_PKG_VERSION"));
+    let (kernel, initrd) = (kernel(), initramfs());
+    let pkgs = deb.parent().expect("dir").to_path_buf();
+    let c = cpr_tests::container::Container::boot_trixie_for_packages(&[&pkgs, &kernel, &initrd], &[]);
+    c.sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}", deb.display()));
+    let vms: Vec<String> = (0..args.jump_vms.max(1)).map(|i| format!("v{i}")).collect();
+    for vm in &vms {
+        c.sh(&format!(
+            "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+             cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n' > /etc/cprd/vms/{vm}.toml",
+            kernel.display(),
+            initrd.display()
+        ));
+    }
+    c.sh(&format!("cprctl reload && for v in {}; do cprctl start $v; done", vms.join(" ")));
+    for vm in &vms {
+        let booted = wait_until(Duration::from_secs(120), || {
+            probe_lines(&std::fs::read_to_string(c.console(vm)).unwrap_or_default()).len() > 3
+        });
+        assert!(booted, "{vm} did not boot");
+    }
+    let qemu = |c: &cpr_tests::container::Container| c.sh("dpkg-query -W -f='${Version}' qemu-system-x86");
+    let old_release = qemu(&c);
+    let same_old = container_upgrades(&c, &vms[0], args.hops);
+    let before = c.sh("cprctl --json history").matches("\"ok\"").count();
+    let t = std::time::Instant::now();
+    c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t trixie-backports qemu-system-x86");
+    let jump_wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let new_release = qemu(&c);
+    let history: serde_json::Value = serde_json::from_str(&c.sh("cprctl --json history")).unwrap_or_default();
+    let jumps: Vec<f64> = history.as_array().map_or(&[][..], Vec::as_slice)[before..]
+        .iter()
+        .filter(|e| e["ok"] == true)
+        .filter_map(|e| e["downtime_usec"].as_f64())
+        .collect();
+    assert_eq!(jumps.len(), vms.len(), "the jump moved every VM: {history}");
+    let fd = container_upgrades(&c, &vms[0], args.hops);
+    c.sh(&format!("sed -i '1i cpr_channel = \"path\"' /etc/cprd/vms/{}.toml && cprctl reload", vms[0]));
+    let path = container_upgrades(&c, &vms[0], args.hops);
+    let journal = c.journal();
+    assert_eq!(journal.matches("(cpr channel: fd)").count(), args.hops + vms.len(), "fd channels as expected");
+    println!("QEMU {old_release} -> {new_release} (Debian 13 container, systemd 257, accel=tcg, 128 MiB guests)");
+    println!("downtime = cprd's STOP -> RESUME (QMP event timestamps) of each upgrade, from `cprctl --json history`");
+    println!("wall = one `cprctl upgrade` call, pre-flight (cached after the first) to the old QEMU gone");
+    println!();
+    println!("| upgrade | cpr channel | n | downtime median us | p99 | max | wall median ms |");
+    println!("|---|---|---|---|---|---|---|");
+    let row = |what: &str, channel: &str, s: &[(f64, f64)]| {
+        let d = summarize(&s.iter().map(|x| x.0).collect::<Vec<_>>());
+        let w = summarize(&s.iter().map(|x| x.1).collect::<Vec<_>>());
+        println!("| {what} | {channel} | {} | {:.0} | {:.0} | {:.0} | {:.0} |", d.n, d.median, d.p99, d.max, w.median);
+        d.median
+    };
+    let same = row("10.0 -> 10.0", "path", &same_old);
+    let jump = row(
+        "10.0 -> 11.1 (apt-get install, every VM)",
+        "fd",
+        &jumps.iter().map(|d| (*d, jump_wall_ms / jumps.len() as f64)).collect::<Vec<_>>(),
+    );
+    let by_fd = row("11.1 -> 11.1", "fd", &fd);
+    let by_path = row("11.1 -> 11.1", "path", &path);
+    println!();
+    println!("ratio 10.0 -> 11.1 / 10.0 -> 10.0, median downtime: {:.2}", jump / same);
+    println!("ratio fd / path channel on 11.1, median downtime: {:.2}", by_fd / by_path);
+    println!("(the jump's wall time is the whole apt-get install divided by the VMs it moved)");
+    c.sh(&format!("for v in {}; do cprctl stop $v; done", vms.join(" ")));
+}
+
 fn main() {
     let args = Args::parse();
     cpr_tests::require_kvm();
+    if args.qemu_versions {
+        print_title("QEMU across real versions and cpr channel kinds (cprd under systemd, Debian 13)");
+        println!();
+        versions_bench(&args);
+        return;
+    }
     if args.systemd {
         print_title("cprd restart benchmark (real systemd 254 in systemd-nspawn)");
         println!();

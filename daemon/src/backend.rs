@@ -24,6 +24,8 @@ use crate::error::CprdError;
 pub struct UpgradeRequest<'a> {
     /// The VM.
     pub name: &'a str,
+    /// Its definition.
+    pub def: &'a VmDef,
     /// The running VMM.
     pub record: &'a VmRecord,
     /// The new binary (already allowed and pre-flighted).

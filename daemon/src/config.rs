@@ -259,6 +259,8 @@ pub struct VmDef {
     pub accel: String,
     /// QEMU only: CPU model (default: `host` with KVM, QEMU's default with TCG).
     pub cpu: Option<String>,
+    /// QEMU only: how a new QEMU gets its cpr channel (`cpr_channel = "auto"` or `"path"`).
+    pub cpr_channel: CprChannelChoice,
     /// QEMU only: network cards on tap devices cprd creates and holds.
     pub nics: Vec<NicDef>,
     /// QEMU only: disks.
@@ -303,6 +305,19 @@ fn default_disk_format() -> String {
     "raw".into()
 }
 
+/// QEMU only: how the new QEMU of a handoff gets its cpr channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CprChannelChoice {
+    /// A socket cprd listens on and passes as a descriptor when the new QEMU takes one (found
+    /// by its pre-flight; QEMU >= 10.1), else a path the new QEMU binds.
+    #[default]
+    Auto,
+    /// Always a path the new QEMU binds (what QEMU 10.0 needs; for comparison and as a way
+    /// out should a QEMU mishandle the other).
+    Path,
+}
+
 /// The machine type cprd pins QEMU VMs to unless a definition names another.
 pub const DEFAULT_MACHINE: &str = "pc-q35-10.0";
 
@@ -322,6 +337,7 @@ struct VmInput {
     machine: Option<String>,
     accel: Option<String>,
     cpu: Option<String>,
+    cpr_channel: Option<CprChannelChoice>,
     #[serde(default)]
     nic: Vec<NicDef>,
     #[serde(default)]
@@ -376,6 +392,7 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
             ("machine", input.machine.is_some()),
             ("accel", input.accel.is_some()),
             ("cpu", input.cpu.is_some()),
+            ("cpr_channel", input.cpr_channel.is_some()),
             ("nic", !input.nic.is_empty()),
             ("disk", !input.disk.is_empty()),
         ];
@@ -438,6 +455,7 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
         machine,
         accel,
         cpu: input.cpu,
+        cpr_channel: input.cpr_channel.unwrap_or_default(),
         nics: input.nic,
         disks: input.disk,
     })

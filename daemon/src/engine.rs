@@ -667,6 +667,7 @@ impl Engine {
         let mut journal = self.journal(name);
         let req = backend::UpgradeRequest {
             name,
+            def: &def,
             record: &record,
             binary: &binary,
             new_control: new_control.clone(),

@@ -26,7 +26,7 @@ use cpr_qemu::qmp::Qmp;
 use cpr_qemu::transfer::{self, Fault, Transfer};
 
 use crate::backend::{Current, UpgradeError, UpgradeRequest, Upgraded, VmmBackend};
-use crate::config::{GuestDef, NicDef, VmDef};
+use crate::config::{CprChannelChoice, GuestDef, NicDef, VmDef};
 use crate::engine::VmRecord;
 use crate::error::CprdError;
 
@@ -97,6 +97,23 @@ fn channel_dir_inside(host: &Path) -> PathBuf {
     } else {
         Path::new("/run/cprd-vm").join(host.strip_prefix("/").unwrap_or(host))
     }
+}
+
+/// Binds and listens on the cpr channel's socket at `path` (as cprd sees it) for a new QEMU
+/// that takes it as a descriptor; the old QEMU connects to it by path, so a boxed one's uid
+/// owns it.
+fn listen_for_old(path: &Path, uid: Option<u32>) -> Result<std::os::unix::net::UnixListener, String> {
+    let listener =
+        cpr_qemu::spawn::listen_at(path).map_err(|e| format!("cannot bind the cpr channel {}: {e}", path.display()))?;
+    if let Some(uid) = uid {
+        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(uid)))
+            .map_err(|e| format!("cannot hand the cpr channel {} to uid {uid}: {e}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
 }
 
 /// Where a boxed VM's channel directory is, under cprd's `vms` directory `dir`.
@@ -183,7 +200,8 @@ impl Held {
 #[derive(Debug, Default)]
 pub struct Qemu {
     held: Mutex<HashMap<String, Held>>,
-    probed: Mutex<Vec<(PathBuf, String, String)>>,
+    /// What the pre-flight found each binary (path, build id and machine) to be.
+    probed: Mutex<Vec<(PathBuf, String, cpr_qemu::probe::ProbeReport)>>,
     /// Pairs of builds (and machine, accelerator, CPU) a trial handoff went through.
     trialed: Mutex<Vec<String>>,
 }
@@ -340,18 +358,21 @@ fn paths(dir: &Path, name: &str, generation: u64) -> (PathBuf, PathBuf) {
 }
 
 impl Qemu {
+    #[allow(clippy::too_many_arguments)] // one call per generation; each argument is different
     fn spawn(
         &self,
         held: &Held,
         binary: &Executable,
         qmp: &Path,
         extra: &[String],
+        extra_fds: &[(i32, BorrowedFd<'_>)],
         log: &Path,
         sandbox: Option<&cpr_spawn::Sandbox>,
     ) -> Result<Child, String> {
         let listener = cpr_qemu::spawn::listen_at(qmp).map_err(|e| format!("cannot bind {}: {e}", qmp.display()))?;
         let mut fds = held.fds();
         fds.push((cmdline::QMP_FD, listener.as_fd()));
+        fds.extend_from_slice(extra_fds);
         let mut args = held.args.clone();
         args.extend_from_slice(extra);
         let stderr = std::fs::OpenOptions::new()
@@ -365,26 +386,37 @@ impl Qemu {
 
     fn probe(&self, binary: &Executable, machine: &str, scratch: &Path, uid: Option<u32>) -> Result<String, CprdError> {
         let key = crate::engine::executable_build_id(binary).unwrap_or_default();
-        if let Some((_, _, d)) =
+        if let Some((_, _, r)) =
             lock(&self.probed).iter().find(|(b, k, _)| b == binary.path() && *k == format!("{key}/{machine}"))
         {
-            return Ok(d.clone());
+            return Ok(r.describe());
         }
         let boxed = uid.map(|uid| crate::sandbox::vmm_box(uid, Vec::new(), false));
         let report = cpr_qemu::probe::probe(binary, machine, scratch, Duration::from_secs(20), boxed.as_ref())
             .map_err(|e| CprdError::Incompatible(format!("{e}; nothing was changed")))?;
         let d = report.describe();
-        lock(&self.probed).push((binary.path().to_path_buf(), format!("{key}/{machine}"), d.clone()));
+        tracing::info!(
+            "QEMU {d} at {}: fd-type cpr channel {}, cpr-exec {}",
+            binary.path().display(),
+            yes_no(report.features.fd_cpr_channel),
+            yes_no(report.features.cpr_exec)
+        );
+        lock(&self.probed).push((binary.path().to_path_buf(), format!("{key}/{machine}"), report));
         Ok(d)
     }
 
-    /// What the pre-flight found `binary` to be (`11.1.3 (Debian ...)`), if it probed it.
-    fn probed_release(&self, binary: &Executable) -> Option<String> {
+    /// What the pre-flight found `binary` to be, if it probed it.
+    fn probed(&self, binary: &Executable) -> Option<cpr_qemu::probe::ProbeReport> {
         let key = crate::engine::executable_build_id(binary).unwrap_or_default();
         lock(&self.probed)
             .iter()
             .find(|(b, k, _)| b == binary.path() && k.starts_with(&format!("{key}/")))
-            .map(|(_, _, d)| d.clone())
+            .map(|(_, _, r)| r.clone())
+    }
+
+    /// What the pre-flight found `binary` to be (`11.1.3 (Debian ...)`), if it probed it.
+    fn probed_release(&self, binary: &Executable) -> Option<String> {
+        self.probed(binary).map(|r| r.describe())
     }
 
     /// Hands a throw-away VM from the running QEMU's binary to `binary` (`cpr_qemu::trial`), once
@@ -510,7 +542,7 @@ impl VmmBackend for Qemu {
             ..Self::record_for(def, binary, control.clone(), held.args.clone(), dir)
         };
         crate::console::pump(&def.name, &held.serial_cprd, &record.console);
-        let mut child = self.spawn(&held, binary, &control, &[], &log, boxed.as_ref()).map_err(start_failed)?;
+        let mut child = self.spawn(&held, binary, &control, &[], &[], &log, boxed.as_ref()).map_err(start_failed)?;
         let ready = Qmp::connect(&control, START_TIMEOUT)
             .map_err(|e| e.to_string())
             .and_then(|mut q| q.status().map_err(|e| e.to_string()));
@@ -550,17 +582,34 @@ impl VmmBackend for Qemu {
             Some(w) => channel_sockets(&w.inside, generation),
             None => paths(&dir, &name, generation),
         };
+        // The sockets as cprd sees them (a boxed pair's are in the channel directory).
+        let (main_host, cpr_host) = match chan {
+            Some(w) => channel_sockets(&w.host, generation),
+            None => (main.clone(), cpr.clone()),
+        };
         let mut old = Qmp::connect(&req.record.control, Duration::from_secs(5))
             .map_err(|e| UpgradeError::RolledBack(format!("cannot reach the old QEMU's QMP: {e}")))?;
+        // An fd-type cpr channel where the new QEMU takes one (its pre-flight tried it), and
+        // the VM's definition does not ask for a path.
+        let fd_channel = req.def.cpr_channel == CprChannelChoice::Auto
+            && self.probed(req.binary).is_some_and(|r| r.features.fd_cpr_channel);
+        let cpr_listener =
+            if fd_channel { Some(listen_for_old(&cpr_host, req.uid).map_err(UpgradeError::RolledBack)?) } else { None };
         let mut child = {
             let held = lock(&self.held);
             let Some(h) = held.get(&name) else {
                 return Err(UpgradeError::RolledBack(format!("cprd holds no descriptors for {name}")));
             };
-            let incoming = cmdline::incoming_args(&main, &cpr);
-            self.spawn(h, req.binary, &req.new_control, &incoming, &req.log, boxed.as_ref())
+            let channel = if fd_channel { cmdline::CprChannel::Fd } else { cmdline::CprChannel::Path(&cpr) };
+            let incoming = cmdline::incoming_args(&main, channel);
+            let extra: Vec<(i32, BorrowedFd<'_>)> =
+                cpr_listener.iter().map(|l| (cmdline::CPR_CHANNEL_FD, l.as_fd())).collect();
+            self.spawn(h, req.binary, &req.new_control, &incoming, &extra, &req.log, boxed.as_ref())
                 .map_err(UpgradeError::RolledBack)?
         };
+        // Only the new QEMU holds the listener now: should it die, the old QEMU's connection
+        // is refused instead of waiting in a backlog nobody accepts from.
+        drop(cpr_listener);
         // Its start-up is the handoff's work (cprd puts it back at a VM's share afterwards).
         crate::sched::set_session_nice(child.id(), crate::sched::HANDOFF_NICE);
         let _ = req.on_spawn.send(child.id());
@@ -579,17 +628,13 @@ impl VmmBackend for Qemu {
                 new_qmp: &req.new_control,
                 main: &main,
                 cpr: &cpr,
+                cpr_listens: fd_channel,
                 timeout: Duration::from_millis(req.timeout_ms),
                 fault: fault_from_env(),
             },
             record,
             req.journal,
         );
-        // The sockets as cprd sees them (a boxed pair's are in the channel directory).
-        let (main_host, cpr_host) = match chan {
-            Some(w) => channel_sockets(&w.host, generation),
-            None => (main.clone(), cpr.clone()),
-        };
         let _ = std::fs::remove_file(&main_host);
         let _ = std::fs::remove_file(&cpr_host);
         match result {
@@ -601,7 +646,8 @@ impl VmmBackend for Qemu {
                 let downtime_usec = report.stop_to_resume_us.unwrap_or(report.downtime_ms * 1000);
                 tracing::info!(
                     CPRD_VM = name,
-                    "cpr-transfer of {name}: QMP downtime {} ms, STOP->RESUME {:?} us, total {} ms",
+                    "cpr-transfer of {name} (cpr channel: {}): QMP downtime {} ms, STOP->RESUME {:?} us, total {} ms",
+                    if fd_channel { "fd" } else { "path" },
                     report.downtime_ms,
                     report.stop_to_resume_us,
                     report.total_ms

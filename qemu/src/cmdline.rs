@@ -17,6 +17,9 @@ pub const SERIAL_FD: i32 = 5;
 pub const KERNEL_FD: i32 = 7;
 /// The initramfs, opened by cprd, read through `/proc/self/fd/8`.
 pub const INITRD_FD: i32 = 8;
+/// The cpr channel's listening socket, created and bound by cprd, for a new QEMU that takes an
+/// fd-type cpr channel (QEMU >= 10.1; found by the pre-flight probe, see `crate::probe`).
+pub const CPR_CHANNEL_FD: i32 = 9;
 /// The first tap device; NIC `i` is at `TAP_FD_BASE + i`.
 pub const TAP_FD_BASE: i32 = 10;
 /// The first disk image descriptor, opened by cprd. Disk `i` is fd set `i + 1`, holding a
@@ -125,8 +128,10 @@ impl VmSpec {
             "none".into(),
             "-chardev".into(),
             format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
-            "-mon".into(),
-            "chardev=qmp,mode=control".into(),
+            // Not `-mon chardev=qmp,mode=control`: QEMU 11.1 calls `-mon` deprecated, and
+            // `-object monitor-qmp` does not exist in 10.0; this form is quiet in both.
+            "-qmp".into(),
+            "chardev:qmp".into(),
             "-chardev".into(),
             format!("socket,id=serial0,fd={SERIAL_FD}"),
             "-serial".into(),
@@ -172,22 +177,35 @@ impl VmSpec {
     }
 }
 
-/// The two `-incoming` options of a new generation: the main channel and the cpr channel,
-/// both UNIX sockets the new QEMU binds itself. (QEMU 10.0.2 rejects an fd-type cpr channel,
-/// "bad cpr channel socket type; must be unix", and fails to load from an inherited fd-type
-/// main listener, "Not a migration stream"; so cprd waits for the cpr socket's LISTEN state
-/// instead, see [`crate::transfer`].)
-pub fn incoming_args(main: &Path, cpr: &Path) -> Vec<String> {
-    let channel = |kind: &str, path: &Path| {
-        serde_json::json!({
-            "channel-type": kind,
-            "addr": { "transport": "socket", "type": "unix", "path": path.display().to_string() }
-        })
-        .to_string()
+/// Where a new QEMU takes the cpr channel from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CprChannel<'a> {
+    /// A UNIX socket it binds itself at this path (every QEMU >= 10.0); the arbiter waits for
+    /// it to listen before the old QEMU may connect.
+    Path(&'a Path),
+    /// The listening socket cprd bound, at [`CPR_CHANNEL_FD`] (QEMU >= 10.1): it listens before
+    /// the new QEMU even starts, so `migrate` needs no wait. QEMU 10.0.2 refuses it ("bad cpr
+    /// channel socket type; must be unix").
+    Fd,
+}
+
+/// The two `-incoming` options of a new generation: the main channel, a UNIX socket the new
+/// QEMU binds at `main`, and the cpr channel. (The main channel cannot be a socket cprd
+/// listens on: QEMU takes an fd-type main channel as a connected stream and fails, "Not a
+/// migration stream"; handing the old QEMU a connected main channel through `getfd` crashed
+/// QEMU 11.1.3. So the old QEMU always connects the main channel by path.)
+pub fn incoming_args(main: &Path, cpr: CprChannel<'_>) -> Vec<String> {
+    let unix =
+        |path: &Path| serde_json::json!({ "transport": "socket", "type": "unix", "path": path.display().to_string() });
+    let cpr_addr = match cpr {
+        CprChannel::Path(path) => unix(path),
+        CprChannel::Fd => serde_json::json!({ "transport": "socket", "type": "fd", "str": CPR_CHANNEL_FD.to_string() }),
     };
+    let channel =
+        |kind: &str, addr: serde_json::Value| serde_json::json!({ "channel-type": kind, "addr": addr }).to_string();
     // `-S`: the new QEMU stays paused when the migration completes; the arbiter's `cont` is
     // the commit.
-    vec!["-incoming".into(), channel("main", main), "-incoming".into(), channel("cpr", cpr), "-S".into()]
+    vec!["-incoming".into(), channel("main", unix(main)), "-incoming".into(), channel("cpr", cpr_addr), "-S".into()]
 }
 
 /// The `migrate` arguments that send a guest to a new QEMU listening on `main` and `cpr`.
@@ -272,10 +290,19 @@ mod tests {
 
     #[test]
     fn incoming_names_both_channels_and_does_not_start_the_guest() {
-        let a = incoming_args(Path::new("/r/m.sock"), Path::new("/r/c.sock"));
+        let a = incoming_args(Path::new("/r/m.sock"), CprChannel::Path(Path::new("/r/c.sock")));
         assert_eq!(a.len(), 5);
         assert_eq!(a[4], "-S", "the arbiter's cont is the commit");
         assert!(a[1].contains("\"channel-type\":\"main\"") && a[1].contains("/r/m.sock"));
         assert!(a[3].contains("\"channel-type\":\"cpr\"") && a[3].contains("/r/c.sock"));
+        let a = incoming_args(Path::new("/r/m.sock"), CprChannel::Fd);
+        assert!(a[1].contains("/r/m.sock"), "the main channel stays a path: {a:?}");
+        assert!(a[3].contains("\"type\":\"fd\"") && a[3].contains("\"str\":\"9\""), "{a:?}");
+    }
+
+    #[test]
+    fn the_monitor_option_is_one_every_supported_qemu_takes_quietly() {
+        let a = spec().args().join(" ");
+        assert!(a.contains("-qmp chardev:qmp") && !a.contains("-mon "), "{a}");
     }
 }

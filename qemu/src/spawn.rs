@@ -39,8 +39,8 @@ pub fn question_args() -> Vec<String> {
         "-S",
         "-chardev",
         &format!("socket,id=qmp,fd={}", crate::cmdline::QMP_FD),
-        "-mon",
-        "chardev=qmp,mode=control",
+        "-qmp",
+        "chardev:qmp",
     ]
     .iter()
     .map(ToString::to_string)

@@ -49,8 +49,12 @@ pub struct Transfer<'a> {
     pub new_qmp: &'a Path,
     /// The main migration channel's socket path (bound by the new QEMU).
     pub main: &'a Path,
-    /// The cpr channel's socket path (bound by the new QEMU).
+    /// The cpr channel's socket path, as the old QEMU connects to it.
     pub cpr: &'a Path,
+    /// Whether the cpr socket was bound and listens before the new QEMU started (an fd-type
+    /// cpr channel): then `migrate` goes out at once; else the new QEMU binds it and the
+    /// arbiter waits for it to listen.
+    pub cpr_listens: bool,
     /// Limit of each wait.
     pub timeout: Duration,
     /// Injected fault, for tests.
@@ -154,11 +158,17 @@ impl Live<'_> {
     }
 
     /// The forward path up to the new QEMU holding the whole state, paused.
-    fn forward(&mut self, new_qmp: &Path, main: &Path, cpr: &Path, fault: Option<Fault>) -> HandoffEvent {
+    fn forward(
+        &mut self,
+        new_qmp: &Path,
+        (main, cpr, cpr_listens): (&Path, &Path, bool),
+        fault: Option<Fault>,
+    ) -> HandoffEvent {
         let deadline = Instant::now() + self.timeout;
         let timeout = self.timeout;
-        // 1. The new QEMU binds its cpr socket early, then blocks reading it.
-        while !crate::spawn::is_listening(cpr) {
+        // 1. The new QEMU binds its cpr socket early, then blocks reading it (unless the socket
+        //    it was handed listens already).
+        while !cpr_listens && !crate::spawn::is_listening(cpr) {
             if let Some(s) = exited(self.new_child) {
                 return HandoffEvent::NewFailed(format!(
                     "the new QEMU exited ({s}) before listening for the cpr channel"
@@ -299,7 +309,7 @@ fn probe(record: &HandoffRecord) -> HandoffEvent {
 /// Carries out one handoff; see the module documentation. `record` has both QEMUs' pids and
 /// QMP sockets; it is persisted in `journal` before every step that cannot be undone.
 pub fn transfer(t: Transfer<'_>, record: HandoffRecord, journal: &mut dyn Journal) -> Result<Report, TransferError> {
-    let Transfer { old, new_child, new_qmp, main, cpr, timeout, fault } = t;
+    let Transfer { old, new_child, new_qmp, main, cpr, cpr_listens, timeout, fault } = t;
     let sent = Instant::now();
     let mut live =
         Live { old, new_child, new: None, record, journal, timeout, failures: Vec::new(), old_info: Value::Null };
@@ -307,7 +317,7 @@ pub fn transfer(t: Transfer<'_>, record: HandoffRecord, journal: &mut dyn Journa
     let first = match live.persist(&Phase::Starting) {
         Err(e) => HandoffEvent::JournalFailed(e),
         Ok(()) => {
-            let event = live.forward(new_qmp, main, cpr, fault);
+            let event = live.forward(new_qmp, (main, cpr, cpr_listens), fault);
             if live.record.phase == Phase::Switching {
                 phase = cpr_handoff::step(&Phase::Starting, &HandoffEvent::MigrateSent).0;
             }

@@ -92,7 +92,7 @@ pub fn trial(
             .map_err(|e| format!("the running QEMU's binary did not start a trial VM: {e} ({})", said(&source)))?;
         source_qmp.execute("cont", None).map_err(|e| format!("cont on the trial VM: {e}"))?;
         let mut incoming = args.clone();
-        incoming.extend(crate::cmdline::incoming_args(&main, &cpr));
+        incoming.extend(crate::cmdline::incoming_args(&main, crate::cmdline::CprChannel::Path(&cpr)));
         let (mut target, qmp) =
             Questioned::start(new, &incoming, scratch.join(format!("trial-{id}-new.log")), sandbox)?;
         while !crate::spawn::is_listening(&cpr) {

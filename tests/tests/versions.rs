@@ -122,6 +122,23 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     assert!(read_on, "the console client stopped at {} (the guest is at {seq})", followed_to());
     echo.check(1);
 
+    // What the pre-flight found QEMU 11.1 can do (tried, not read from its version), and the
+    // fd-type cpr channel it chose for the jump. Then two upgrades on 11.1 itself: the same
+    // channel again, and a path one when the VM's definition asks for it.
+    let journal = c.journal();
+    assert!(journal.contains("fd-type cpr channel yes, cpr-exec yes"), "{journal}");
+    assert!(journal.contains("cpr-transfer of q (cpr channel: fd)"), "{journal}");
+    c.sh("cprctl upgrade q");
+    c.sh("sed -i '1i cpr_channel = \"path\"' /etc/cprd/vms/q.toml && cprctl reload && cprctl upgrade q");
+    let journal = c.journal();
+    assert_eq!(journal.matches("cpr-transfer of q (cpr channel: fd)").count(), 2, "{journal}");
+    assert!(journal.contains("cpr-transfer of q (cpr channel: path)"), "{journal}");
+    let after = c.status("q");
+    assert_eq!((after["generation"].as_u64(), after["state"].as_str()), (Some(3), Some("running")), "{after}");
+    guest_continuous(&c, "q");
+    assert!(holds_the_disk(&c, &after), "QEMU 11.1 does not hold the disk image");
+    echo.check(2);
+
     // The downgrade: every package the upgrade changed, back to its trixie version. QEMU 10.0
     // cannot read QEMU 11.1's CPR state (it exits with `vmstate_load_state error -2`), which
     // cprd's pre-flight finds out with a trial handoff of an empty VM: the upgrade the trigger
@@ -151,7 +168,8 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
             && error.contains("vmstate_load_state"),
         "{history}"
     );
+    assert!(c.journal().contains("fd-type cpr channel no, cpr-exec no"), "QEMU 10.0 was probed: {}", c.journal());
     guest_continuous(&c, "q");
-    echo.check(2);
+    echo.check(3);
     eprintln!("{}", c.sh("cprctl history"));
 }
