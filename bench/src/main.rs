@@ -798,6 +798,18 @@ fn versions_bench(args: &Args) {
     let fd = container_upgrades(&c, &vms[0], args.hops);
     c.sh(&format!("sed -i '1i cpr_channel = \"path\"' /etc/cprd/vms/{}.toml && cprctl reload", vms[0]));
     let path = container_upgrades(&c, &vms[0], args.hops);
+    // cpr-exec on 11.1: a VM started in that mode (its QEMU may exec), the same guest.
+    c.sh(&format!(
+        "sed -e '1i cpr_mode = \"cpr-exec\"' /etc/cprd/vms/{}.toml > /etc/cprd/vms/x.toml && cprctl reload && cprctl start x",
+        vms[1 % vms.len()]
+    ));
+    let booted = wait_until(Duration::from_secs(120), || {
+        probe_lines(&std::fs::read_to_string(c.console("x")).unwrap_or_default()).len() > 3
+    });
+    assert!(booted, "x did not boot");
+    let pid = c.status("x")["main_pid"].clone();
+    let exec = container_upgrades(&c, "x", args.hops);
+    assert_eq!(c.status("x")["main_pid"], pid, "cpr-exec kept the PID");
     let journal = c.journal();
     assert_eq!(journal.matches("(cpr channel: fd)").count(), args.hops + vms.len(), "fd channels as expected");
     println!("QEMU {old_release} -> {new_release} (Debian 13 container, systemd 257, accel=tcg, 128 MiB guests)");
@@ -820,11 +832,13 @@ fn versions_bench(args: &Args) {
     );
     let by_fd = row("11.1 -> 11.1", "fd", &fd);
     let by_path = row("11.1 -> 11.1", "path", &path);
+    let by_exec = row("11.1 -> 11.1 by cpr-exec (same PID)", "none", &exec);
     println!();
     println!("ratio 10.0 -> 11.1 / 10.0 -> 10.0, median downtime: {:.2}", jump / same);
     println!("ratio fd / path channel on 11.1, median downtime: {:.2}", by_fd / by_path);
+    println!("ratio cpr-exec / cpr-transfer (fd) on 11.1, median downtime: {:.2}", by_exec / by_fd);
     println!("(the jump's wall time is the whole apt-get install divided by the VMs it moved)");
-    c.sh(&format!("for v in {}; do cprctl stop $v; done", vms.join(" ")));
+    c.sh(&format!("for v in {} x; do cprctl stop $v; done", vms.join(" ")));
 }
 
 fn main() {

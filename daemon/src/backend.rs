@@ -55,8 +55,9 @@ impl std::fmt::Debug for UpgradeRequest<'_> {
 pub struct Upgraded {
     /// The guest's generation now.
     pub generation: u64,
-    /// The new VMM process.
-    pub child: Child,
+    /// The new VMM process (`None`: the same process runs the guest, exec'd into the new
+    /// binary, and keeps its control socket).
+    pub child: Option<Child>,
     /// Host-stamped downtime.
     pub downtime_usec: u64,
     /// The new VMM's build id.
@@ -311,7 +312,7 @@ impl VmmBackend for CprVmm {
                 Ok(Upgraded {
                     generation: out.report.generation,
                     downtime_usec: out.report.downtime_ns() / 1000,
-                    child: out.child,
+                    child: Some(out.child),
                     version,
                     release: described.map(|d| d.version).unwrap_or_default(),
                 })

@@ -261,6 +261,8 @@ pub struct VmDef {
     pub cpu: Option<String>,
     /// QEMU only: how a new QEMU gets its cpr channel (`cpr_channel = "auto"` or `"path"`).
     pub cpr_channel: CprChannelChoice,
+    /// QEMU only: `cpr_mode = "cpr-transfer"` (default) or `"cpr-exec"`.
+    pub cpr_mode: CprMode,
     /// QEMU only: network cards on tap devices cprd creates and holds.
     pub nics: Vec<NicDef>,
     /// QEMU only: disks.
@@ -318,6 +320,20 @@ pub enum CprChannelChoice {
     Path,
 }
 
+/// QEMU only: how a QEMU VM's guest is handed to a new binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CprMode {
+    /// A second QEMU process takes the guest over (QEMU >= 10.0); the old one resumes it if
+    /// anything fails before the commit.
+    #[default]
+    CprTransfer,
+    /// The running QEMU execs the new binary (QEMU >= 10.2): same PID and scope, a longer pause,
+    /// no way back once exec'd. Used when both binaries have it and the VM was started in this
+    /// mode (its QEMU's seccomp filter then allows exec); else cpr-transfer.
+    CprExec,
+}
+
 /// The machine type cprd pins QEMU VMs to unless a definition names another.
 pub const DEFAULT_MACHINE: &str = "pc-q35-10.0";
 
@@ -338,6 +354,7 @@ struct VmInput {
     accel: Option<String>,
     cpu: Option<String>,
     cpr_channel: Option<CprChannelChoice>,
+    cpr_mode: Option<CprMode>,
     #[serde(default)]
     nic: Vec<NicDef>,
     #[serde(default)]
@@ -393,6 +410,7 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
             ("accel", input.accel.is_some()),
             ("cpu", input.cpu.is_some()),
             ("cpr_channel", input.cpr_channel.is_some()),
+            ("cpr_mode", input.cpr_mode.is_some()),
             ("nic", !input.nic.is_empty()),
             ("disk", !input.disk.is_empty()),
         ];
@@ -456,6 +474,7 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
         accel,
         cpu: input.cpu,
         cpr_channel: input.cpr_channel.unwrap_or_default(),
+        cpr_mode: input.cpr_mode.unwrap_or_default(),
         nics: input.nic,
         disks: input.disk,
     })

@@ -686,24 +686,27 @@ impl Engine {
             std::process::abort();
         }
         // The guest runs in one VMM again: it goes back to a VM's share.
-        let runs_in = result.as_ref().map_or(record.main_pid, |up| up.child.id());
+        let runs_in = result.as_ref().ok().and_then(|up| up.child.as_ref()).map_or(record.main_pid, Child::id);
         crate::sched::set_session_nice(runs_in, 0);
-        if result.is_ok() {
+        if result.as_ref().is_ok_and(|up| up.child.is_some()) {
             crate::scope::settle_weight(name, generation);
         }
         let to_release = result.as_ref().map_or_else(|_| String::new(), |up| up.release.clone());
         let (end, child) = match result {
             Ok(up) => {
-                let old_control = std::mem::replace(&mut record.control, new_control);
-                let _ = std::fs::remove_file(old_control);
+                // A new process has a control socket of its own; an exec'd one keeps its.
+                if let Some(child) = &up.child {
+                    let old_control = std::mem::replace(&mut record.control, new_control);
+                    let _ = std::fs::remove_file(old_control);
+                    record.main_pid = child.id();
+                }
                 record.generation = up.generation;
-                record.main_pid = up.child.id();
                 record.vmm_binary = binary.path().to_path_buf();
                 record.vmm_version = up.version;
                 record.vmm_release.clone_from(&up.release);
                 record.last_downtime_usec = up.downtime_usec;
                 record.vmm_uid = uid;
-                (owner::HandoffEnd::Committed(record), Some(up.child))
+                (owner::HandoffEnd::Committed(record), up.child)
             }
             Err(backend::UpgradeError::RolledBack(m)) if cpr_handoff::process::is_gone(record.main_pid) => {
                 (owner::HandoffEnd::RolledBackToAGoneVmm(m), None)

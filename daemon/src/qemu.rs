@@ -26,7 +26,7 @@ use cpr_qemu::qmp::Qmp;
 use cpr_qemu::transfer::{self, Fault, Transfer};
 
 use crate::backend::{Current, UpgradeError, UpgradeRequest, Upgraded, VmmBackend};
-use crate::config::{CprChannelChoice, GuestDef, NicDef, VmDef};
+use crate::config::{CprChannelChoice, CprMode, GuestDef, NicDef, VmDef};
 use crate::engine::VmRecord;
 use crate::error::CprdError;
 
@@ -243,6 +243,7 @@ pub fn spec_of(def: &VmDef, seccomp: bool) -> Result<VmSpec, CprdError> {
             .map(|d| DiskSpec { path: d.path.clone(), format: d.format.clone(), readonly: d.readonly })
             .collect(),
         seccomp,
+        cpr_exec: def.cpr_mode == CprMode::CprExec,
     })
 }
 
@@ -471,6 +472,82 @@ impl Qemu {
         Ok(())
     }
 
+    /// Why the guest of `req` cannot be handed over by `cpr-exec` (`None`: it can). It takes a
+    /// definition that asks for it, a QEMU started so (its seccomp filter lets it exec), and
+    /// both binaries having it: otherwise what both support, cpr-transfer.
+    fn exec_refusal(&self, req: &UpgradeRequest<'_>) -> Option<String> {
+        if req.def.cpr_mode != CprMode::CprExec {
+            return Some("not asked for".into());
+        }
+        let started_so = lock(&self.held).get(req.name).is_some_and(|h| cmdline::args_allow_exec(&h.args));
+        if !started_so {
+            return Some(
+                "its QEMU was started with exec denied by its seccomp filter; a restart in this mode lifts it".into(),
+            );
+        }
+        if !self.probed(req.binary).is_some_and(|r| r.features.cpr_exec) {
+            return Some(format!("{} has no cpr-exec", req.binary.path().display()));
+        }
+        let running = Executable::of_process(req.record.main_pid).ok();
+        if !running.as_ref().and_then(|r| self.probed(r)).is_some_and(|r| r.features.cpr_exec) {
+            return Some("the running QEMU has no cpr-exec".into());
+        }
+        None
+    }
+
+    /// Hands the guest over by `cpr-exec` (see `cpr_qemu::exec`): the running QEMU saves the
+    /// device state into the VM's channel directory (boxed) or cprd's runtime directory and
+    /// execs the new binary, which cprd passes as the descriptor it checked.
+    fn upgrade_by_exec(
+        &self,
+        req: UpgradeRequest<'_>,
+        generation: u64,
+        dir: &Path,
+        chan: Option<&cpr_spawn::Writable>,
+    ) -> Result<Upgraded, UpgradeError> {
+        let name = req.name;
+        let file = format!("{name}.{generation}.exec.state");
+        let (state, state_host) = match chan {
+            Some(w) => (w.inside.join(&file), w.host.join(&file)),
+            None => (dir.join(&file), dir.join(&file)),
+        };
+        let mut old = Qmp::connect(&req.record.control, Duration::from_secs(5))
+            .map_err(|e| UpgradeError::RolledBack(format!("cannot reach the running QEMU's QMP: {e}")))?;
+        let Some(args) = lock(&self.held).get(name).map(|h| h.args.clone()) else {
+            return Err(UpgradeError::RolledBack(format!("cprd holds no descriptors for {name}")));
+        };
+        let result = cpr_qemu::exec::cpr_exec(cpr_qemu::exec::ExecTransfer {
+            old: &mut old,
+            pid: req.record.main_pid,
+            control: &req.record.control,
+            binary: req.binary,
+            args: &args,
+            state: &state,
+            timeout: Duration::from_millis(req.timeout_ms),
+        });
+        let _ = std::fs::remove_file(&state_host);
+        match result {
+            Ok(report) => {
+                tracing::info!(
+                    CPRD_VM = name,
+                    "cpr-exec of {name}: pid {} kept, STOP->RESUME {:?} us",
+                    req.record.main_pid,
+                    report.stop_to_resume_us
+                );
+                Ok(Upgraded {
+                    generation,
+                    child: None,
+                    downtime_usec: report.stop_to_resume_us.unwrap_or(0),
+                    version: crate::engine::executable_build_id(req.binary).unwrap_or_default(),
+                    release: self.probed_release(req.binary).unwrap_or_default(),
+                })
+            }
+            Err(e @ cpr_qemu::exec::ExecError::RolledBack(_)) => Err(UpgradeError::RolledBack(e.to_string())),
+            Err(e @ cpr_qemu::exec::ExecError::Lost(_)) => Err(UpgradeError::Lost(e.to_string())),
+            Err(e @ cpr_qemu::exec::ExecError::Unknown(_)) => Err(UpgradeError::NeedsAttention(e.to_string(), None)),
+        }
+    }
+
     /// The runtime record of a VM's first QEMU (`pid` filled in once it runs).
     fn record_for(
         def: &VmDef,
@@ -498,6 +575,15 @@ impl Qemu {
 impl VmmBackend for Qemu {
     fn preflight(&self, binary: &Executable, def: &VmDef, scratch: &Path, current: &Current) -> Result<(), CprdError> {
         let version = self.probe(binary, &def.machine, scratch, current.uid)?;
+        if def.cpr_mode == CprMode::CprExec
+            && let Ok(running) = Executable::of_process(current.pid)
+        {
+            // cpr-exec needs it on both sides: the running binary is asked as well (once per
+            // build). One that cannot be asked only means cpr-transfer.
+            if let Err(e) = self.probe(&running, &def.machine, scratch, current.uid) {
+                tracing::warn!(CPRD_VM = def.name, "cannot ask the running QEMU what it supports: {e}");
+            }
+        }
         self.trial(binary, &version, def, scratch, current)
     }
 
@@ -578,6 +664,13 @@ impl VmmBackend for Qemu {
             None => None,
         };
         let chan = boxed.as_ref().and_then(|b| b.writable.first());
+        match self.exec_refusal(&req) {
+            None => return self.upgrade_by_exec(req, generation, &dir, chan),
+            Some(why) if req.def.cpr_mode == CprMode::CprExec => {
+                tracing::warn!(CPRD_VM = name, "cpr-exec of {name} is not possible ({why}): cpr-transfer instead");
+            }
+            Some(_) => {}
+        }
         let (main, cpr) = match chan {
             Some(w) => channel_sockets(&w.inside, generation),
             None => paths(&dir, &name, generation),
@@ -654,7 +747,7 @@ impl VmmBackend for Qemu {
                 );
                 Ok(Upgraded {
                     generation,
-                    child,
+                    child: Some(child),
                     downtime_usec,
                     version: crate::engine::executable_build_id(req.binary).unwrap_or_default(),
                     release: self.probed_release(req.binary).unwrap_or_default(),

@@ -33,6 +33,27 @@ pub const DISK_FD_BASE: i32 = 40;
 /// calls, setuid and friends, fork/exec, and scheduler/affinity changes).
 pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// The same filter for a boxed QEMU whose guest is handed over by `cpr-exec`: there the old
+/// QEMU execs the new binary itself, so `spawn` (fork and exec) stays allowed.
+pub const SECCOMP_EXEC: &str = "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny";
+
+/// Whether a VM started with `args` may hand its guest over by `cpr-exec`: its QEMU's seccomp
+/// filter (if any) lets it exec. Read from the arguments, which every generation keeps.
+pub fn args_allow_exec(args: &[String]) -> bool {
+    !args.windows(2).any(|w| w[0] == "-sandbox" && w[1].split(',').any(|o| o == "spawn=deny"))
+}
+
+/// The command a QEMU execs in a `cpr-exec` handoff: `program` (the new binary, as the running
+/// QEMU can reach it), the VM's arguments unchanged, and the state file to load, after which
+/// the guest runs by itself (there is no old QEMU to go back to, so nothing waits for a commit).
+pub fn exec_command(program: &str, args: &[String], state: &Path) -> Vec<String> {
+    let mut c = Vec::with_capacity(args.len() + 3);
+    c.push(program.to_string());
+    c.extend_from_slice(args);
+    c.extend(["-incoming".to_string(), format!("file:{}", state.display())]);
+    c
+}
+
 /// One network card, backed by a tap device cprd opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicSpec {
@@ -83,6 +104,8 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     /// Turn QEMU's own seccomp filter on ([`SECCOMP`]).
     pub seccomp: bool,
+    /// The guest is handed over by `cpr-exec` ([`SECCOMP_EXEC`] when the filter is on).
+    pub cpr_exec: bool,
 }
 
 impl VmSpec {
@@ -161,7 +184,7 @@ impl VmSpec {
             ));
         }
         if self.seccomp {
-            a.extend(["-sandbox".into(), SECCOMP.into()]);
+            a.extend(["-sandbox".into(), if self.cpr_exec { SECCOMP_EXEC } else { SECCOMP }.into()]);
         }
         // The files cprd opened when the VM started, whatever their paths name since (a kernel
         // package may have replaced or removed them): every generation boots the same bytes.
@@ -235,6 +258,7 @@ mod tests {
             nics: vec![NicSpec { model: "e1000".into(), mac: "52:54:00:00:00:01".into() }],
             disks: vec![],
             seccomp: false,
+            cpr_exec: false,
         }
     }
 
@@ -283,9 +307,25 @@ mod tests {
     fn a_boxed_qemu_turns_its_own_seccomp_filter_on() {
         let mut s = spec();
         assert!(!s.args().contains(&"-sandbox".to_string()));
+        assert!(args_allow_exec(&s.args()));
         s.seccomp = true;
         let a = s.args().join(" ");
         assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"), "{a}");
+        assert!(!args_allow_exec(&s.args()), "spawn denied: no cpr-exec");
+        s.cpr_exec = true;
+        let a = s.args().join(" ");
+        assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"), "{a}");
+        assert!(args_allow_exec(&s.args()));
+    }
+
+    #[test]
+    fn a_cpr_exec_command_is_the_vms_arguments_and_the_state_file() {
+        let args = spec().args();
+        let c = exec_command("/proc/self/fd/33", &args, Path::new("/run/cprd/vms/vm1.chan/exec.1.state"));
+        assert_eq!(c[0], "/proc/self/fd/33");
+        assert_eq!(&c[1..=args.len()], &args[..]);
+        assert_eq!(&c[args.len() + 1..], ["-incoming", "file:/run/cprd/vms/vm1.chan/exec.1.state"]);
+        assert!(!c.contains(&"-S".to_string()), "the exec'd QEMU runs the guest as soon as it loaded it");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! schema, and its handshake panics on EOF. QMP is JSON lines; serde_json does the parsing.
 
 pub mod cmdline;
+pub mod exec;
 pub mod probe;
 pub mod qmp;
 pub mod spawn;

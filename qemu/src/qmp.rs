@@ -283,6 +283,46 @@ impl Qmp {
         Err(QmpError::Protocol(format!("QEMU greeted {MAX_GREETINGS} times on one connection")))
     }
 
+    /// Runs a command with `fd` passed along it (`SCM_RIGHTS` on the command's first byte), as
+    /// `add-fd` and `getfd` take one. Not repeated after a second greeting: the descriptor went
+    /// with the first sending.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        bytes.push(b'\n');
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        let first = [std::io::IoSlice::new(&bytes[..1])];
+        nix::sys::socket::sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &first,
+            &cmsg,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        self.writer.write_all(&bytes[1..])?;
+        match self.wait_reply(id, deadline, command)? {
+            Reply::Return(v) => Ok(v),
+            Reply::Error { class, desc } => Err(QmpError::Command { command: command.to_string(), class, desc }),
+            Reply::Greeting => {
+                Err(QmpError::Protocol(format!("QEMU greeted again while {command} carried a descriptor")))
+            }
+        }
+    }
+
     /// The run state (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
     pub fn status(&mut self) -> Result<String, QmpError> {
         let s = self.execute("query-status", None)?;

@@ -198,6 +198,12 @@ impl Executable {
         &self.path
     }
 
+    /// The open file, for handing it to another process (which can execute it as
+    /// `/proc/self/fd/N` without looking its path up again).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     /// `/proc/self/fd/N`: the open file, for reading it in this process.
     pub fn proc_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))

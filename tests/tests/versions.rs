@@ -133,11 +133,45 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     let journal = c.journal();
     assert_eq!(journal.matches("cpr-transfer of q (cpr channel: fd)").count(), 2, "{journal}");
     assert!(journal.contains("cpr-transfer of q (cpr channel: path)"), "{journal}");
+    // A VM that asks for cpr-exec but whose QEMU was started with exec denied (its seccomp
+    // filter: it started in cpr-transfer mode) is handed over by cpr-transfer, and says why.
+    c.sh("sed -i '1i cpr_mode = \"cpr-exec\"' /etc/cprd/vms/q.toml && cprctl reload && cprctl upgrade q");
+    assert!(
+        c.journal().contains("cpr-exec of q is not possible (its QEMU was started with exec denied"),
+        "{}",
+        c.journal()
+    );
     let after = c.status("q");
-    assert_eq!((after["generation"].as_u64(), after["state"].as_str()), (Some(3), Some("running")), "{after}");
+    assert_eq!((after["generation"].as_u64(), after["state"].as_str()), (Some(4), Some("running")), "{after}");
+    assert_ne!(after["main_pid"], before["main_pid"]);
     guest_continuous(&c, "q");
     assert!(holds_the_disk(&c, &after), "QEMU 11.1 does not hold the disk image");
     echo.check(2);
+
+    // cpr-exec: a VM started in that mode on QEMU 11.1 is handed to the new binary by its own
+    // QEMU process, which execs it: same PID across two upgrades, the guest continuous.
+    c.sh(&format!(
+        "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\ncpr_mode = \"cpr-exec\"\n' > /etc/cprd/vms/e.toml",
+        kernel.display(),
+        initrd.display()
+    ));
+    c.sh("cprctl reload && cprctl start e");
+    let e_text = || std::fs::read_to_string(c.console("e")).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(90), || probe_lines(&e_text()).len() > 3), "{}", e_text());
+    let e0 = c.status("e");
+    c.sh("cprctl upgrade e && cprctl upgrade e");
+    let e2 = c.status("e");
+    assert_eq!(
+        (e2["generation"].as_u64(), e2["state"].as_str(), &e2["main_pid"]),
+        (Some(2), Some("running"), &e0["main_pid"]),
+        "cpr-exec keeps the PID: {e0} -> {e2}\n{}",
+        c.journal()
+    );
+    let kept = format!("cpr-exec of e: pid {} kept", e0["main_pid"]);
+    assert_eq!(c.journal().matches(&kept).count(), 2, "{}", c.journal());
+    guest_continuous(&c, "e");
+    c.sh("cprctl stop e");
 
     // The downgrade: every package the upgrade changed, back to its trixie version. QEMU 10.0
     // cannot read QEMU 11.1's CPR state (it exits with `vmstate_load_state error -2`), which

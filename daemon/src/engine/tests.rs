@@ -99,7 +99,7 @@ impl VmmBackend for Fake {
                 kill(req.record.main_pid);
                 Ok(Upgraded {
                     generation: req.record.generation + 1,
-                    child,
+                    child: Some(child),
                     downtime_usec: 100,
                     version: "fake".into(),
                     release: "fake 2".into(),
