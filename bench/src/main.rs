@@ -810,7 +810,7 @@ fn versions_bench(args: &Args) {
     let pid = c.status("x")["main_pid"].clone();
     let exec = container_upgrades(&c, "x", args.hops);
     assert_eq!(c.status("x")["main_pid"], pid, "cpr-exec kept the PID");
-    let journal = c.journal();
+    let journal = c.full_journal();
     assert_eq!(journal.matches("(cpr channel: fd)").count(), args.hops + vms.len(), "fd channels as expected");
     println!("QEMU {old_release} -> {new_release} (Debian 13 container, systemd 257, accel=tcg, 128 MiB guests)");
     println!("downtime = cprd's STOP -> RESUME (QMP event timestamps) of each upgrade, from `cprctl --json history`");

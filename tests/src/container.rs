@@ -194,6 +194,11 @@ impl Container {
         String::from_utf8_lossy(&self.exec(&["journalctl", "-u", "cprd", "--no-pager", "-n", "80"]).stdout).into_owned()
     }
 
+    /// cprd's whole journal in the container, for counting what it did.
+    pub fn full_journal(&self) -> String {
+        String::from_utf8_lossy(&self.exec(&["journalctl", "-u", "cprd", "--no-pager"]).stdout).into_owned()
+    }
+
     /// Runs a shell command line inside the container and returns its stdout; panics on failure.
     pub fn sh(&self, line: &str) -> String {
         let o = self.exec(&["sh", "-c", line]);

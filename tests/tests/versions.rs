@@ -130,7 +130,7 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     assert!(journal.contains("cpr-transfer of q (cpr channel: fd)"), "{journal}");
     c.sh("cprctl upgrade q");
     c.sh("sed -i '1i cpr_channel = \"path\"' /etc/cprd/vms/q.toml && cprctl reload && cprctl upgrade q");
-    let journal = c.journal();
+    let journal = c.full_journal();
     assert_eq!(journal.matches("cpr-transfer of q (cpr channel: fd)").count(), 2, "{journal}");
     assert!(journal.contains("cpr-transfer of q (cpr channel: path)"), "{journal}");
     // A VM that asks for cpr-exec but whose QEMU was started with exec denied (its seccomp
@@ -169,7 +169,7 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
         c.journal()
     );
     let kept = format!("cpr-exec of e: pid {} kept", e0["main_pid"]);
-    assert_eq!(c.journal().matches(&kept).count(), 2, "{}", c.journal());
+    assert_eq!(c.full_journal().matches(&kept).count(), 2, "{}", c.journal());
     guest_continuous(&c, "e");
     c.sh("cprctl stop e");
 
