@@ -668,4 +668,23 @@ mod tests {
         assert!(e.contains("vm3.toml") && e.contains("line 2") && e.contains("colour"), "{e}");
         assert!(load_vms(&d.path().join("vms")).is_err(), "one bad file fails the load");
     }
+
+    /// How a QEMU guest is handed over is a word from a short list, in QEMU definitions only.
+    #[test]
+    fn cpr_mode_and_cpr_channel_are_checked() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let qemu = "backend = \"qemu\"\nmemory = \"256M\"\nkernel = \"/k\"\n";
+        let f = write(d.path(), "vms/q.toml", &format!("{qemu}cpr_mode = \"cpr-exec\"\ncpr_channel = \"path\"\n"));
+        let def = load_vm(&f).expect("valid");
+        assert_eq!((def.cpr_mode, def.cpr_channel), (CprMode::CprExec, CprChannelChoice::Path));
+        let f = write(d.path(), "vms/q2.toml", qemu);
+        let def = load_vm(&f).expect("valid");
+        assert_eq!((def.cpr_mode, def.cpr_channel), (CprMode::CprTransfer, CprChannelChoice::Auto));
+        let f = write(d.path(), "vms/q3.toml", &format!("{qemu}cpr_mode = \"exec\"\n"));
+        let e = load_vm(&f).expect_err("unknown mode").to_string();
+        assert!(e.contains("q3.toml") && e.contains("line 4") && e.contains("cpr-exec"), "{e}");
+        let f = write(d.path(), "vms/t.toml", "memory = \"64M\"\ncpr_mode = \"cpr-exec\"\n");
+        let e = load_vm(&f).expect_err("test guest").to_string();
+        assert!(e.contains("cpr_mode: only VMs with backend = \"qemu\""), "{e}");
+    }
 }

@@ -443,3 +443,19 @@ fn runtime_records_of_every_format_this_cprd_reads_are_read() {
     let e = newer.check_format().expect_err("newer");
     assert!(e.contains("record format 2 is newer than this cprd's 1"), "{e}");
 }
+
+/// The fd store's state record (`cprd-state`: every VM's runtime record by name, kept by systemd
+/// across a cprd restart) as a format-1 cprd writes it (`tests/golden/fdstore-state-1.json`):
+/// read by this one, record by record, as `pending_reattach` reads it.
+#[test]
+fn the_fd_store_state_record_of_format_1_is_read() {
+    let state: BTreeMap<String, VmRecord> =
+        serde_json::from_str(include_str!("../../../tests/golden/fdstore-state-1.json")).expect("state record");
+    assert_eq!(state.keys().map(String::as_str).collect::<Vec<_>>(), ["q", "vm1"]);
+    for r in state.values() {
+        r.check_format().expect("readable");
+        assert_eq!(r.format, 1);
+    }
+    assert_eq!((state["vm1"].generation, state["vm1"].vmm_release.as_str()), (20, "0.1.0"));
+    assert_eq!(state["q"].vmm_uid, Some(0x7000_0000));
+}
