@@ -120,13 +120,17 @@ pub fn cpr_exec(t: ExecTransfer<'_>) -> Result<ExecReport, ExecError> {
                 }
             }
             Err(QmpError::Io(_) | QmpError::Closed) => break,
-            Err(e) => {
-                if Instant::now() >= deadline {
-                    let _ = t.old.execute("migrate_cancel", None);
-                    restore(t.old, Some(fdset));
-                    return Err(ExecError::RolledBack(format!("the running QEMU did not exec in time ({e})")));
+            Err(e) if Instant::now() >= deadline => {
+                // Still the old image (it answers), or did it exec just now?
+                match t.old.execute_timeout("migrate_cancel", None, Duration::from_secs(1)) {
+                    Err(QmpError::Io(_) | QmpError::Closed) => break,
+                    _ => {
+                        restore(t.old, Some(fdset));
+                        return Err(ExecError::RolledBack(format!("the running QEMU did not exec in time ({e})")));
+                    }
                 }
             }
+            Err(_) => {}
         }
         std::thread::sleep(Duration::from_millis(1));
     }
