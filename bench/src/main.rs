@@ -844,6 +844,7 @@ fn versions_bench(args: &Args) {
 fn main() {
     let args = Args::parse();
     cpr_tests::require_kvm();
+    cpr_tests::container::end_containers_on_panic();
     if args.qemu_versions {
         print_title("QEMU across real versions and cpr channel kinds (cprd under systemd, Debian 13)");
         println!();

@@ -733,6 +733,8 @@ impl VmmBackend for Qemu {
         match result {
             Ok(report) => {
                 drop(report.new);
+                // Its exit must not take CPU from the guest it handed over (see `EXIT_NICE`).
+                crate::sched::set_session_nice(req.record.main_pid, cpr_spawn::sched::EXIT_NICE);
                 let _ = old.execute("quit", None);
                 // QEMU's STOP (old) to RESUME (new), from QMP timestamps on this host's clock (µs);
                 // QEMU's own `downtime` (ms resolution) when an event was missed.

@@ -385,6 +385,10 @@ impl Sides for Live<'_> {
             ours.state_sent_ns = theirs.state_sent_ns;
             ours.state_bytes = theirs.state_bytes;
         }
+        if self.req.new_session {
+            // The new VMM runs the guest: the old one's exit goes to the back of the queue.
+            cpr_spawn::sched::set_session_nice(self.record.old.pid, cpr_spawn::sched::EXIT_NICE);
+        }
         let quit = match (&self.old_answer, &self.old) {
             (OldAnswer::Gone, _) | (_, None) => return Event::OldGone,
             (_, Some(old)) => old.call(&Request::Quit, &[]),

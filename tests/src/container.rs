@@ -144,6 +144,7 @@ impl Container {
             .stderr(log);
         cpr_spawn::place_fds(&mut cmd, &[], true).expect("a session of its own");
         let nspawn = cmd.spawn().expect("systemd-nspawn");
+        running().push(nspawn.id());
         // The container's PID 1 is a child of nspawn whose command is `systemd` (nspawn briefly
         // has an intermediate child first).
         let mut leader = 0u32;
@@ -221,5 +222,37 @@ impl Drop for Container {
             let _ = self.nspawn.kill();
             let _ = self.nspawn.wait();
         }
+        running().retain(|p| *p != self.nspawn.id());
     }
+}
+
+/// The `systemd-nspawn` processes of the containers this process runs.
+fn running() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+    RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// For a program built with `panic = "abort"` (the benchmarks): a panic ends the containers it
+/// started (SIGTERM to `systemd-nspawn`, which shuts the container down with everything in it)
+/// before the process aborts, since no `Drop` runs then. A container left behind keeps its
+/// guests running (a bench once left four TCG guests burning both CPUs for an hour). Not for
+/// tests: they unwind, and a hook would end other tests' containers too.
+pub fn end_containers_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        let pids: Vec<u32> = running().clone();
+        for pid in pids {
+            let raw = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+            let _ = nix::sys::signal::kill(raw, nix::sys::signal::Signal::SIGTERM);
+            let exited = || {
+                let status = nix::sys::wait::waitpid(raw, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+                !matches!(status, Ok(nix::sys::wait::WaitStatus::StillAlive))
+            };
+            let gone = wait_until(Duration::from_secs(15), exited);
+            if !gone {
+                let _ = nix::sys::signal::kill(raw, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }));
 }

@@ -81,6 +81,12 @@ fn chain(backend: &str, vcpus: u8, hops: u32) {
         extras,
         Duration::from_secs(900),
     );
+    if let Ok(dir) = std::env::var("CPRD_L1_KEEP") {
+        // For a closer look: both consoles of every run, whole.
+        let base = std::path::Path::new(&dir).join(format!("{backend}-{vcpus}-{}", std::process::id()));
+        let _ = std::fs::write(base.with_extension("l1.txt"), &run.console);
+        let _ = std::fs::write(base.with_extension("guest.txt"), &run.second_console);
+    }
     assert_eq!(run.rc, Some(0), "{}", run.dump());
     assert!(run.console.contains("START rc=0"), "cprd started the VM\n{}", run.dump());
     for g in 1..=hops {

@@ -196,6 +196,9 @@ pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd) -> Result<()> {
                         let borrowed: Vec<_> = out_fds.iter().map(AsFd::as_fd).collect();
                         let sent = wire::send(fd.as_fd(), &response, &borrowed);
                         if let Some(reason) = exit {
+                            if matches!(reason, crate::vm::ExitReason::HandedOff) {
+                                crate::fault::stall_point("after-quit");
+                            }
                             vmm.core.exit(reason);
                         }
                         if sent.is_err() {
