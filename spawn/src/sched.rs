@@ -33,9 +33,10 @@ use nix::unistd::{Pid, getsid};
 pub const HANDOFF_NICE: i32 = -10;
 /// The autogroup nice of an old VMM once the new one runs the guest: what is left for it is
 /// its exit (unmapping guest RAM, tearing its KVM VM down), which must not take CPU from the
-/// guest it just handed over. At [`HANDOFF_NICE`] it had about nine times the weight of the new
-/// VMM's vCPUs; on a busy or single CPU its teardown then held the resumed guest off for
-/// seconds (a 2-vCPU Linux guest on one L1 CPU: 1.7 s, once 16 s and an RCU stall).
+/// guest it just handed over. Left at [`HANDOFF_NICE`] it had about nine times the weight of
+/// the new VMM's vCPUs for the whole teardown, on a CPU they share. (Found while chasing stalls
+/// of a 2-vCPU Linux guest on one L1 CPU; those turned out to come from a leaked load on the
+/// host, so no effect on them is claimed.)
 pub const EXIT_NICE: i32 = 19;
 
 /// EEVDF slice of every thread of a VMM inside a handoff's downtime (the kernel's minimum).

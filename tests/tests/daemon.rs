@@ -456,10 +456,9 @@ fn handoffs_run_weighted_and_guests_go_back_to_an_equal_share() {
 }
 
 /// An old VMM kept the handoff's weight (autogroup nice -10) through its exit, about nine times
-/// the weight of the new VMM now running the guest: on a busy or single CPU its teardown
-/// (unmapping guest RAM, destroying its KVM VM) held the resumed guest off, 1.7 s and once 16 s
-/// for a 2-vCPU Linux guest on one L1 CPU, with an RCU stall. Now the arbiter puts it at the
-/// lowest weight (nice 19) before it asks it to quit. The old VMM here stops itself right after
+/// the weight of the new VMM now running the guest, for its whole teardown (unmapping guest
+/// RAM, destroying its KVM VM) on CPUs they share. Now the arbiter puts it at the lowest weight
+/// (nice 19) before it asks it to quit. The old VMM here stops itself right after
 /// answering `Quit` (fault injection), so its weight can be read while it exits.
 #[test]
 fn an_old_vmm_exits_at_the_lowest_weight_once_the_new_one_runs_the_guest() {
