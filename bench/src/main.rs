@@ -73,6 +73,11 @@ struct Args {
     /// VMs (each moved once by the 10.0 -> 11.1 jump), with --qemu-versions.
     #[arg(long, default_value_t = 4)]
     jump_vms: usize,
+    /// Instead: a soak, N chained upgrades (default 1000) of one VM of each backend (a cpr-vmm
+    /// test guest on /dev/kvm, a QEMU TCG Linux guest) through cprd; prints cprd's descriptors,
+    /// RSS and threads and the VMM processes every 100 upgrades, with the downtimes of each 100.
+    #[arg(long, num_args = 0..=1, default_missing_value = "1000")]
+    soak: Option<usize>,
 }
 
 /// One hop of a QEMU guest.
@@ -841,10 +846,138 @@ fn versions_bench(args: &Args) {
     c.sh(&format!("for v in {} x; do cprctl stop $v; done", vms.join(" ")));
 }
 
+/// cprd's open descriptors, RSS (KiB) and threads, and how many of its children run.
+fn cprd_footprint(pid: u32) -> (usize, u64, u64, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let children = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+                .filter(|stat| {
+                    // The fields after the command (which may hold spaces): state, then the parent.
+                    let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+                    let mut f = after.split_whitespace();
+                    let state = f.next().unwrap_or("Z");
+                    f.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid) && state != "Z"
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    (fds, field("VmRSS:"), field("Threads:"), children)
+}
+
+/// See `Args::soak`. It never panics once cprd runs (a panic aborts here, and would leave cprd
+/// and its VMMs running): a failure ends the soak, says why, and everything is stopped.
+fn soak_bench(n: usize) {
+    use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, write_config};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &["/usr/bin/qemu-system-*"]);
+    define_vm(&config, "cv", "memory = \"64M\"\n");
+    define_vm(&config, "qv", &cpr_tests::linux_guest::vm_definition("128M", ""));
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    if let Err(e) = soak(&cprd, n) {
+        println!();
+        println!("the soak ended early: {e}");
+    }
+    for vm in ["cv", "qv"] {
+        let _ = cprd.cprctl(&["stop", vm]);
+    }
+    kill_vmms(&cprd.runtime_dir);
+    bus.kill();
+}
+
+fn soak(cprd: &cpr_tests::daemon::Cprd, n: usize) -> Result<(), String> {
+    let pid = cprd.child.id();
+    for vm in ["cv", "qv"] {
+        let out = cprd.cprctl(&["start", vm]);
+        if !out.status.success() {
+            return Err(format!("start {vm}: {}", cpr_tests::daemon::text(&out)));
+        }
+    }
+    let console = cprd.runtime_dir.join("vms/qv.console");
+    let booted = wait_until(Duration::from_secs(120), || {
+        cpr_tests::linux_guest::probe_lines(&std::fs::read_to_string(&console).unwrap_or_default()).len() > 3
+    });
+    if !booted {
+        return Err("the QEMU guest did not boot".into());
+    }
+    let downtime = |vm: &str| {
+        let out = cprd.cprctl(&["--json", "status", vm]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["last_downtime_usec"].as_f64().unwrap_or(0.0)
+    };
+    println!("{n} chained upgrades of each VM, one after the other: cv (cpr-vmm, CPL3 test guest on /dev/kvm,");
+    println!("64 MiB) and qv (QEMU, accel=tcg, Linux probe guest, 128 MiB); cprd as a child of this bench");
+    println!();
+    println!(
+        "| upgrades | cprd fds | cprd RSS KiB | cprd threads | VMM processes | cv downtime median/p99/max us | qv downtime median/p99/max us |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let row = |done: usize, cv: &[f64], qv: &[f64]| {
+        let (fds, rss, threads, vmms) = cprd_footprint(pid);
+        let fmt = |s: Summary| {
+            if s.n == 0 { "-".to_string() } else { format!("{:.0} / {:.0} / {:.0}", s.median, s.p99, s.max) }
+        };
+        println!("| {done} | {fds} | {rss} | {threads} | {vmms} | {} | {} |", fmt(summarize(cv)), fmt(summarize(qv)));
+        (fds, rss, threads, vmms)
+    };
+    let first = row(0, &[], &[]);
+    let mut after_100 = first;
+    let (mut cv, mut qv) = (Vec::new(), Vec::new());
+    for i in 1..=n {
+        for (vm, sample) in [("cv", &mut cv), ("qv", &mut qv)] {
+            let out = cprd.cprctl(&["upgrade", vm]);
+            if !out.status.success() {
+                return Err(format!("upgrade {i} of {vm}: {}", cpr_tests::daemon::text(&out)));
+            }
+            sample.push(downtime(vm));
+        }
+        if i % 100 == 0 || i == n {
+            let now = row(i, &cv, &qv);
+            if i == 100 {
+                after_100 = now;
+            }
+            cv.clear();
+            qv.clear();
+        }
+    }
+    let last = cprd_footprint(pid);
+    println!();
+    println!(
+        "fds {} -> {}, threads {} -> {}, VMM processes {} -> {}; RSS after the first 100 upgrades {} KiB, at the \
+         end {} KiB ({:+} KiB)",
+        first.0,
+        last.0,
+        first.2,
+        last.2,
+        first.3,
+        last.3,
+        after_100.1,
+        last.1,
+        last.1.cast_signed() - after_100.1.cast_signed()
+    );
+    Ok(())
+}
+
 fn main() {
     let args = Args::parse();
     cpr_tests::require_kvm();
     cpr_tests::container::end_containers_on_panic();
+    if let Some(n) = args.soak {
+        print_title("Soak: chained upgrades through cprd, cprd's footprint");
+        println!();
+        soak_bench(n);
+        return;
+    }
     if args.qemu_versions {
         print_title("QEMU across real versions and cpr channel kinds (cprd under systemd, Debian 13)");
         println!();
