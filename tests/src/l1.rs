@@ -114,16 +114,19 @@ pub fn run_with(script: &str, binaries: &[&str], extras: &[Extra], timeout: Dura
     // One L1 at a time on this machine: two TCG L1s side by side (each a busy host thread, plus
     // QEMU's own) made a nested QEMU guest stall for seconds, lose console lines and miss ticks.
     let _one_at_a_time = L1_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Likewise an L1 whose QEMU ended by itself, early, without the script's `L1-DONE`: L1 reset
+    // (`-no-reboot`: a triple fault or a panic, with nothing on its console). Seen once, in the
+    // 2-vCPU cpr-vmm chain, after 11 of its 20 upgrades.
     match boot(dir.path(), &initrd, timeout) {
-        Boot::Frozen(run) => {
+        Boot::Frozen(run) | Boot::Reset(run) => {
             eprintln!(
-                "l1: L1 froze (no output for {} s, not even its heartbeat); booting it once more. The frozen \
-                 run:\n{}",
+                "l1: L1 froze (no output for {} s, not even its heartbeat) or reset itself early; booting it \
+                 once more. The failed run:\n{}",
                 FROZEN_AFTER.as_secs(),
                 run.dump()
             );
             match boot(dir.path(), &initrd, timeout) {
-                Boot::Frozen(run) | Boot::Ended(run) => run,
+                Boot::Frozen(run) | Boot::Reset(run) | Boot::Ended(run) => run,
             }
         }
         Boot::Ended(run) => run,
@@ -143,6 +146,8 @@ enum Boot {
     Ended(L1Run),
     /// It printed nothing for [`FROZEN_AFTER`] and was killed.
     Frozen(L1Run),
+    /// Its QEMU ended by itself before the timeout without the script's `L1-DONE` (L1 reset).
+    Reset(L1Run),
 }
 
 /// Boots L1 from `initrd` with its consoles in `dir`, until it powers off, `timeout` passes or
@@ -176,8 +181,10 @@ fn boot(dir: &Path, initrd: &Path, timeout: Duration) -> Boot {
     let (mut seen, mut seen_at) = ((0, 0), Instant::now());
     let mut frozen = false;
     // Past the timeout the guard kills it: `rc` then stays `None`.
+    let mut exited = false;
     let _ = crate::wait_until(timeout, || {
         if guard.0.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+            exited = true;
             return true;
         }
         let now = (size(&console), size(&second));
@@ -193,7 +200,13 @@ fn boot(dir: &Path, initrd: &Path, timeout: Duration) -> Boot {
     let rc = console.lines().find_map(|l| l.strip_prefix("L1-DONE rc=")).and_then(|n| n.trim().parse().ok());
     let qemu_stderr = std::fs::read_to_string(dir.join("qemu-stderr")).unwrap_or_default();
     let run = L1Run { console, second_console, rc, elapsed: started.elapsed(), qemu_stderr };
-    if frozen { Boot::Frozen(run) } else { Boot::Ended(run) }
+    if frozen {
+        Boot::Frozen(run)
+    } else if exited && run.rc.is_none() {
+        Boot::Reset(run)
+    } else {
+        Boot::Ended(run)
+    }
 }
 
 /// The L2 command line for Linux guests in L1, under cpr-vmm and QEMU alike: a fast boot under
