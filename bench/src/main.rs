@@ -771,12 +771,7 @@ fn versions_bench(args: &Args) {
     c.sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}", deb.display()));
     let vms: Vec<String> = (0..args.jump_vms.max(1)).map(|i| format!("v{i}")).collect();
     for vm in &vms {
-        c.sh(&format!(
-            "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-             cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n' > /etc/cprd/vms/{vm}.toml",
-            kernel.display(),
-            initrd.display()
-        ));
+        c.define_vm(vm, &cpr_tests::linux_guest::vm_definition("128M", ""));
     }
     c.sh(&format!("cprctl reload && for v in {}; do cprctl start $v; done", vms.join(" ")));
     for vm in &vms {

@@ -195,6 +195,14 @@ impl Container {
         String::from_utf8_lossy(&self.exec(&["journalctl", "-u", "cprd", "--no-pager", "-n", "80"]).stdout).into_owned()
     }
 
+    /// Writes `/etc/cprd/vms/NAME.toml` in the container (through its root directory on the host;
+    /// the bind-mounted kernel and initramfs have the same paths inside as outside, so a
+    /// [`crate::linux_guest::vm_definition`] serves as it is).
+    pub fn define_vm(&self, name: &str, body: &str) {
+        let path = self.root.join("etc/cprd/vms").join(format!("{name}.toml"));
+        std::fs::write(&path, body).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
     /// cprd's whole journal in the container, for counting what it did.
     pub fn full_journal(&self) -> String {
         String::from_utf8_lossy(&self.exec(&["journalctl", "-u", "cprd", "--no-pager"]).stdout).into_owned()

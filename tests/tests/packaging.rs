@@ -76,12 +76,7 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
     assert!(c.sh("cprctl --version").contains("0.2.0"));
     // Three VMs: two cpr-vmm test guests, one QEMU guest under TCG.
     c.sh("printf 'memory = \"64M\"\\n' > /etc/cprd/vms/a.toml && cp /etc/cprd/vms/a.toml /etc/cprd/vms/b.toml");
-    c.sh(&format!(
-        "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n' > /etc/cprd/vms/q.toml",
-        kernel.display(),
-        initrd.display()
-    ));
+    c.define_vm("q", &cpr_tests::linux_guest::vm_definition("128M", ""));
     c.sh("cprctl reload && cprctl start a && cprctl start b && cprctl start q");
     assert!(wait_until(Duration::from_secs(90), || probe_lines(
         &std::fs::read_to_string(c.console("q")).unwrap_or_default()

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use cpr_tests::container::{Container, built_package};
-use cpr_tests::linux_guest::{Echo, NetNs, check_probe, initramfs, kernel, probe_lines};
+use cpr_tests::linux_guest::{Echo, NetNs, check_probe, initramfs, kernel, probe_lines, vm_definition};
 use cpr_tests::wait_until;
 
 /// Installed packages and their versions (`name=version` lines, sorted).
@@ -59,14 +59,16 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
     let qemu_version = || c.sh("dpkg-query -W -f='${Version}' qemu-system-x86");
     assert!(qemu_version().starts_with("1:10.0."), "{}", qemu_version());
     c.sh("mkdir -p /var/lib/cprd/images && truncate -s 8M /var/lib/cprd/images/q.img");
-    c.sh(&format!(
-        "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\n[[disk]]\npath = \"/var/lib/cprd/images/q.img\"\n\
-         [[nic]]\ntap = \"cprv0\"\nnetns = \"{}\"\nmodel = \"e1000\"\n' > /etc/cprd/vms/q.toml",
-        kernel.display(),
-        initrd.display(),
-        ns.path().display()
-    ));
+    c.define_vm(
+        "q",
+        &vm_definition(
+            "128M",
+            &format!(
+                "[[disk]]\npath = \"/var/lib/cprd/images/q.img\"\n[[nic]]\ntap = \"cprv0\"\nnetns = {:?}\nmodel = \"e1000\"\n",
+                ns.path().display().to_string()
+            ),
+        ),
+    );
     c.sh("cprctl reload && cprctl start q");
     assert!(wait_until(Duration::from_secs(90), || probe_lines(
         &std::fs::read_to_string(c.console("q")).unwrap_or_default()
@@ -150,12 +152,7 @@ fn a_distro_upgrade_moves_qemu_guests_from_10_0_to_11_1_live_and_back() {
 
     // cpr-exec: a VM started in that mode on QEMU 11.1 is handed to the new binary by its own
     // QEMU process, which execs it: same PID across two upgrades, the guest continuous.
-    c.sh(&format!(
-        "printf '%s' 'backend = \"qemu\"\nmemory = \"128M\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-         cmdline = \"console=ttyS0 quiet panic=-1 probe_mib=8\"\ncpr_mode = \"cpr-exec\"\n' > /etc/cprd/vms/e.toml",
-        kernel.display(),
-        initrd.display()
-    ));
+    c.define_vm("e", &vm_definition("128M", "cpr_mode = \"cpr-exec\"\n"));
     c.sh("cprctl reload && cprctl start e");
     let e_text = || std::fs::read_to_string(c.console("e")).unwrap_or_default();
     assert!(wait_until(Duration::from_secs(90), || probe_lines(&e_text()).len() > 3), "{}", e_text());
