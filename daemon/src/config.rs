@@ -109,8 +109,20 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 /// then returned as a table for merging.
 fn parse_table(file: &Path) -> Result<toml::Table, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|e| err(file, format!("cannot read: {e}")))?;
-    toml::from_str::<SettingsInput>(&text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
+    table_from_text(file, &text)
+}
+
+/// The checks of [`parse_table`] on a file's text.
+fn table_from_text(file: &Path, text: &str) -> Result<toml::Table, ConfigError> {
+    toml::from_str::<SettingsInput>(text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
     text.parse::<toml::Table>().map_err(|e| err(file, e.to_string().trim_end().to_string()))
+}
+
+/// Settings from the text of one `DIR/cprd.toml` alone (no vendor defaults, no fragments):
+/// what [`load_layered`] makes of a directory holding only that file.
+pub fn settings_from_text(dir: &Path, text: &str) -> Result<Settings, ConfigError> {
+    let main = dir.join("cprd.toml");
+    settings_from_table(dir, &main, table_from_text(&main, text)?)
 }
 
 /// `DIR/config.d/*.toml` in name order.
@@ -135,6 +147,12 @@ pub fn load_layered(vendor: Option<&Path>, dir: &Path) -> Result<Settings, Confi
     for f in &files {
         merge(&mut merged, parse_table(f)?);
     }
+    settings_from_table(dir, &main, merged)
+}
+
+/// Validates merged settings; errors name `main`, the operator's file.
+fn settings_from_table(dir: &Path, main: &Path, merged: toml::Table) -> Result<Settings, ConfigError> {
+    let main = main.to_path_buf();
     let input = SettingsInput::deserialize(toml::Value::Table(merged)).map_err(|e| err(&main, e.to_string()))?;
     let vmm = input.vmm.unwrap_or(VmmInput { allowed: None, default: None, qemu: None });
     let default_qemu = PathBuf::from(vmm.qemu.unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into()));
@@ -373,7 +391,16 @@ pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
         return Err(err(file, format!("{name:?} is not a valid VM name (letters, digits, - and _)")));
     }
     let text = std::fs::read_to_string(file).map_err(|e| err(file, format!("cannot read: {e}")))?;
-    let input: VmInput = toml::from_str(&text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
+    parse_vm(file, &text)
+}
+
+/// Validates the text of a VM definition; `file` (`vms/NAME.toml`) names the VM and every error.
+pub fn parse_vm(file: &Path, text: &str) -> Result<VmDef, ConfigError> {
+    let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if !valid_vm_name(&name) {
+        return Err(err(file, format!("{name:?} is not a valid VM name (letters, digits, - and _)")));
+    }
+    let input: VmInput = toml::from_str(text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
     use cpr_proto::memory::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES, parse_size};
     let memory_bytes = parse_size(&input.memory).map_err(|e| err(file, format!("memory: {e}")))?;
     if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&memory_bytes) {

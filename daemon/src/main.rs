@@ -1,31 +1,10 @@
 //! cprd, the host daemon that owns VMs and upgrades their VMM live.
 
-mod backend;
-mod config;
-mod console;
-mod control;
-mod dbus;
-mod engine;
-mod error;
-mod fdstore;
-mod files;
-mod qemu;
-mod reexec;
-mod sandbox;
-mod sched;
-mod scope;
-
+use cprd::{VERSION, control, dbus, engine, fdstore, files, reexec, sched, scope};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-
-/// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
-/// else the crate's. Packages of different versions thus carry binaries with different build ids.
-const VERSION: &str = match option_env!("CPRD_BUILD_STAMP") {
-    Some(v) => v,
-    None => env!("CARGO_PKG_VERSION"),
-};
 
 /// cprd: keeps VMs running while their VMM is upgraded under them.
 #[derive(Debug, Parser)]

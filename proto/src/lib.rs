@@ -8,6 +8,7 @@
 //! - [`client`]: a control-socket client with a deadline on every answer.
 //! - [`memory`]: guest RAM as a sealed memfd, and the sizes both sides accept.
 //! - [`state`]: the versioned, sectioned, checksummed VM-state format carried on the `main` channel.
+//! - [`text`]: bounded excerpts of what a peer sent, for error messages and log lines.
 //!
 //! Nothing here touches KVM: the VMM fills the state sections, this crate frames and checks them.
 
@@ -16,6 +17,7 @@ pub mod control;
 pub mod cpr;
 pub mod memory;
 pub mod state;
+pub mod text;
 pub mod wire;
 
 /// CLOCK_MONOTONIC in nanoseconds; the clock every handoff timestamp uses, on both sides.

@@ -57,10 +57,33 @@ pub fn pass_credentials(sock: BorrowedFd<'_>) -> std::io::Result<()> {
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true).map_err(std::io::Error::from)
 }
 
+/// Encodes `msg` as the bytes of one datagram: JSON, at most [`MAX_MESSAGE_BYTES`].
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge);
+    }
+    Ok(bytes)
+}
+
+/// Decodes the bytes of one received datagram as a `T`: the one decoder every control, cpr and
+/// commit message goes through ([`recv`] and the fuzz target `wire_message`).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge);
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| WireError::Malformed(crate::text::excerpt(&e.to_string(), MAX_ERROR_TEXT)))
+}
+
+/// The longest text of a [`WireError::Malformed`] about a received message (serde's messages
+/// quote the offending value, which the peer chose).
+pub const MAX_ERROR_TEXT: usize = 300;
+
 /// Sends `msg` as one datagram on `sock`, with `fds` attached.
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
-    let bytes = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if bytes.len() > MAX_MESSAGE_BYTES || fds.len() > MAX_FDS {
+    let bytes = encode(msg)?;
+    if fds.len() > MAX_FDS {
         return Err(WireError::TooLarge);
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -145,7 +168,7 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>
     if len == 0 {
         return Err(WireError::Closed);
     }
-    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let msg = decode(&buf[..len])?;
     Ok(Received { msg, fds, sender })
 }
 

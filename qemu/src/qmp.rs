@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cpr_proto::text::excerpt;
 use serde_json::{Value, json};
 
 /// A QMP failure.
@@ -67,6 +68,14 @@ impl std::fmt::Display for Version {
 /// tens of KiB).
 pub const MAX_MESSAGE: usize = 1 << 20;
 
+/// How much of a message QEMU sent an error quotes, in bytes.
+const SHOWN_BYTES: usize = 200;
+
+/// A message QEMU sent, as an error quotes it: at most [`SHOWN_BYTES`] of its JSON.
+fn shown(msg: &Value) -> String {
+    excerpt(&msg.to_string(), SHOWN_BYTES)
+}
+
 /// How many greetings one connection may bring before cprd gives up on it.
 const MAX_GREETINGS: usize = 3;
 
@@ -120,7 +129,7 @@ impl Qmp {
         let greeting = qmp.read_message(Instant::now() + timeout, "the QMP greeting")?;
         let v = greeting
             .pointer("/QMP/version/qemu")
-            .ok_or_else(|| QmpError::Protocol(format!("not a QMP greeting: {greeting}")))?;
+            .ok_or_else(|| QmpError::Protocol(format!("not a QMP greeting: {}", shown(&greeting))))?;
         let num = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
         qmp.version = Version { major: num("major"), minor: num("minor"), micro: num("micro") };
         qmp.package =
@@ -178,7 +187,7 @@ impl Qmp {
                 if msg.get("return").is_some() || msg.get("error").is_some() {
                     continue;
                 }
-                return Err(QmpError::Protocol(format!("unexpected reply to {command}: {msg}")));
+                return Err(QmpError::Protocol(format!("unexpected reply to {command}: {}", shown(&msg))));
             }
             if let Some(ret) = msg.get("return") {
                 return Ok(Reply::Return(ret.clone()));
@@ -187,7 +196,7 @@ impl Qmp {
                 let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
                 return Ok(Reply::Error { class: field("class"), desc: field("desc") });
             }
-            return Err(QmpError::Protocol(format!("unexpected reply to {command}: {msg}")));
+            return Err(QmpError::Protocol(format!("unexpected reply to {command}: {}", shown(&msg))));
         }
     }
 
@@ -228,8 +237,8 @@ impl Qmp {
             }
         }
         serde_json::from_slice(&line).map_err(|e| {
-            let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).trim_end().to_string();
-            QmpError::Protocol(format!("{e} in {shown:?}"))
+            let text = String::from_utf8_lossy(&line[..line.len().min(SHOWN_BYTES)]);
+            QmpError::Protocol(format!("{e} in \"{}\"", excerpt(text.trim_end(), SHOWN_BYTES)))
         })
     }
 
@@ -329,7 +338,7 @@ impl Qmp {
         s.get("status")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| QmpError::Protocol(format!("query-status answered {s}")))
+            .ok_or_else(|| QmpError::Protocol(format!("query-status answered {}", shown(&s))))
     }
 
     /// Events received so far, oldest first; the buffer is emptied.
