@@ -1,4 +1,5 @@
-//! Assembles the test guest (`guest/testguest.s`) into static long-mode ELF files with binutils.
+//! Assembles the test guest (`guest/testguest.s`) and a guest of its own (`guest/failcode.s`) into
+//! static long-mode ELF files with binutils.
 
 use std::path::Path;
 use std::process::Command;
@@ -32,4 +33,6 @@ fn main() {
     println!("cargo:rerun-if-changed=guest/testguest.s");
     assemble(src, &out_dir, "testguest", &[]);
     assemble(src, &out_dir, "testguest-broken", &["BREAK=1"]);
+    println!("cargo:rerun-if-changed=guest/failcode.s");
+    assemble(Path::new("guest/failcode.s"), &out_dir, "failcode", &[]);
 }

@@ -210,7 +210,16 @@ impl VmmBackend for CprVmm {
         let mut cmd = binary.command();
         cmd.arg("--memory-fd").arg("3").arg("--vcpus").arg(def.vcpus.to_string());
         match &def.guest {
-            GuestDef::TestGuest => {}
+            GuestDef::TestGuest { flags: 0 } => {}
+            GuestDef::TestGuest { flags } => {
+                cmd.arg("--guest-flags").arg(flags.to_string());
+            }
+            GuestDef::Elf { path, flags } => {
+                let image = std::fs::File::open(path).map_err(failed(format!("cannot open {}", path.display())))?;
+                handed.push((FD_KERNEL, image.into()));
+                cmd.arg("--guest-elf").arg(format!("/proc/self/fd/{FD_KERNEL}"));
+                cmd.arg("--guest-flags").arg(flags.to_string());
+            }
             GuestDef::Linux { kernel, initrd, cmdline } => {
                 let image = |p: &Path| std::fs::File::open(p).map_err(failed(format!("cannot open {}", p.display())));
                 handed.push((FD_KERNEL, image(kernel)?.into()));

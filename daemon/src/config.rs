@@ -240,7 +240,18 @@ impl BackendKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestDef {
     /// The built-in CPL3 test guest.
-    TestGuest,
+    TestGuest {
+        /// Its flags (`guest_flags`, passed in rsi; 0 by default).
+        flags: u64,
+    },
+    /// A static long-mode ELF of the operator's, run at CPL3 (`guest_elf = "/path"`). cprd opens
+    /// it and hands the VMM the descriptor; the VMM reports its failure codes raw.
+    Elf {
+        /// The image.
+        path: PathBuf,
+        /// Its flags (`guest_flags`, passed in rsi; 0 by default).
+        flags: u64,
+    },
     /// A Linux kernel.
     Linux {
         /// Kernel image.
@@ -364,6 +375,8 @@ struct VmInput {
     guest: Option<String>,
     kernel: Option<String>,
     initrd: Option<String>,
+    guest_elf: Option<String>,
+    guest_flags: Option<u64>,
     cmdline: Option<String>,
     console_log: Option<String>,
     autostart: Option<bool>,
@@ -416,18 +429,47 @@ pub fn parse_vm(file: &Path, text: &str) -> Result<VmDef, ConfigError> {
         .ok()
         .filter(|v| (1..=max_vcpus).contains(v))
         .ok_or_else(|| err(file, format!("vcpus: {vcpus} is outside 1..={max_vcpus}")))?;
-    let guest = match (input.guest.as_deref(), input.kernel) {
-        (Some("test"), None) | (None, None) => GuestDef::TestGuest,
-        (None | Some("linux"), Some(kernel)) => GuestDef::Linux {
+    if input.guest_flags.is_some() && input.kernel.is_some() {
+        return Err(err(file, "guest_flags: only the test guest and a guest ELF take flags"));
+    }
+    let flags = input.guest_flags.unwrap_or(0);
+    let guest = match (input.guest.as_deref(), input.kernel, input.guest_elf) {
+        (Some("test") | None, None, None) => GuestDef::TestGuest { flags },
+        (Some("linux") | None, Some(kernel), None) => GuestDef::Linux {
             kernel: PathBuf::from(kernel),
             initrd: input.initrd.map(PathBuf::from),
             cmdline: input.cmdline.unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
         },
-        (Some(other), _) => {
+        (Some("elf") | None, None, Some(path)) => {
+            if !Path::new(&path).is_absolute() {
+                return Err(err(file, format!("guest_elf: {path:?} is not an absolute path")));
+            }
+            GuestDef::Elf { path: PathBuf::from(path), flags }
+        }
+        (Some(kind @ ("test" | "linux" | "elf")), _, _) => {
             return Err(err(
                 file,
-                format!("guest: {other:?} is not a guest kind (\"test\" or \"linux\" with kernel = ...)"),
+                format!(
+                    "guest: {kind:?} takes {}",
+                    match kind {
+                        "test" => "neither kernel nor guest_elf",
+                        "linux" => "kernel = \"/path/to/vmlinuz\" and no guest_elf",
+                        _ => "guest_elf = \"/path/to/guest.elf\" and no kernel",
+                    }
+                ),
             ));
+        }
+        (Some(other), _, _) => {
+            return Err(err(
+                file,
+                format!(
+                    "guest: {other:?} is not a guest kind (\"test\", \"linux\" with kernel = ..., \"elf\" with \
+                     guest_elf = ...)"
+                ),
+            ));
+        }
+        (None, Some(_), Some(_)) => {
+            return Err(err(file, "guest_elf: a VM runs either a Linux kernel or a guest ELF, not both"));
         }
     };
     let backend = input.backend.unwrap_or(BackendKind::CprVmm);
@@ -444,7 +486,7 @@ pub fn parse_vm(file: &Path, text: &str) -> Result<VmDef, ConfigError> {
         if let Some((key, _)) = qemu_only.iter().find(|(_, set)| *set) {
             return Err(err(file, format!("{key}: only VMs with backend = \"qemu\" take this key")));
         }
-    } else if guest == GuestDef::TestGuest {
+    } else if !matches!(guest, GuestDef::Linux { .. }) {
         return Err(err(file, "backend = \"qemu\" runs a Linux guest: set kernel = \"/path/to/vmlinuz\""));
     }
     let accel = input.accel.unwrap_or_else(|| "kvm".into());
@@ -634,6 +676,29 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_elf_is_a_guest_kind_of_its_own() {
+        let f = Path::new("/etc/cprd/vms/own.toml");
+        let def = parse_vm(f, "memory = \"64M\"\nguest_elf = \"/srv/guest.elf\"\nguest_flags = 6\n").expect("valid");
+        assert_eq!(def.guest, GuestDef::Elf { path: "/srv/guest.elf".into(), flags: 6 });
+        let def = parse_vm(f, "memory = \"64M\"\nguest = \"elf\"\nguest_elf = \"/srv/g\"\n").expect("valid");
+        assert_eq!(def.guest, GuestDef::Elf { path: "/srv/g".into(), flags: 0 });
+        let def = parse_vm(f, "memory = \"64M\"\nguest_flags = 4\n").expect("valid");
+        assert_eq!(def.guest, GuestDef::TestGuest { flags: 4 });
+        for (text, says) in [
+            ("guest_elf = \"guest.elf\"", "not an absolute path"),
+            ("guest_elf = \"/g\"\nkernel = \"/k\"", "either a Linux kernel or a guest ELF"),
+            ("guest = \"elf\"", "\"elf\" takes guest_elf = "),
+            ("guest = \"test\"\nguest_elf = \"/g\"", "neither kernel nor guest_elf"),
+            ("kernel = \"/k\"\nguest_flags = 1", "only the test guest and a guest ELF take flags"),
+            ("backend = \"qemu\"\nguest_elf = \"/g\"", "runs a Linux guest"),
+        ] {
+            let e = parse_vm(f, &format!("memory = \"64M\"\n{text}\n")).expect_err(text);
+            assert!(e.to_string().contains(says), "{text}: {e}");
+            assert_eq!(e.file, f);
+        }
+    }
+
+    #[test]
     fn qemu_keys_are_checked() {
         let d = tempfile::tempdir().expect("tempdir");
         let bad = write(d.path(), "vms/a.toml", "memory = \"256M\"\n[[nic]]\ntap = \"t0\"\n");
@@ -686,7 +751,7 @@ mod tests {
         let def = load_vm(&ok).expect("valid");
         assert_eq!(
             (def.memory_bytes, def.vcpus, def.guest.clone(), def.autostart),
-            (256 << 20, 2, GuestDef::TestGuest, true)
+            (256 << 20, 2, GuestDef::TestGuest { flags: 0 }, true)
         );
         let bad = write(d.path(), "vms/vm2.toml", "memory = \"256M\"\nvcpus = 300\n");
         assert!(load_vm(&bad).expect_err("vcpus").to_string().contains("vcpus: 300"));

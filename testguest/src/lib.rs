@@ -19,6 +19,11 @@ pub static TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tes
 /// so that tests can check that a guest self-check failure is detected and reported.
 pub static BROKEN_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest-broken.elf"));
 
+/// A guest that is not the test guest: it writes failure code 3 to [`FAIL_PORT`] at once, so
+/// that tests can check that cpr-vmm reports another guest's codes raw, without the test
+/// guest's meanings.
+pub static FAILCODE_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/failcode.elf"));
+
 /// Guest-physical address of the guest's code.
 pub const TEXT_ADDR: u64 = 0x20_0000;
 /// Guest-physical address of the status block (one 4 KiB page of little-endian u64 fields).

@@ -75,6 +75,40 @@ fn guest_runs_in_its_vmm(s: &Setup, vm: &str) {
     assert!(wait_until(Duration::from_secs(20), || counter() > first), "{vm}: the guest's counter stays at {first}");
 }
 
+/// An operator's own CPL3 guest from a VM definition (`guest_elf`, here an ELF image of the test
+/// guest at a path of the operator's): cprd hands the image to the VMM, which runs it and
+/// upgrades it like the built-in one; a guest of its own that fails has its raw code reported.
+#[test]
+fn a_vm_definition_names_a_guest_elf_of_the_operators() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    std::fs::write(images.join("tg.elf"), cpr_testguest::TEST_GUEST_ELF).expect("write");
+    std::fs::write(images.join("fail.elf"), cpr_testguest::FAILCODE_GUEST_ELF).expect("write");
+    define_vm(&config, "own", &format!("memory = \"64M\"\nguest_elf = {:?}\n", images.join("tg.elf")));
+    define_vm(&config, "failing", &format!("memory = \"64M\"\nguest_elf = {:?}\n", images.join("fail.elf")));
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let s = Setup { _dir: dir, _bus: bus, cprd };
+    let out = s.cprd.cprctl(&["start", "own"]);
+    assert!(out.status.success(), "{}", text(&out));
+    console_ok(&s, "own");
+    let out = s.cprd.cprctl(&["upgrade", "own"]);
+    assert!(out.status.success(), "{}", text(&out));
+    console_ok(&s, "own");
+    let _ = s.cprd.cprctl(&["start", "failing"]);
+    let log = s.cprd.runtime_dir.join("vms").join("failing.log");
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(20), || said().contains("failure code 3 (0x03) to port 0x11")),
+        "the failing guest's VMM log: {}",
+        said()
+    );
+    assert!(!said().contains("pattern"), "{}", said());
+}
+
 #[test]
 fn full_lifecycle_through_cprctl_and_busctl() {
     let s = setup(&["vm1"], &[]);

@@ -93,6 +93,24 @@ fn a_broken_guest_invariant_is_reported_with_its_own_exit_code() {
 }
 
 #[test]
+fn a_guest_of_its_own_has_its_failure_code_reported_raw_not_with_the_test_guests_meaning() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let elf = dir.path().join("failcode.elf");
+    std::fs::write(&elf, cpr_testguest::FAILCODE_GUEST_ELF).expect("write ELF");
+    let elf = elf.to_string_lossy().into_owned();
+    let serial = dir.path().join("serial").to_string_lossy().into_owned();
+    let (status, err) =
+        run_vmm(&["--memory", "64M", "--guest-elf", &elf, "--serial-out", &serial], None, Duration::from_secs(60));
+    assert_eq!(code(status), 20, "stderr: {err}");
+    assert!(
+        err.contains("guest self-check failed: the guest wrote failure code 3 (0x03) to port 0x11"),
+        "stderr: {err}"
+    );
+    assert!(!err.contains("pattern"), "the test guest's meaning of 3 for another guest: {err}");
+}
+
+#[test]
 fn guest_elf_runs_a_dropped_in_image() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");

@@ -312,7 +312,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(match reason {
         ExitReason::Stopped | ExitReason::HandedOff | ExitReason::GuestReset => ExitCode::Ok,
         ExitReason::GuestSelfCheck(code) => {
-            eprintln!("cpr-vmm: error: guest self-check failed: {}", cpr_testguest::FailCode::from_port_value(code));
+            eprintln!("cpr-vmm: error: guest self-check failed: {}", vmm.core.guest_failure(code));
             ExitCode::GuestSelfCheck
         }
         ExitReason::GuestCrashed(why) => {

@@ -259,6 +259,22 @@ impl VmCore {
         })
     }
 
+    /// Why the guest gave up, in words, from the code it wrote to its failure port: the test
+    /// guest's meanings for the built-in test guest and for an ELF image of it (its status block
+    /// carries the test guest's magic); the raw code for any other guest, whose codes only its
+    /// author knows.
+    pub fn guest_failure(&self, code: u8) -> String {
+        use cpr_testguest::{FAIL_PORT, STATUS_ADDR, status};
+        let magic = self.ram.mem().read_obj::<u64>(GuestAddress(STATUS_ADDR + status::MAGIC)).unwrap_or(0);
+        match self.guest_kind {
+            GuestKind::TestGuest => cpr_testguest::FailCode::from_port_value(code).to_string(),
+            GuestKind::Elf if magic == status::MAGIC_VALUE => {
+                cpr_testguest::FailCode::from_port_value(code).to_string()
+            }
+            _ => format!("the guest wrote failure code {code} (0x{code:02x}) to port 0x{FAIL_PORT:x}"),
+        }
+    }
+
     /// Resets the test guest's "longest gap since reset" record (for measuring a handoff's gap).
     pub fn reset_test_guest_gap(&self) {
         if self.guest_kind == GuestKind::TestGuest {
