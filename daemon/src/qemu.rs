@@ -735,7 +735,9 @@ impl VmmBackend for Qemu {
                 drop(report.new);
                 // Its exit must not take CPU from the guest it handed over (see `EXIT_NICE`).
                 crate::sched::set_session_nice(req.record.main_pid, cpr_spawn::sched::EXIT_NICE);
-                let _ = old.execute("quit", None);
+                // Its answer is not waited for beyond a grace: the command is in its socket, and
+                // a starved old QEMU must not hold the caller's reply (see OLD_VMM_ANSWER_GRACE).
+                let _ = old.execute_timeout("quit", None, cpr_handoff::cpr_vmm::OLD_VMM_ANSWER_GRACE);
                 // QEMU's STOP (old) to RESUME (new), from QMP timestamps on this host's clock (µs);
                 // QEMU's own `downtime` (ms resolution) when an event was missed.
                 let downtime_usec = report.stop_to_resume_us.unwrap_or(report.downtime_ms * 1000);

@@ -37,6 +37,13 @@ pub const KVM_FD: i32 = 7;
 /// How long a killed VMM may take to be confirmed dead.
 const KILL_CONFIRM: Duration = Duration::from_secs(10);
 
+/// After the commit, how long the old VMM has to answer (its `migrate` report, then `Quit`)
+/// before it is killed. Not the handoff timeout: the guest runs in the new VMM by then, the old
+/// one only exits, at the lowest weight (nice 19), and on a loaded host it may not run for
+/// seconds. The caller's reply must not wait for that (a `cprctl upgrade` once took 15 s, the
+/// test configuration's handoff timeout, to return after a 66 ms handoff).
+pub const OLD_VMM_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 /// One handoff to perform.
 #[derive(Debug, Clone)]
 pub struct HandoffRequest {
@@ -380,7 +387,8 @@ impl Sides for Live<'_> {
     }
 
     fn end_old(&mut self) -> Event {
-        self.collect_old_answer(self.req.timeout());
+        let grace = OLD_VMM_ANSWER_GRACE.min(self.req.timeout());
+        self.collect_old_answer(grace);
         if let (OldAnswer::StateSent(theirs), Some(ours)) = (&self.old_answer, &mut self.report) {
             ours.state_sent_ns = theirs.state_sent_ns;
             ours.state_bytes = theirs.state_bytes;
@@ -391,7 +399,7 @@ impl Sides for Live<'_> {
         }
         let quit = match (&self.old_answer, &self.old) {
             (OldAnswer::Gone, _) | (_, None) => return Event::OldGone,
-            (_, Some(old)) => old.call(&Request::Quit, &[]),
+            (_, Some(old)) => old.send(&Request::Quit, &[]).and_then(|()| old.recv(Some(grace)).map(|r| r.msg)),
         };
         match quit {
             Ok(Response::Ok) | Err(WireError::Closed) => Event::OldGone,
@@ -609,7 +617,7 @@ impl Sides for Recovered<'_> {
     fn end_old(&mut self) -> Event {
         let quit = ControlClient::connect(&self.record.old.control)
             .ok()
-            .map(|c| c.with_timeout(Some(self.timeout)).call(&Request::Quit, &[]));
+            .map(|c| c.with_timeout(Some(OLD_VMM_ANSWER_GRACE.min(self.timeout))).call(&Request::Quit, &[]));
         if matches!(quit, Some(Ok(Response::Ok))) || process::is_gone(self.record.old.pid) {
             return Event::OldGone;
         }

@@ -513,6 +513,34 @@ fn an_old_vmm_exits_at_the_lowest_weight_once_the_new_one_runs_the_guest() {
     console_ok(&s, "vm1");
 }
 
+/// An old VMM that never answers `Quit` after the commit (fault injection: it stops itself
+/// before its answer, as a VMM starved at nice 19 on a loaded host does not run): the caller's
+/// reply does not wait for it up to the handoff timeout (60 s here; a `cprctl upgrade` once took
+/// the test configuration's 15 s after a 66 ms handoff). The arbiter waits
+/// `OLD_VMM_ANSWER_GRACE`, then kills it, which is safe once the new VMM runs the guest.
+#[test]
+fn an_old_vmm_that_does_not_answer_quit_does_not_hold_the_upgrades_reply() {
+    let (wrappers, s) = setup_with_wrappers_and_timeout(&["vm1"], Some(60_000));
+    let c = &s.cprd;
+    let mute = wrapper(wrappers.path(), "mute-at-quit.sh", "CPR_VMM_FAULT=stall:before-quit-answer exec REAL \"$@\"");
+    assert!(c.cprctl(&["start", "vm1"]).status.success());
+    assert!(c.cprctl(&["upgrade", "vm1", "--binary", &mute]).status.success(), "{}", c.log_text());
+    let old_pid = main_pid(&json(&c.cprctl(&["--json", "status", "vm1"])));
+    let started = std::time::Instant::now();
+    let out = c.cprctl(&["upgrade", "vm1"]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        took < Duration::from_secs(30),
+        "the reply waited {took:?} for an old VMM that does not answer (handoff timeout 60 s)"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || cpr_handoff::process::is_gone(old_pid)),
+        "the mute old VMM was killed"
+    );
+    console_ok(&s, "vm1");
+}
+
 /// Stands where systemd would: drains cprd's sd_notify datagrams as they come (a sender blocks
 /// when the receiver's queue is full, as it would with a stuck service manager).
 struct NotifyReceiver {

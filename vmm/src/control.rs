@@ -194,6 +194,10 @@ pub fn serve(vmm: Arc<Vmm>, listener: OwnedFd) -> Result<()> {
                         };
                         let (response, out_fds, exit) = vmm.handle(received.msg, received.fds);
                         let borrowed: Vec<_> = out_fds.iter().map(AsFd::as_fd).collect();
+                        if matches!(exit, Some(crate::vm::ExitReason::HandedOff)) {
+                            // An old VMM too starved to answer `Quit` (a loaded host, nice 19).
+                            crate::fault::stall_point("before-quit-answer");
+                        }
                         let sent = wire::send(fd.as_fd(), &response, &borrowed);
                         if let Some(reason) = exit {
                             if matches!(reason, crate::vm::ExitReason::HandedOff) {
