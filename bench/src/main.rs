@@ -78,6 +78,15 @@ struct Args {
     /// RSS and threads and the VMM processes every 100 upgrades, with the downtimes of each 100.
     #[arg(long, num_args = 0..=1, default_missing_value = "1000")]
     soak: Option<usize>,
+    /// Instead: the chaos run, N rounds (default 300) of `cprctl upgrade --all` of --chaos-vms
+    /// CPL3 test-guest VMs, killing in turn an old VMM, a new VMM and cprd at a random moment
+    /// 0-5 ms into each (`cpr_tests::chaos`; CPRD_CHAOS_SEED replays a run); prints the kills
+    /// and the guests lost, and why.
+    #[arg(long, num_args = 0..=1, default_missing_value = "300")]
+    chaos: Option<usize>,
+    /// VMs of the chaos run.
+    #[arg(long, default_value_t = 4)]
+    chaos_vms: usize,
 }
 
 /// One hop of a QEMU guest.
@@ -967,6 +976,22 @@ fn main() {
     let args = Args::parse();
     cpr_tests::require_kvm();
     cpr_tests::container::end_containers_on_panic();
+    if let Some(rounds) = args.chaos {
+        print_title("Chaos: SIGKILL of an old VMM, a new VMM or cprd during upgrades");
+        println!();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seed = cpr_tests::chaos::seed();
+        let report = cpr_tests::chaos::run(dir.path(), args.chaos_vms, rounds, seed, |line| {
+            if line.contains("lost") {
+                println!("{line}");
+            }
+        });
+        println!();
+        println!("{}", cpr_tests::chaos::render(&report, args.chaos_vms, seed));
+        println!();
+        println!("command: target/release/cpr-bench --chaos {rounds} --chaos-vms {}", args.chaos_vms);
+        return;
+    }
     if let Some(n) = args.soak {
         print_title("Soak: chained upgrades through cprd, cprd's footprint");
         println!();

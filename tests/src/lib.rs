@@ -380,9 +380,10 @@ pub fn thread_nices(pid: u32) -> Vec<i64> {
 pub fn is_stopped(pid: u32) -> bool {
     proc_state(pid) == Some('T')
 }
+/// Private bus and cprd helpers.
+pub mod chaos;
 /// Real systemd in a container.
 pub mod container;
-/// Private bus and cprd helpers.
 pub mod daemon;
 /// The L1 test machine: hardware-style KVM on TCG-emulated AMD SVM.
 pub mod l1;
