@@ -250,7 +250,9 @@ impl Qmp {
         self.events.push(Event {
             name: name.to_string(),
             data: msg.get("data").cloned().unwrap_or(Value::Null),
-            timestamp_us: secs * 1_000_000 + micros,
+            // QEMU's word, not trusted to fit: a timestamp beyond u64 µs saturates rather than
+            // wrapping (a release build) or aborting cprd (overflow checks).
+            timestamp_us: secs.saturating_mul(1_000_000).saturating_add(micros),
         });
         true
     }
