@@ -30,6 +30,8 @@ trait Manager {
     fn reload(&self) -> zbus::Result<()>;
     #[zbus(name = "GetHistory")]
     fn get_history(&self) -> zbus::Result<Vec<(String, u64, u64, bool, u64, String)>>;
+    #[zbus(name = "GetMetrics")]
+    fn get_metrics(&self) -> zbus::Result<String>;
     #[zbus(name = "GetUpgrades")]
     #[allow(clippy::type_complexity)]
     fn get_upgrades(&self) -> zbus::Result<Vec<(String, u64, u64, bool, u64, String, String, String)>>;
@@ -128,6 +130,13 @@ enum Cmd {
     },
     /// Past upgrades with their downtimes.
     History,
+    /// Print cprd's metrics (OpenMetrics text), or write them atomically into a file (for
+    /// node_exporter's textfile collector: `--output /var/lib/prometheus/node-exporter/cprd.prom`).
+    Metrics {
+        /// Write into this file (through a temporary file and a rename) instead of printing.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
     /// Re-read cprd's configuration.
     Reload,
     /// Ask cprd's control socket whether cprd answers (starts it where cprd.socket is enabled).
@@ -224,6 +233,23 @@ impl From<zbus::Error> for Failure {
 }
 
 /// `ping` over cprd's control socket (no D-Bus involved).
+/// Writes `text` into `path` so that a reader never sees half of it: a temporary file in the
+/// same directory, world-readable (metrics are not secret; node_exporter runs as its own user),
+/// then renamed over `path`.
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file name"))?;
+    let tmp = path.with_file_name(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+    let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
 fn ping(socket: &std::path::Path) -> Result<(), Failure> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket as mksock};
     use std::os::fd::AsFd;
@@ -327,6 +353,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             if failed > 0 {
                 return Err(Failure { code: 8, message: format!("{failed} of {} upgrades failed", results.len()) });
+            }
+        }
+        Cmd::Metrics { output } => {
+            let text = m.get_metrics().await?;
+            match output {
+                None => print!("{text}"),
+                Some(path) => write_atomically(&path, &text)
+                    .map_err(|e| Failure { code: 1, message: format!("cannot write {}: {e}", path.display()) })?,
             }
         }
         Cmd::History => {

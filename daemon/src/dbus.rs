@@ -240,6 +240,15 @@ impl Manager {
             .collect()
     }
 
+    /// cprd's metrics as OpenMetrics text: upgrades by backend and result, the downtime
+    /// histogram, rollbacks, re-attaches, starts, VMs by state, handoffs in flight, each VM's
+    /// VMM and cprd's version (`docs/operations.md`). Read-only, like the listing.
+    #[zbus(name = "GetMetrics")]
+    async fn get_metrics(&self) -> Result<String, CprdError> {
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.metrics()).await
+    }
+
     /// Past upgrades: (vm, time µs since the epoch, generation, ok, downtime µs, error).
     #[zbus(name = "GetHistory")]
     async fn get_history(&self) -> Vec<(String, u64, u64, bool, u64, String)> {

@@ -405,6 +405,8 @@ impl Engine {
             history: Vec::new(),
             events: events.clone(),
             backends,
+            metrics: crate::metrics::Metrics::new(crate::metrics::count_start(&runtime_dir)),
+            reattaching: std::collections::BTreeSet::new(),
         };
         let (requests, inbox) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -470,6 +472,11 @@ impl Engine {
     /// Past upgrades, oldest first.
     pub fn history(&self) -> Vec<UpgradeRecord> {
         self.ask(|reply| owner::Request::History { reply })
+    }
+
+    /// cprd's metrics as OpenMetrics text (`docs/operations.md` lists them).
+    pub fn metrics(&self) -> String {
+        self.ask(|reply| owner::Request::Metrics { reply })
     }
 
     /// Checks a VMM binary against the allow-list of `settings` and opens it: the path matches a

@@ -2,7 +2,7 @@
 #![allow(clippy::tests_outside_test_module)] // integration tests: every test is at the top level
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, text, write_config};
@@ -73,6 +73,105 @@ fn guest_runs_in_its_vmm(s: &Setup, vm: &str) {
     };
     let first = counter();
     assert!(wait_until(Duration::from_secs(20), || counter() > first), "{vm}: the guest's counter stays at {first}");
+}
+
+/// A program of Debian's Prometheus packages, unpacked into the cache by `scripts/setup-host`.
+fn prometheus_tool(name: &str) -> PathBuf {
+    let p = cpr_tests::linux_guest::cache_dir().join("prometheus-bin/usr/bin").join(name);
+    assert!(p.exists(), "{} is missing: run scripts/setup-host", p.display());
+    p
+}
+
+/// A node_exporter this test started (textfile collector only, on loopback), killed by PID.
+struct NodeExporter(std::process::Child, u16);
+
+impl NodeExporter {
+    fn start(textfile_dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let child = std::process::Command::new(prometheus_tool("prometheus-node-exporter"))
+            .arg("--collector.disable-defaults")
+            .arg("--collector.textfile")
+            .arg(format!("--collector.textfile.directory={}", textfile_dir.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start node_exporter");
+        Self(child, port)
+    }
+
+    /// `GET /metrics`, the body.
+    fn scrape(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.1)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).ok()?;
+        reply.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+    }
+}
+
+impl Drop for NodeExporter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// cprd's metrics count what happened (two upgrades, one rollback), pass `promtool check
+/// metrics`, and reach a real node_exporter through its textfile collector: `cprctl metrics
+/// --output` writes the file atomically, node_exporter serves the series on loopback. cprd opens
+/// no port.
+#[test]
+fn metrics_count_upgrades_and_rollbacks_and_reach_node_exporter() {
+    let (wrappers, s) = setup_with_wrappers(&["vm1", "vm2"]);
+    let c = &s.cprd;
+    let crash = wrapper(wrappers.path(), "crashes.sh", "kill -SEGV $$");
+    for vm in ["vm1", "vm2"] {
+        assert!(c.cprctl(&["start", vm]).status.success());
+    }
+    for _ in 0..2 {
+        let out = c.cprctl(&["upgrade", "vm1"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    assert_eq!(c.cprctl(&["upgrade", "vm2", "--binary", &crash]).status.code(), Some(8));
+    let out = c.cprctl(&["metrics"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let metrics = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in [
+        "cprd_upgrades_total{backend=\"cpr-vmm\",result=\"ok\"} 2",
+        "cprd_upgrades_total{backend=\"cpr-vmm\",result=\"rolled_back\"} 1",
+        "cprd_rollbacks_total{backend=\"cpr-vmm\"} 1",
+        "cprd_upgrade_downtime_seconds_count{backend=\"cpr-vmm\"} 2",
+        "cprd_vms{state=\"running\"} 2",
+        "cprd_handoffs_in_flight 0",
+        "cprd_starts_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
+    assert_eq!(metrics.lines().filter(|l| l.starts_with("cprd_vmm_info{vm=")).count(), 2, "{metrics}");
+    let mut promtool = std::process::Command::new(prometheus_tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), metrics.as_bytes()).expect("feed promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(checked.status.success(), "promtool check metrics: {}\n{metrics}", text(&checked));
+    let textfiles = tempfile::tempdir().expect("tempdir");
+    let prom = textfiles.path().join("cprd.prom");
+    let out = c.cprctl(&["metrics", "--output", &prom.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let exporter = NodeExporter::start(textfiles.path());
+    let mut body = String::new();
+    let served = wait_until(Duration::from_secs(20), || {
+        body = exporter.scrape().unwrap_or_default();
+        body.contains("cprd_upgrades_total{backend=\"cpr-vmm\",result=\"ok\"} 2")
+    });
+    assert!(served, "node_exporter does not serve cprd's series:\n{body}");
+    assert!(body.lines().any(|l| l == "node_textfile_scrape_error 0"), "{body}");
 }
 
 /// An operator's own CPL3 guest from a VM definition (`guest_elf`, here an ELF image of the test

@@ -100,6 +100,8 @@ pub enum Request {
     List { reply: Reply<Vec<VmView>> },
     /// Past upgrades, oldest first.
     History { reply: Reply<Vec<UpgradeRecord>> },
+    /// cprd's metrics as OpenMetrics text.
+    Metrics { reply: Reply<String> },
     /// Claims a VM for an operation.
     Claim { name: String, purpose: Purpose, reply: Reply<Result<Claim, CprdError>> },
     /// An operation that claimed a VM changed nothing: it goes back to `state`.
@@ -152,6 +154,10 @@ pub struct Table {
     pub events: tokio::sync::broadcast::Sender<Event>,
     /// The backends (for what they hold per VM).
     pub backends: backend::Backends,
+    /// The counters behind `cprctl metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// VMs a previous cprd left running, until re-attach adopts them or gives up.
+    pub reattaching: std::collections::BTreeSet<String>,
 }
 
 /// Serves requests until every sender is gone.
@@ -186,6 +192,10 @@ impl Table {
                 answer(reply, self.vms.keys().filter_map(|n| self.view(n).ok()).collect());
             }
             Request::History { reply } => answer(reply, self.history.clone()),
+            Request::Metrics { reply } => {
+                let views: Vec<VmView> = self.vms.keys().filter_map(|n| self.view(n).ok()).collect();
+                answer(reply, self.metrics.render(&views));
+            }
             Request::Claim { name, purpose, reply } => answer(reply, self.claim(&name, purpose)),
             Request::Release { name, state } => self.set_state(&name, state),
             Request::Adopt { name, record, memfd, reply } => {
@@ -216,6 +226,7 @@ impl Table {
                         && vm.state != VmState::Quarantined
                     {
                         vm.state = VmState::Starting;
+                        self.reattaching.insert(name);
                     }
                 }
                 answer(reply, ());
@@ -385,6 +396,9 @@ impl Table {
     }
 
     fn adopt(&mut self, name: &str, record: VmRecord, memfd: OwnedFd) {
+        if self.reattaching.remove(name) {
+            self.metrics.reattached();
+        }
         crate::fdstore::push(&crate::fdstore::mem_name(name), memfd.as_fd());
         crate::fdstore::push_pidfd(name, record.main_pid);
         if let Some(vm) = self.vms.get_mut(name) {
@@ -558,6 +572,8 @@ impl Table {
                 rec.error.clone()
             }
         );
+        let backend = self.def(name).map(|d| d.backend.as_str().to_string()).unwrap_or_default();
+        self.metrics.upgrade_ended(&backend, &outcome);
         self.history.push(rec.clone());
         keep_recent(&mut self.history, HISTORY_KEPT);
         let _ = self.events.send(Event::UpgradeFinished(rec));
@@ -599,6 +615,7 @@ impl Table {
     }
 
     fn not_reattached(&mut self, name: &str, why: NotReattached) {
+        self.reattaching.remove(name);
         if let NotReattached::Attention { why, record, other_pid } = why {
             // A VMM that may hold the guest is never dropped: the VM stays listed with its record,
             // so that a human can stop it, and nothing is killed.
