@@ -136,6 +136,18 @@ fn apt_installs_upgrades_live_and_purges_cleanly() {
         "{history}"
     );
 
+    // The packaged metrics timer is on; its service, as hardened as it is, writes cprd's
+    // metrics where node_exporter's textfile collector reads them (skipped while that directory
+    // is absent).
+    assert_eq!(c.sh("systemctl is-enabled cprd-metrics.timer").trim(), "enabled");
+    c.sh("mkdir -p /var/lib/prometheus/node-exporter && systemctl start cprd-metrics.service");
+    let prom = c.sh("cat /var/lib/prometheus/node-exporter/cprd.prom");
+    assert!(
+        prom.lines().any(|l| l == "cprd_upgrades_total{backend=\"cpr-vmm\",result=\"ok\"} 2"),
+        "{prom}\n{}",
+        c.journal()
+    );
+
     // Purge: VMs stopped, service gone, files and state removed, no units left behind.
     let pids: Vec<u64> = ["a", "b", "q"].iter().filter_map(|v| c.status(v)["main_pid"].as_u64()).collect();
     c.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q cprd");
