@@ -150,6 +150,13 @@ fn metrics_count_upgrades_and_rollbacks_and_reach_node_exporter() {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
     assert_eq!(metrics.lines().filter(|l| l.starts_with("cprd_vmm_info{vm=")).count(), 2, "{metrics}");
+    // Read-only, like the listing: any local user may read them (the bus policy allows it).
+    let anyone = c.busctl(Some(65534), &["call", "org.cprd1", "/org/cprd1", "org.cprd1.Manager", "GetMetrics"]);
+    assert!(
+        anyone.status.success() && String::from_utf8_lossy(&anyone.stdout).contains("cprd_upgrades_total"),
+        "{}",
+        text(&anyone)
+    );
     let mut promtool = std::process::Command::new(prometheus_tool("promtool"))
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
