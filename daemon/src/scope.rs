@@ -16,15 +16,37 @@ pub struct Scopes {
 
 static SCOPES: OnceLock<Scopes> = OnceLock::new();
 
-/// Enables scopes if `org.freedesktop.systemd1` is on the bus.
+/// Enables scopes if `org.freedesktop.systemd1` is on the bus. When systemd runs cprd as a
+/// service (`INVOCATION_ID` is set), it waits up to [`SYSTEMD_ON_THE_BUS`] for the manager to be
+/// there (it leaves the bus and comes back around a re-execution), rather than deciding once, on
+/// a single look, to run every VMM of this cprd's lifetime in cprd's own cgroup, where it would
+/// die with cprd.
 pub async fn init(conn: &Connection) {
-    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else { return };
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
+        tracing::warn!("cannot ask the bus whether systemd is on it: VMMs get no scopes");
+        return;
+    };
     let Ok(name) = zbus::names::BusName::try_from("org.freedesktop.systemd1") else { return };
-    if dbus.name_has_owner(name).await.unwrap_or(false) {
-        let _ = SCOPES.set(Scopes { conn: conn.clone(), runtime: tokio::runtime::Handle::current() });
-        tracing::info!("systemd is on the bus: every VMM gets a scope of its own in cprd.slice");
+    let run_by_systemd = std::env::var_os("INVOCATION_ID").is_some();
+    let deadline = tokio::time::Instant::now() + SYSTEMD_ON_THE_BUS;
+    loop {
+        if dbus.name_has_owner(name.clone()).await.unwrap_or(false) {
+            let _ = SCOPES.set(Scopes { conn: conn.clone(), runtime: tokio::runtime::Handle::current() });
+            tracing::info!("systemd is on the bus: every VMM gets a scope of its own in cprd.slice");
+            return;
+        }
+        if !run_by_systemd || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if run_by_systemd {
+        tracing::warn!("systemd is not on the bus after {SYSTEMD_ON_THE_BUS:?}: VMMs get no scopes of their own");
     }
 }
+
+/// How long cprd waits, on a host booted with systemd, for the manager to be on the bus.
+const SYSTEMD_ON_THE_BUS: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The scope unit name for a VMM. The VM name is escaped as systemd escapes a unit name's parts
 /// (`systemd-escape`): of the characters a VM name may have (`A-Z a-z 0-9 - _`), `-` becomes

@@ -71,8 +71,8 @@ fn restarts_kills_and_stop_start_of_cprd_leave_every_guest_running() {
     // Every VMM sits in its own scope in cprd.slice, not in cprd.service's cgroup.
     for pid in &pids {
         let cg = c.sh(&format!("cat /proc/{pid}/cgroup"));
-        assert!(cg.contains("cprd.slice/cprd-vm-"), "VMM {pid} is in {cg}");
-        assert!(!cg.contains("cprd.service"), "VMM {pid} is in {cg}");
+        assert!(cg.contains("cprd.slice/cprd-vm-"), "VMM {pid} is in {cg}\ncprd's journal:\n{}", c.journal());
+        assert!(!cg.contains("cprd.service"), "VMM {pid} is in {cg}\ncprd's journal:\n{}", c.journal());
     }
     assert!(c.sh("systemctl list-units --no-legend 'cprd-vm-*.scope'").lines().count() >= 3);
     for action in
