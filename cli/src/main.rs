@@ -130,7 +130,7 @@ enum Cmd {
     },
     /// Past upgrades with their downtimes.
     History,
-    /// Print cprd's metrics (OpenMetrics text), or write them atomically into a file (for
+    /// Print cprd's metrics (Prometheus text format), or write them atomically into a file (for
     /// node_exporter's textfile collector: `--output /var/lib/prometheus/node-exporter/cprd.prom`).
     Metrics {
         /// Write into this file (through a temporary file and a rename) instead of printing.
@@ -232,7 +232,6 @@ impl From<zbus::Error> for Failure {
     }
 }
 
-/// `ping` over cprd's control socket (no D-Bus involved).
 /// Writes `text` into `path` so that a reader never sees half of it: a temporary file in the
 /// same directory, world-readable (metrics are not secret; node_exporter runs as its own user),
 /// then renamed over `path`.
@@ -250,6 +249,7 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `ping` over cprd's control socket (no D-Bus involved).
 fn ping(socket: &std::path::Path) -> Result<(), Failure> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket as mksock};
     use std::os::fd::AsFd;

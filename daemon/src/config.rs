@@ -152,8 +152,7 @@ pub fn load_layered(vendor: Option<&Path>, dir: &Path) -> Result<Settings, Confi
 
 /// Validates merged settings; errors name `main`, the operator's file.
 fn settings_from_table(dir: &Path, main: &Path, merged: toml::Table) -> Result<Settings, ConfigError> {
-    let main = main.to_path_buf();
-    let input = SettingsInput::deserialize(toml::Value::Table(merged)).map_err(|e| err(&main, e.to_string()))?;
+    let input = SettingsInput::deserialize(toml::Value::Table(merged)).map_err(|e| err(main, e.to_string()))?;
     let vmm = input.vmm.unwrap_or(VmmInput { allowed: None, default: None, qemu: None });
     let default_qemu = PathBuf::from(vmm.qemu.unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into()));
     let default_vmm = PathBuf::from(vmm.default.unwrap_or_else(|| "/usr/libexec/cprd/cpr-vmm".into()));
@@ -162,15 +161,15 @@ fn settings_from_table(dir: &Path, main: &Path, merged: toml::Table) -> Result<S
     for pattern in allowed {
         allowed_vmm.push(
             glob::Pattern::new(&pattern)
-                .map_err(|e| err(&main, format!("vmm.allowed: {pattern:?} is not a valid glob: {e}")))?,
+                .map_err(|e| err(main, format!("vmm.allowed: {pattern:?} is not a valid glob: {e}")))?,
         );
     }
     let handoff_timeout_ms = input.handoff.and_then(|h| h.timeout_ms).unwrap_or(5000);
     if !(100..=600_000).contains(&handoff_timeout_ms) {
-        return Err(err(&main, format!("handoff.timeout_ms = {handoff_timeout_ms} is outside 100..=600000")));
+        return Err(err(main, format!("handoff.timeout_ms = {handoff_timeout_ms} is outside 100..=600000")));
     }
-    let sandbox = sandbox_settings(input.sandbox).map_err(|m| err(&main, m))?;
-    let console = console_limits(input.console).map_err(|m| err(&main, m))?;
+    let sandbox = sandbox_settings(input.sandbox).map_err(|m| err(main, m))?;
+    let console = console_limits(input.console).map_err(|m| err(main, m))?;
     Ok(Settings {
         allowed_vmm,
         default_vmm,
@@ -399,20 +398,27 @@ pub fn valid_vm_name(name: &str) -> bool {
 
 /// Loads and validates `vms/NAME.toml`.
 pub fn load_vm(file: &Path) -> Result<VmDef, ConfigError> {
-    let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    if !valid_vm_name(&name) {
-        return Err(err(file, format!("{name:?} is not a valid VM name (letters, digits, - and _)")));
-    }
+    let name = vm_name(file)?;
     let text = std::fs::read_to_string(file).map_err(|e| err(file, format!("cannot read: {e}")))?;
-    parse_vm(file, &text)
+    vm_from_text(file, name, &text)
 }
 
 /// Validates the text of a VM definition; `file` (`vms/NAME.toml`) names the VM and every error.
 pub fn parse_vm(file: &Path, text: &str) -> Result<VmDef, ConfigError> {
+    vm_from_text(file, vm_name(file)?, text)
+}
+
+/// The VM name of `vms/NAME.toml`, checked.
+fn vm_name(file: &Path) -> Result<String, ConfigError> {
     let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     if !valid_vm_name(&name) {
         return Err(err(file, format!("{name:?} is not a valid VM name (letters, digits, - and _)")));
     }
+    Ok(name)
+}
+
+/// [`parse_vm`] of a VM whose name is checked.
+fn vm_from_text(file: &Path, name: String, text: &str) -> Result<VmDef, ConfigError> {
     let input: VmInput = toml::from_str(text).map_err(|e| err(file, e.to_string().trim_end().to_string()))?;
     use cpr_proto::memory::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES, parse_size};
     let memory_bytes = parse_size(&input.memory).map_err(|e| err(file, format!("memory: {e}")))?;

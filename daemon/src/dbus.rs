@@ -240,7 +240,7 @@ impl Manager {
             .collect()
     }
 
-    /// cprd's metrics as OpenMetrics text: upgrades by backend and result, the downtime
+    /// cprd's metrics in the Prometheus text format: upgrades by backend and result, the downtime
     /// histogram, rollbacks, re-attaches, starts, VMs by state, handoffs in flight, each VM's
     /// VMM and cprd's version (`docs/operations.md`). Read-only, like the listing.
     #[zbus(name = "GetMetrics")]

@@ -474,7 +474,7 @@ impl Engine {
         self.ask(|reply| owner::Request::History { reply })
     }
 
-    /// cprd's metrics as OpenMetrics text (`docs/operations.md` lists them).
+    /// cprd's metrics in the Prometheus text format (`docs/operations.md` lists them).
     pub fn metrics(&self) -> String {
         self.ask(|reply| owner::Request::Metrics { reply })
     }

@@ -121,7 +121,7 @@ impl Metrics {
         self.reattaches.inc();
     }
 
-    /// The OpenMetrics text for the counters and for `vms` as they are now.
+    /// The text (Prometheus format) for the counters and for `vms` as they are now.
     pub fn render(&self, vms: &[VmView]) -> String {
         let mut registry = Registry::with_prefix("cprd");
         registry.register(
@@ -146,16 +146,15 @@ impl Metrics {
         );
         registry.register("starts", "Times cprd started since the host booted", self.starts.clone());
         let by_state = Family::<StateLabels, Gauge>::default();
+        let in_flight = Gauge::<i64>::default();
         for state in STATES {
-            let n = vms.iter().filter(|v| v.state == state).count();
-            by_state
-                .get_or_create(&StateLabels { state: state.as_str().into() })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            let n = i64::try_from(vms.iter().filter(|v| v.state == state).count()).unwrap_or(i64::MAX);
+            by_state.get_or_create(&StateLabels { state: state.as_str().into() }).set(n);
+            if state == VmState::Upgrading {
+                in_flight.set(n);
+            }
         }
         registry.register("vms", "VMs by state", by_state);
-        let in_flight = Gauge::<i64>::default();
-        let upgrading = vms.iter().filter(|v| v.state == VmState::Upgrading).count();
-        in_flight.set(i64::try_from(upgrading).unwrap_or(i64::MAX));
         registry.register("handoffs_in_flight", "Handoffs under way", in_flight);
         let vmm_info = Family::<VmmLabels, Gauge>::default();
         for v in vms.iter().filter(|v| v.main_pid != 0) {

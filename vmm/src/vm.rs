@@ -241,14 +241,11 @@ impl VmCore {
     /// Reads the test guest's status block (None for other guests or before it initialised).
     pub fn test_guest_status(&self) -> Option<TestGuestStatus> {
         use cpr_testguest::{STATUS_ADDR, status};
-        if self.guest_kind != GuestKind::TestGuest {
+        if self.guest_kind != GuestKind::TestGuest || !self.carries_test_guest_magic() {
             return None;
         }
         let mem = self.ram.mem();
         let read = |off: u64| mem.read_obj::<u64>(GuestAddress(STATUS_ADDR + off)).unwrap_or(0);
-        if read(status::MAGIC) != status::MAGIC_VALUE {
-            return None;
-        }
         Some(TestGuestStatus {
             counter: read(status::COUNTER),
             heartbeats: read(status::SEQ),
@@ -264,15 +261,25 @@ impl VmCore {
     /// carries the test guest's magic); the raw code for any other guest, whose codes only its
     /// author knows.
     pub fn guest_failure(&self, code: u8) -> String {
-        use cpr_testguest::{FAIL_PORT, STATUS_ADDR, status};
-        let magic = self.ram.mem().read_obj::<u64>(GuestAddress(STATUS_ADDR + status::MAGIC)).unwrap_or(0);
-        match self.guest_kind {
-            GuestKind::TestGuest => cpr_testguest::FailCode::from_port_value(code).to_string(),
-            GuestKind::Elf if magic == status::MAGIC_VALUE => {
-                cpr_testguest::FailCode::from_port_value(code).to_string()
-            }
-            _ => format!("the guest wrote failure code {code} (0x{code:02x}) to port 0x{FAIL_PORT:x}"),
+        let test_guest = match self.guest_kind {
+            GuestKind::TestGuest => true,
+            GuestKind::Elf => self.carries_test_guest_magic(),
+            GuestKind::Linux => false,
+        };
+        if test_guest {
+            cpr_testguest::FailCode::from_port_value(code).to_string()
+        } else {
+            let port = cpr_testguest::FAIL_PORT;
+            format!("the guest wrote failure code {code} (0x{code:02x}) to port 0x{port:x}")
         }
+    }
+
+    /// Whether guest RAM holds the test guest's status block (its magic), which the test guest
+    /// writes when it starts.
+    fn carries_test_guest_magic(&self) -> bool {
+        use cpr_testguest::{STATUS_ADDR, status};
+        let magic = self.ram.mem().read_obj::<u64>(GuestAddress(STATUS_ADDR + status::MAGIC)).unwrap_or(0);
+        magic == status::MAGIC_VALUE
     }
 
     /// Resets the test guest's "longest gap since reset" record (for measuring a handoff's gap).

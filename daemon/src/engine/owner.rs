@@ -100,7 +100,7 @@ pub enum Request {
     List { reply: Reply<Vec<VmView>> },
     /// Past upgrades, oldest first.
     History { reply: Reply<Vec<UpgradeRecord>> },
-    /// cprd's metrics as OpenMetrics text.
+    /// cprd's metrics in the Prometheus text format.
     Metrics { reply: Reply<String> },
     /// Claims a VM for an operation.
     Claim { name: String, purpose: Purpose, reply: Reply<Result<Claim, CprdError>> },
@@ -188,14 +188,9 @@ impl Table {
             Request::Def { name, reply } => answer(reply, self.def(&name)),
             Request::Settings { reply } => answer(reply, self.settings.clone()),
             Request::View { name, reply } => answer(reply, self.view(&name)),
-            Request::List { reply } => {
-                answer(reply, self.vms.keys().filter_map(|n| self.view(n).ok()).collect());
-            }
+            Request::List { reply } => answer(reply, self.views()),
             Request::History { reply } => answer(reply, self.history.clone()),
-            Request::Metrics { reply } => {
-                let views: Vec<VmView> = self.vms.keys().filter_map(|n| self.view(n).ok()).collect();
-                answer(reply, self.metrics.render(&views));
-            }
+            Request::Metrics { reply } => answer(reply, self.metrics.render(&self.views())),
             Request::Claim { name, purpose, reply } => answer(reply, self.claim(&name, purpose)),
             Request::Release { name, state } => self.set_state(&name, state),
             Request::Adopt { name, record, memfd, reply } => {
@@ -260,6 +255,11 @@ impl Table {
                 self.config_dir.display()
             ))),
         }
+    }
+
+    /// Snapshots of every VM, in name order.
+    fn views(&self) -> Vec<VmView> {
+        self.vms.keys().filter_map(|n| self.view(n).ok()).collect()
     }
 
     fn view(&self, name: &str) -> Result<VmView, CprdError> {
