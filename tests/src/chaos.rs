@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, text, write_config};
+use crate::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, test_guest_counter, text, vmm_control, write_config};
 use crate::wait_until;
 
 /// Which process a round kills.
@@ -121,16 +121,6 @@ fn new_vmm_pid(runtime_dir: &Path, vm: &str) -> u32 {
     v["new"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0)
 }
 
-/// The test guest's counter and failure code, asked of the VMM at `control`.
-fn guest_counter(control: &Path) -> Option<(u64, u64)> {
-    use cpr_proto::control::{Request, Response};
-    let client = cpr_proto::client::ControlClient::connect(control).ok()?.with_timeout(Some(Duration::from_secs(5)));
-    match client.call(&Request::Status, &[]) {
-        Ok(Response::Status(st)) => st.test_guest.map(|t| (t.counter, t.fail)),
-        _ => None,
-    }
-}
-
 /// Whether `vm`'s guest runs: cprd says running, its VMM's counter advances, no self-check
 /// failure. Returns why not.
 fn guest_alive(cprd: &Cprd, vm: &str) -> Result<(), String> {
@@ -138,16 +128,10 @@ fn guest_alive(cprd: &Cprd, vm: &str) -> Result<(), String> {
     if st["state"] != "running" {
         return Err(format!("cprd says {} ({})", st["state"], st["state_reason"]));
     }
-    let control = std::path::PathBuf::from(st["control"].as_str().unwrap_or_default());
-    let control = if control.as_os_str().is_empty() {
-        let record = cprd.runtime_dir.join("vms").join(format!("{vm}.json"));
-        let r: serde_json::Value =
-            std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        std::path::PathBuf::from(r["control"].as_str().unwrap_or_default())
-    } else {
-        control
+    let Some(control) = vmm_control(&cprd.runtime_dir, vm) else {
+        return Err("cprd has no runtime record of it".into());
     };
-    let Some((first, fail)) = guest_counter(&control) else {
+    let Some((first, fail)) = test_guest_counter(&control) else {
         return Err(format!("its VMM does not answer on {}", control.display()));
     };
     if fail != 0 {
@@ -155,7 +139,7 @@ fn guest_alive(cprd: &Cprd, vm: &str) -> Result<(), String> {
     }
     let mut last = first;
     if !wait_until(Duration::from_secs(10), || {
-        last = guest_counter(&control).map_or(last, |(c, _)| c);
+        last = test_guest_counter(&control).map_or(last, |(c, _)| c);
         last > first
     }) {
         return Err(format!("its counter stays at {first}"));
@@ -254,7 +238,7 @@ pub fn run(dir: &Path, vms: usize, rounds: usize, seed: u64, mut say: impl FnMut
             let old_pid = pid_of(was);
             if committed
                 && old_pid != pid_of(&now)
-                && !wait_until(Duration::from_secs(5), || cpr_handoff::process::is_gone(old_pid))
+                && !wait_until(Duration::from_secs(5), || crate::process_gone(old_pid))
             {
                 report.defects.push(Loss {
                     round,

@@ -229,6 +229,23 @@ pub fn kill_vmms(runtime_dir: &Path) {
     }
 }
 
+/// The control socket of `vm`'s VMM, from cprd's runtime record under `runtime_dir`.
+pub fn vmm_control(runtime_dir: &Path, vm: &str) -> Option<PathBuf> {
+    let record = std::fs::read(runtime_dir.join("vms").join(format!("{vm}.json"))).ok()?;
+    let record: serde_json::Value = serde_json::from_slice(&record).ok()?;
+    record["control"].as_str().map(PathBuf::from)
+}
+
+/// The test guest's counter and failure code, as the VMM at `control` reports them (within 5 s).
+pub fn test_guest_counter(control: &Path) -> Option<(u64, u64)> {
+    use cpr_proto::control::{Request, Response};
+    let client = cpr_proto::client::ControlClient::connect(control).ok()?.with_timeout(Some(Duration::from_secs(5)));
+    match client.call(&Request::Status, &[]) {
+        Ok(Response::Status(st)) => st.test_guest.map(|t| (t.counter, t.fail)),
+        _ => None,
+    }
+}
+
 /// Output as text, for messages.
 pub fn text(o: &Output) -> String {
     format!(

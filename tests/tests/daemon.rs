@@ -60,16 +60,12 @@ fn console_ok(s: &Setup, vm: &str) {
 /// The test guest of `vm` runs, as its VMM says (its counter advances): for when cprd is away,
 /// and nobody writes the console into its log.
 fn guest_runs_in_its_vmm(s: &Setup, vm: &str) {
-    use cpr_proto::control::{Request, Response};
-    let record = s.cprd.runtime_dir.join("vms").join(format!("{vm}.json"));
-    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).expect("record")).expect("json");
-    let control = std::path::PathBuf::from(record["control"].as_str().expect("control path"));
+    let control =
+        cpr_tests::daemon::vmm_control(&s.cprd.runtime_dir, vm).expect("a runtime record with a control path");
     let counter = || {
-        let client = cpr_proto::client::ControlClient::connect(&control).expect("the VMM's control socket");
-        match client.call(&Request::Status, &[]) {
-            Ok(Response::Status(st)) => st.test_guest.map_or(0, |t| t.counter),
-            other => panic!("{vm}: status answered {other:?}"),
-        }
+        cpr_tests::daemon::test_guest_counter(&control)
+            .unwrap_or_else(|| panic!("{vm}: its VMM does not report its test guest"))
+            .0
     };
     let first = counter();
     assert!(wait_until(Duration::from_secs(20), || counter() > first), "{vm}: the guest's counter stays at {first}");
@@ -640,10 +636,7 @@ fn an_old_vmm_that_does_not_answer_quit_does_not_hold_the_upgrades_reply() {
         took < Duration::from_secs(30),
         "the reply waited {took:?} for an old VMM that does not answer (handoff timeout 60 s)"
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || cpr_handoff::process::is_gone(old_pid)),
-        "the mute old VMM was killed"
-    );
+    assert!(wait_until(Duration::from_secs(10), || cpr_tests::process_gone(old_pid)), "the mute old VMM was killed");
     console_ok(&s, "vm1");
 }
 

@@ -77,16 +77,21 @@ fn quit_is_refused_unless_the_guest_was_handed_off() {
     assert_eq!(vmm.status().state, RunState::Running);
 }
 
-#[test]
-fn a_broken_guest_invariant_is_reported_with_its_own_exit_code() {
+/// Runs cpr-vmm on the guest ELF `image` (64 MiB, its console into a file) until it exits;
+/// returns how it exited and its standard error.
+fn run_guest_elf(image: &[u8]) -> (std::process::ExitStatus, String) {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
-    let elf = dir.path().join("broken.elf");
-    std::fs::write(&elf, cpr_testguest::BROKEN_GUEST_ELF).expect("write ELF");
+    let elf = dir.path().join("guest.elf");
+    std::fs::write(&elf, image).expect("write ELF");
     let elf = elf.to_string_lossy().into_owned();
     let serial = dir.path().join("serial").to_string_lossy().into_owned();
-    let (status, err) =
-        run_vmm(&["--memory", "64M", "--guest-elf", &elf, "--serial-out", &serial], None, Duration::from_secs(60));
+    run_vmm(&["--memory", "64M", "--guest-elf", &elf, "--serial-out", &serial], None, Duration::from_secs(60))
+}
+
+#[test]
+fn a_broken_guest_invariant_is_reported_with_its_own_exit_code() {
+    let (status, err) = run_guest_elf(cpr_testguest::BROKEN_GUEST_ELF);
     assert_eq!(code(status), 20, "stderr: {err}");
     assert!(err.contains("guest self-check failed: register and SSE copies of the counter disagree"), "stderr: {err}");
     assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
@@ -94,14 +99,7 @@ fn a_broken_guest_invariant_is_reported_with_its_own_exit_code() {
 
 #[test]
 fn a_guest_of_its_own_has_its_failure_code_reported_raw_not_with_the_test_guests_meaning() {
-    require_kvm();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let elf = dir.path().join("failcode.elf");
-    std::fs::write(&elf, cpr_testguest::FAILCODE_GUEST_ELF).expect("write ELF");
-    let elf = elf.to_string_lossy().into_owned();
-    let serial = dir.path().join("serial").to_string_lossy().into_owned();
-    let (status, err) =
-        run_vmm(&["--memory", "64M", "--guest-elf", &elf, "--serial-out", &serial], None, Duration::from_secs(60));
+    let (status, err) = run_guest_elf(cpr_testguest::FAILCODE_GUEST_ELF);
     assert_eq!(code(status), 20, "stderr: {err}");
     assert!(
         err.contains("guest self-check failed: the guest wrote failure code 3 (0x03) to port 0x11"),
