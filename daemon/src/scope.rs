@@ -16,37 +16,15 @@ pub struct Scopes {
 
 static SCOPES: OnceLock<Scopes> = OnceLock::new();
 
-/// Enables scopes if `org.freedesktop.systemd1` is on the bus. When systemd runs cprd as a
-/// service (`INVOCATION_ID` is set), it waits up to [`SYSTEMD_ON_THE_BUS`] for the manager to be
-/// there (it leaves the bus and comes back around a re-execution), rather than deciding once, on
-/// a single look, to run every VMM of this cprd's lifetime in cprd's own cgroup, where it would
-/// die with cprd.
+/// Enables scopes if `org.freedesktop.systemd1` is on the bus.
 pub async fn init(conn: &Connection) {
-    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
-        tracing::warn!("cannot ask the bus whether systemd is on it: VMMs get no scopes");
-        return;
-    };
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else { return };
     let Ok(name) = zbus::names::BusName::try_from("org.freedesktop.systemd1") else { return };
-    let run_by_systemd = std::env::var_os("INVOCATION_ID").is_some();
-    let deadline = tokio::time::Instant::now() + SYSTEMD_ON_THE_BUS;
-    loop {
-        if dbus.name_has_owner(name.clone()).await.unwrap_or(false) {
-            let _ = SCOPES.set(Scopes { conn: conn.clone(), runtime: tokio::runtime::Handle::current() });
-            tracing::info!("systemd is on the bus: every VMM gets a scope of its own in cprd.slice");
-            return;
-        }
-        if !run_by_systemd || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    if run_by_systemd {
-        tracing::warn!("systemd is not on the bus after {SYSTEMD_ON_THE_BUS:?}: VMMs get no scopes of their own");
+    if dbus.name_has_owner(name).await.unwrap_or(false) {
+        let _ = SCOPES.set(Scopes { conn: conn.clone(), runtime: tokio::runtime::Handle::current() });
+        tracing::info!("systemd is on the bus: every VMM gets a scope of its own in cprd.slice");
     }
 }
-
-/// How long cprd waits, on a host booted with systemd, for the manager to be on the bus.
-const SYSTEMD_ON_THE_BUS: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The scope unit name for a VMM. The VM name is escaped as systemd escapes a unit name's parts
 /// (`systemd-escape`): of the characters a VM name may have (`A-Z a-z 0-9 - _`), `-` becomes
@@ -94,8 +72,30 @@ pub fn move_to_scope(vm: &str, generation: u64, pid: u32, cpu_weight: Option<u64
         &body,
     );
     match s.runtime.block_on(call) {
-        Ok(_) => tracing::info!(CPRD_VM = vm, "VMM pid {pid} runs in {unit}"),
+        // StartTransientUnit returns once the start job is queued; systemd moves the process
+        // when the job runs. Wait for that, so that "runs in" is true when this returns (a
+        // caller checking the VMM's cgroup right after `cprctl start` saw cprd.service's).
+        Ok(_) if in_unit_cgroup(pid, &unit, SCOPE_JOB_WAIT) => {
+            tracing::info!(CPRD_VM = vm, "VMM pid {pid} runs in {unit}");
+        }
+        Ok(_) => tracing::warn!(CPRD_VM = vm, "VMM pid {pid} is not in {unit} after {SCOPE_JOB_WAIT:?}"),
         Err(e) => tracing::warn!(CPRD_VM = vm, "cannot move VMM pid {pid} to {unit}: {e}"),
+    }
+}
+
+/// How long [`move_to_scope`] waits for systemd to run the scope's start job.
+const SCOPE_JOB_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits up to `limit` until process `pid`'s cgroup (`/proc/PID/cgroup`, any hierarchy) is the
+/// one of `unit`; false if it is not by then or the process is gone.
+fn in_unit_cgroup(pid: u32, unit: &str, limit: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            Ok(cgroups) if cgroups.lines().any(|l| l.ends_with(&format!("/{unit}"))) => return true,
+            Ok(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(5)),
+            _ => return false,
+        }
     }
 }
 
