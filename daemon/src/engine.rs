@@ -464,6 +464,14 @@ impl Engine {
         self.ask(|reply| owner::Request::View { name: name.to_string(), reply })
     }
 
+    /// What systemd-machined should know of VM `name` ([`crate::machined`]): a VM no longer
+    /// defined or known is no machine.
+    pub fn machine_wanted(&self, name: &str) -> crate::machined::Wanted {
+        let Ok(view) = self.view(name) else { return crate::machined::Wanted::Absent };
+        let ifindices = self.def(name).map(|d| crate::machined::host_ifindices(d.nics.iter())).unwrap_or_default();
+        crate::machined::wanted(view.state, view.main_pid, ifindices)
+    }
+
     /// Snapshots of all VMs.
     pub fn list(&self) -> Vec<VmView> {
         self.ask(|reply| owner::Request::List { reply })

@@ -1,6 +1,6 @@
 //! cprd, the host daemon that owns VMs and upgrades their VMM live.
 
-use cprd::{VERSION, control, dbus, engine, fdstore, files, reexec, sched, scope};
+use cprd::{VERSION, control, dbus, engine, fdstore, files, machined, reexec, sched, scope};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -83,6 +83,8 @@ async fn run(
         let e = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || e.autostart()).await.map_err(|e| e.to_string())?;
     }
+    // Registered with machined once every VM has been taken back, and after each change.
+    tokio::spawn(machined::run(conn.clone(), Arc::clone(&engine)));
     if reexeced {
         // Re-executed in the middle of a reload: finish it; that says READY=1.
         tracing::info!("cprd {} re-executed; finishing the reload", VERSION);

@@ -315,6 +315,80 @@ fn a_handoff_in_flight_runs_in_a_weighted_scope_and_the_guest_goes_back_to_the_d
     heartbeats_ok(&c, "a");
 }
 
+/// Machine `vm` as `machinectl show` has it (Leader, Class, Service, Unit), or `None` when
+/// machined has no such machine.
+fn machine(c: &Container, vm: &str) -> Option<[String; 4]> {
+    let o = c.exec(&["machinectl", "show", vm, "-p", "Leader", "-p", "Class", "-p", "Service", "-p", "Unit"]);
+    if !o.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let get = |key: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_default().to_string();
+    Some([get("Leader"), get("Class"), get("Service"), get("Unit")])
+}
+
+/// What `machine` says of a cprd VM led by `pid` in the scope of `generation`.
+fn cprd_machine(vm_escaped: &str, pid: u64, generation: u64) -> Option<[String; 4]> {
+    Some([pid.to_string(), "vm".into(), "cprd".into(), format!("cprd-vm-{vm_escaped}-g{generation}.scope")])
+}
+
+/// `cprctl --json status VM`'s (main_pid, generation).
+fn pid_and_generation(c: &Container, vm: &str) -> (u64, u64) {
+    let st = c.status(vm);
+    (st["main_pid"].as_u64().unwrap_or(0), st["generation"].as_u64().unwrap_or(u64::MAX))
+}
+
+/// systemd-machined (systemd 254, in the container) lists cprd's VMs as machines of class `vm`
+/// led by the VMM that runs each guest: after start, after every one of 5 upgrades (each gives
+/// the guest a new VMM in a new scope, and the old scope's end would drop the machine), across
+/// a restart of cprd, and not after stop.
+#[test]
+fn machinectl_lists_cprd_vms_across_upgrades_and_restarts_and_not_after_stop() {
+    require_kvm();
+    let vms = [("m-1", "memory = \"64M\"\n"), ("m2", "memory = \"64M\"\n")];
+    let c = Container::boot(&vms);
+    c.sh("systemctl start cprd && cprctl start m-1 && cprctl start m2");
+    let listed = |vm: &str, escaped: &str| {
+        let mut seen = None;
+        let ok = cpr_tests::wait_until(std::time::Duration::from_secs(10), || {
+            let (pid, generation) = pid_and_generation(&c, vm);
+            seen = machine(&c, vm);
+            seen == cprd_machine(escaped, pid, generation)
+        });
+        assert!(ok, "{vm}: machinectl shows {seen:?}, cprd says {:?}\n{}", pid_and_generation(&c, vm), c.journal());
+    };
+    listed("m-1", "m\\x2d1");
+    listed("m2", "m2");
+    let table = c.sh("machinectl list --no-legend");
+    for vm in ["m-1", "m2"] {
+        assert!(table.lines().any(|l| l.split_whitespace().take(3).eq([vm, "vm", "cprd"])), "{vm} not in:\n{table}");
+    }
+    let m2 = machine(&c, "m2");
+    for round in 1..=5 {
+        c.sh("cprctl upgrade m-1");
+        assert_eq!(pid_and_generation(&c, "m-1").1, round);
+        listed("m-1", "m\\x2d1");
+        assert_eq!(machine(&c, "m2"), m2, "m2 is untouched");
+    }
+    c.sh("systemctl restart cprd");
+    assert!(cpr_tests::wait_until(std::time::Duration::from_secs(20), || {
+        c.exec(&["cprctl", "--json", "list"]).status.success()
+    }));
+    listed("m-1", "m\\x2d1");
+    assert_eq!(machine(&c, "m2"), m2, "a restart of cprd leaves the machines as they were");
+    c.sh("cprctl stop m-1");
+    let gone = cpr_tests::wait_until(std::time::Duration::from_secs(10), || machine(&c, "m-1").is_none());
+    assert!(gone, "m-1 is still a machine after stop: {:?}\n{}", machine(&c, "m-1"), c.journal());
+    let table = c.sh("machinectl list --no-legend");
+    assert!(!table.contains("m-1") && table.contains("m2"), "{table}");
+    let journal = c.full_journal();
+    assert!(
+        !journal.contains("systemd-machined is not reachable") && !journal.contains("systemd-machined:"),
+        "no warning, no absence: {}",
+        journal.lines().filter(|l| l.contains("machine")).collect::<Vec<_>>().join("\n")
+    );
+}
+
 /// The unit's exposure as `systemd-analyze security` rates it (offline, this host's systemd):
 /// at most 5.0 ("OK"). Every systemd test above runs cprd under this very unit.
 #[test]
