@@ -20,6 +20,8 @@ trait Manager {
     fn start_vm(&self, name: &str) -> zbus::Result<()>;
     #[zbus(name = "StopVM")]
     fn stop_vm(&self, name: &str, force: bool) -> zbus::Result<()>;
+    #[zbus(name = "PauseVM")]
+    fn pause_vm(&self, name: &str) -> zbus::Result<()>;
     #[zbus(name = "ResumeVM")]
     fn resume_vm(&self, name: &str) -> zbus::Result<()>;
     #[zbus(name = "UpgradeVM")]
@@ -110,8 +112,13 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Make the VMM of a VM that needs attention run its guest again (an operator's decision:
-    /// the guest is as it was when the handoff paused it).
+    /// Pause a running VM's guest (its VMM keeps it; `resume` runs it again).
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Run a paused VM's guest again; or make the VMM of a VM that needs attention run its
+    /// guest again (an operator's decision: the guest is as it was when the handoff paused it).
     Resume {
         /// VM name.
         name: String,
@@ -323,6 +330,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Start { name } => m.start_vm(&name).await?,
         Cmd::Stop { name, force } => m.stop_vm(&name, force).await?,
+        Cmd::Pause { name } => m.pause_vm(&name).await?,
         Cmd::Resume { name } => m.resume_vm(&name).await?,
         Cmd::Upgrade { name: Some(name), all: false, binary } => {
             let (downtime, generation) = m.upgrade_vm(&name, &binary).await?;

@@ -128,8 +128,10 @@ pub trait VmmBackend: std::fmt::Debug + Send + Sync {
         stored: &mut std::collections::HashMap<String, OwnedFd>,
     ) -> Result<OwnedFd, String>;
     /// Makes a VMM that holds the paused guest run it again (an operator's decision on a VM that
-    /// needs attention).
+    /// needs attention, or the end of an operator's pause).
     fn resume(&self, name: &str, record: &VmRecord) -> Result<(), String>;
+    /// Stops every vCPU of the guest, which the VMM keeps holding (an operator's pause).
+    fn pause(&self, record: &VmRecord) -> Result<(), String>;
     /// Drops whatever the backend holds for a VM whose VMM is gone.
     fn forget(&self, _name: &str) {}
     /// Finishes or rolls back a handoff that a dead cprd left in flight, from its record, by
@@ -285,6 +287,7 @@ impl VmmBackend for CprVmm {
             launch_args: Vec::new(),
             vmm_uid: uid,
             vmm_release: release,
+            paused: false,
         };
         // Kept once the VM runs (a VMM that failed to start takes its pipe along).
         crate::fdstore::push(&crate::console::store_name(&def.name), serial_cprd.as_fd());
@@ -402,6 +405,9 @@ impl VmmBackend for CprVmm {
             return Err(format!("the VMM (pid {}) maps another memfd than the guest's RAM cprd keeps", describe.pid));
         }
         record.main_pid = pid;
+        // The VMM says whether its guest is paused (a cprd that died between pausing it and
+        // recording so left the record behind).
+        record.paused = status.state == RunState::Paused;
         record.vmm_version = describe.build_id;
         record.vmm_release = describe.version;
         reattach_console(name, &client, record, stored);
@@ -410,6 +416,14 @@ impl VmmBackend for CprVmm {
 
     fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, timeout_ms: u64) -> Phase {
         cpr_handoff::cpr_vmm::recover(handoff, journal, Duration::from_millis(timeout_ms)).0
+    }
+
+    fn pause(&self, record: &VmRecord) -> Result<(), String> {
+        let client = ControlClient::connect(&record.control).map_err(|e| format!("control socket: {e}"))?;
+        match client.call(&Request::Pause, &[]) {
+            Ok(Response::Ok) => Ok(()),
+            other => Err(format!("pause answered {other:?}")),
+        }
     }
 
     fn resume(&self, name: &str, record: &VmRecord) -> Result<(), String> {

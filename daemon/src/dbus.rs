@@ -172,8 +172,23 @@ impl Manager {
         blocking(move || e.stop(&name, force)).await?
     }
 
-    /// Makes the VMM on record of a VM that needs attention run its guest again (refused while
-    /// another VMM that may hold the guest lives).
+    /// Pauses a running VM's guest in its VMM (every vCPU stopped, the VMM kept); `ResumeVM` runs
+    /// it again. A paused VM is not upgraded.
+    #[zbus(name = "PauseVM")]
+    async fn pause_vm(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), CprdError> {
+        checked_name(&name)?;
+        authorize(conn, &header).await?;
+        let e = Arc::clone(&self.engine);
+        blocking(move || e.pause(&name)).await?
+    }
+
+    /// Runs a paused VM's guest again; or makes the VMM on record of a VM that needs attention
+    /// run its guest again (refused while another VMM that may hold the guest lives).
     #[zbus(name = "ResumeVM")]
     async fn resume_vm(
         &self,

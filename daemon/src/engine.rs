@@ -67,6 +67,10 @@ pub enum VmState {
     Starting,
     /// Running.
     Running,
+    /// Its VMM holds the guest with every vCPU stopped, on an operator's request (`PauseVM`,
+    /// `machinectl pause`) until `ResumeVM`; kept so across cprd restarts. Not upgraded while
+    /// paused.
+    Paused,
     /// A handoff to a new VMM is in flight.
     Upgrading,
     /// Being stopped.
@@ -92,6 +96,7 @@ impl VmState {
             Self::Stopped => "stopped",
             Self::Starting => "starting",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Upgrading => "upgrading",
             Self::Stopping => "stopping",
             Self::Failed => "failed",
@@ -135,6 +140,10 @@ pub struct VmRecord {
     /// package version for a cpr-vmm); empty where a cprd before it started the VMM.
     #[serde(default)]
     pub vmm_release: String,
+    /// The guest is paused on an operator's request ([`VmState::Paused`]); written only when
+    /// true, so the records of running VMs are as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// The format of the runtime records this cprd writes (`/run/cprd/vms/NAME.json` and the fd
@@ -625,7 +634,7 @@ impl Engine {
     /// decision (the guest it holds is as it was at the pause). Refused while another VMM that may
     /// hold the guest lives.
     pub fn resume(self: &Arc<Self>, name: &str) -> Result<(), CprdError> {
-        let owner::Claim::Claimed { def, record, .. } = self.claim(name, owner::Purpose::Resume)? else {
+        let owner::Claim::Claimed { was, def, record, .. } = self.claim(name, owner::Purpose::Resume)? else {
             return Ok(());
         };
         let result = match &record {
@@ -635,9 +644,26 @@ impl Engine {
         let outcome =
             result.clone().map_err(|why| CprdError::InvalidArgument(format!("VM {name} was not resumed: {why}")));
         self.ask(|reply| owner::Request::Resumed { name: name.to_string(), result, reply });
-        if let (Ok(()), Some(r)) = (&outcome, record) {
+        // A VM that needed attention had its VMM unwatched; a paused one is watched already.
+        if let (Ok(()), Some(r), VmState::NeedsAttention) = (&outcome, record, was) {
             self.supervise_pid(name, r.main_pid, None);
         }
+        outcome
+    }
+
+    /// Pauses a running VM's guest in its VMM (an operator's request); `resume` runs it again.
+    /// Pausing a paused VM is a no-op.
+    pub fn pause(&self, name: &str) -> Result<(), CprdError> {
+        let owner::Claim::Claimed { def, record, .. } = self.claim(name, owner::Purpose::Pause)? else {
+            return Ok(());
+        };
+        let result = match &record {
+            Some(r) => (self.backends)(def.backend).map_err(|e| e.to_string()).and_then(|b| b.pause(r)),
+            None => Err("no VMM on record".to_string()),
+        };
+        let outcome =
+            result.clone().map_err(|why| CprdError::InvalidArgument(format!("VM {name} was not paused: {why}")));
+        self.ask(|reply| owner::Request::Paused { name: name.to_string(), result, reply });
         outcome
     }
 

@@ -88,7 +88,9 @@ pub enum Wanted {
 /// What machined should know of a VM in `state` whose VMM is `main_pid`.
 pub fn wanted(state: VmState, main_pid: u32, ifindices: Vec<i32>) -> Wanted {
     match state {
-        VmState::Running | VmState::Orphaned if main_pid != 0 => Wanted::Registered { leader: main_pid, ifindices },
+        VmState::Running | VmState::Paused | VmState::Orphaned if main_pid != 0 => {
+            Wanted::Registered { leader: main_pid, ifindices }
+        }
         VmState::Stopped | VmState::Stopping | VmState::Failed | VmState::Quarantined => Wanted::Absent,
         _ => Wanted::Unchanged,
     }
@@ -313,13 +315,14 @@ pub fn host_ifindices<'a>(taps: impl Iterator<Item = &'a crate::config::NicDef>)
 mod tests {
     use super::*;
 
-    /// A running or orphaned VM is a machine, led by its VMM; a VM with nothing running is
+    /// A running, paused or orphaned VM is a machine, led by its VMM; a VM with nothing running is
     /// none; a VM in between is left as machined has it (so a handoff in flight keeps it listed).
     #[test]
     fn a_vm_is_a_machine_exactly_while_a_vmm_runs_its_guest() {
         let led = |pid| Wanted::Registered { leader: pid, ifindices: vec![3] };
         assert_eq!(wanted(VmState::Running, 42, vec![3]), led(42));
         assert_eq!(wanted(VmState::Orphaned, 43, vec![3]), led(43));
+        assert_eq!(wanted(VmState::Paused, 44, vec![3]), led(44));
         assert_eq!(wanted(VmState::Running, 0, vec![]), Wanted::Unchanged);
         for gone in [VmState::Stopped, VmState::Stopping, VmState::Failed, VmState::Quarantined] {
             assert_eq!(wanted(gone, 42, vec![]), Wanted::Absent, "{gone:?}");

@@ -20,10 +20,11 @@ pub const DOWNTIME_BUCKETS: [f64; 13] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
 /// Every VM state, so that a state no VM is in is reported as 0 rather than left out.
-const STATES: [VmState; 9] = [
+const STATES: [VmState; 10] = [
     VmState::Stopped,
     VmState::Starting,
     VmState::Running,
+    VmState::Paused,
     VmState::Upgrading,
     VmState::Stopping,
     VmState::Failed,

@@ -568,6 +568,7 @@ impl Qemu {
             launch_args,
             vmm_uid: None,
             vmm_release: String::new(),
+            paused: false,
         }
     }
 }
@@ -625,6 +626,7 @@ impl VmmBackend for Qemu {
         let record = VmRecord {
             vmm_uid: uid,
             vmm_release: version.clone(),
+            paused: false,
             ..Self::record_for(def, binary, control.clone(), held.args.clone(), dir)
         };
         crate::console::pump(&def.name, &held.serial_cprd, &record.console);
@@ -797,6 +799,7 @@ impl VmmBackend for Qemu {
         if status != "running" && status != "paused" {
             return Err(format!("QEMU is {status}"));
         }
+        record.paused = status == "paused";
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", record.main_pid)).unwrap_or_default();
         let marker = format!("{name},debug-threads=on");
         if !cmdline.split(|b| *b == 0).any(|arg| arg == marker.as_bytes()) {
@@ -878,6 +881,11 @@ impl VmmBackend for Qemu {
 
     fn recover(&self, handoff: HandoffRecord, journal: &mut dyn Journal, _timeout_ms: u64) -> Phase {
         transfer::recover(handoff, journal)
+    }
+
+    fn pause(&self, record: &VmRecord) -> Result<(), String> {
+        let mut qmp = Qmp::connect(&record.control, Duration::from_secs(5)).map_err(|e| format!("QMP: {e}"))?;
+        qmp.execute("stop", None).map(drop).map_err(|e| format!("stop: {e}"))
     }
 
     fn resume(&self, _name: &str, record: &VmRecord) -> Result<(), String> {

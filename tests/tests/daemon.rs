@@ -428,6 +428,54 @@ fn failed_upgrades_roll_back_to_the_old_vmm() {
     assert!(c.cprctl(&["upgrade", "vm1"]).status.success(), "a good upgrade still works");
 }
 
+/// The test guest's counter in `vm`'s VMM, read twice 300 ms apart.
+fn counter_moves(s: &Setup, vm: &str) -> (u64, u64) {
+    let control = cpr_tests::daemon::vmm_control(&s.cprd.runtime_dir, vm).expect("control socket on record");
+    let first = cpr_tests::daemon::test_guest_counter(&control).expect("counter").0;
+    std::thread::sleep(Duration::from_millis(300));
+    (first, cpr_tests::daemon::test_guest_counter(&control).expect("counter").0)
+}
+
+/// `cprctl pause` stops the guest in its VMM (its counter stands still) and `cprctl resume` runs
+/// it again; a paused VM is not upgraded (named error, nothing changes), stays paused across a
+/// kill -9 of cprd, and stops.
+#[test]
+fn pause_holds_the_guest_still_across_a_restart_until_resume() {
+    let mut s = setup(&["p"], &[]);
+    assert!(s.cprd.cprctl(&["start", "p"]).status.success());
+    let (a, b) = counter_moves(&s, "p");
+    assert!(b > a, "a running guest counts: {a} then {b}");
+    let pause = s.cprd.cprctl(&["pause", "p"]);
+    assert!(pause.status.success(), "{}", text(&pause));
+    let st = json(&s.cprd.cprctl(&["--json", "status", "p"]));
+    assert_eq!(st["state"], "paused");
+    let (a, b) = counter_moves(&s, "p");
+    assert_eq!(a, b, "a paused guest does not run");
+    assert!(s.cprd.cprctl(&["pause", "p"]).status.success(), "pausing a paused VM is a no-op");
+    let up = s.cprd.cprctl(&["upgrade", "p"]);
+    assert!(!up.status.success() && text(&up).contains("is paused"), "{}", text(&up));
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "p"])), st, "the refused upgrade changed nothing");
+    // Still paused after cprd is killed and restarted: the record and the VMM both say so.
+    s.cprd.kill9();
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    let config = s.cprd.config_dir.clone();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "p"])), st, "re-attached as it was");
+    let (a, b) = counter_moves(&s, "p");
+    assert_eq!(a, b, "still paused after the restart");
+    let resume = s.cprd.cprctl(&["resume", "p"]);
+    assert!(resume.status.success(), "{}", text(&resume));
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "p"]))["state"], "running");
+    let (a, b) = counter_moves(&s, "p");
+    assert!(b > a, "a resumed guest counts again: {a} then {b}");
+    let up = s.cprd.cprctl(&["upgrade", "p"]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(s.cprd.cprctl(&["pause", "p"]).status.success());
+    let stop = s.cprd.cprctl(&["stop", "p"]);
+    assert!(stop.status.success(), "a paused VM stops: {}", text(&stop));
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "p"]))["state"], "stopped");
+}
+
 #[test]
 fn kill_9_of_cprd_leaves_vms_running_and_reattaches_them() {
     let names = ["a", "b", "c", "d", "e"];

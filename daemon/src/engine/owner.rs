@@ -24,10 +24,13 @@ pub type Reply<T> = SyncSender<T>;
 pub enum Purpose {
     /// Start its VMM: from stopped or failed (a running VM is a no-op).
     Start,
-    /// Stop it: from running, failed, needs-attention or orphaned (a stopped VM is a no-op).
+    /// Stop it: from running, paused, failed, needs-attention or orphaned (a stopped VM is a
+    /// no-op).
     Stop,
-    /// Resume the VMM on record: from needs-attention, once no other VMM that may hold the guest
-    /// lives.
+    /// Pause its guest: from running (a paused VM is a no-op).
+    Pause,
+    /// Resume the VMM on record: from paused, or from needs-attention once no other VMM that may
+    /// hold the guest lives.
     Resume,
     /// Hand it to a new VMM: from running, with a VMM on record.
     Upgrade,
@@ -114,6 +117,8 @@ pub enum Request {
     Stopped { name: String, reply: Reply<()> },
     /// An operator's resume ended (`Ok`: the VMM on record runs the guest again).
     Resumed { name: String, result: Result<(), String>, reply: Reply<()> },
+    /// An operator's pause ended (`Ok`: the VMM on record holds the guest paused).
+    Paused { name: String, result: Result<(), String>, reply: Reply<()> },
     /// A handoff ended; the answer is the upgrade's result.
     HandoffEnded { name: String, end: HandoffEnd, reply: Reply<Result<(u64, u64), CprdError>> },
     /// An upgrade attempt ended (`id`: when it began): logged, kept in the history, signalled.
@@ -204,6 +209,10 @@ impl Table {
             }
             Request::Resumed { name, result, reply } => {
                 self.resumed(&name, result);
+                answer(reply, ());
+            }
+            Request::Paused { name, result, reply } => {
+                self.paused(&name, result);
                 answer(reply, ());
             }
             Request::HandoffEnded { name, end, reply } => answer(reply, self.handoff_ended(&name, end)),
@@ -304,10 +313,15 @@ impl Table {
             Purpose::Start if vm.state == VmState::Running => return Ok(Claim::AlreadyDone),
             Purpose::Start => (&[VmState::Stopped, VmState::Failed], VmState::Starting),
             Purpose::Stop if vm.state == VmState::Stopped => return Ok(Claim::AlreadyDone),
-            Purpose::Stop => {
-                (&[VmState::Running, VmState::Failed, VmState::NeedsAttention, VmState::Orphaned], VmState::Stopping)
-            }
-            Purpose::Resume => (&[VmState::NeedsAttention], VmState::Starting),
+            Purpose::Stop => (
+                &[VmState::Running, VmState::Paused, VmState::Failed, VmState::NeedsAttention, VmState::Orphaned],
+                VmState::Stopping,
+            ),
+            Purpose::Pause if vm.state == VmState::Paused => return Ok(Claim::AlreadyDone),
+            // Paused from the claim on: no upgrade or other claim starts meanwhile; a failed
+            // pause goes back to running.
+            Purpose::Pause => (&[VmState::Running], VmState::Paused),
+            Purpose::Resume => (&[VmState::NeedsAttention, VmState::Paused], VmState::Starting),
             Purpose::Upgrade => (&[VmState::Running], VmState::Upgrading),
         };
         if let (false, Some(why), false) = (from.contains(&vm.state), &vm.attention, vm.state == VmState::Failed) {
@@ -404,9 +418,9 @@ impl Table {
         if let Some(vm) = self.vms.get_mut(name) {
             vm.uid = record.vmm_uid.or(vm.uid);
             vm.attention = None;
+            vm.state = if record.paused { VmState::Paused } else { VmState::Running };
             vm.record = Some(record);
             vm.memfd = Some(memfd);
-            vm.state = VmState::Running;
         }
         self.persist(name);
         self.emit(name);
@@ -462,17 +476,41 @@ impl Table {
 
     fn resumed(&mut self, name: &str, result: Result<(), String>) {
         let Some(vm) = self.vms.get_mut(name) else { return };
+        // Only a VM that needs attention has a reason for it; a resume from paused had none.
+        let needed_attention = vm.attention.is_some();
         match result {
             Ok(()) => {
                 vm.state = VmState::Running;
                 vm.attention = None;
                 vm.other_pids.clear();
-                let pid = vm.record.as_ref().map_or(0, |r| r.main_pid);
+                let pid = vm.record.as_mut().map_or(0, |r| {
+                    r.paused = false;
+                    r.main_pid
+                });
                 self.journal(name).remove();
                 self.persist(name);
-                tracing::warn!(CPRD_VM = name, "VM {name} resumed in its VMM (pid {pid}) by an operator");
+                if needed_attention {
+                    tracing::warn!(CPRD_VM = name, "VM {name} resumed in its VMM (pid {pid}) by an operator");
+                } else {
+                    tracing::info!(CPRD_VM = name, "VM {name} resumed (VMM pid {pid})");
+                }
             }
-            Err(_) => vm.state = VmState::NeedsAttention,
+            Err(_) if needed_attention => vm.state = VmState::NeedsAttention,
+            Err(_) => vm.state = VmState::Paused,
+        }
+        self.emit(name);
+    }
+
+    fn paused(&mut self, name: &str, result: Result<(), String>) {
+        let Some(vm) = self.vms.get_mut(name) else { return };
+        match (result, vm.record.as_mut()) {
+            (Ok(()), Some(record)) => {
+                record.paused = true;
+                vm.state = VmState::Paused;
+                self.persist(name);
+                tracing::info!(CPRD_VM = name, "VM {name} paused");
+            }
+            _ => vm.state = VmState::Running,
         }
         self.emit(name);
     }

@@ -81,6 +81,7 @@ impl VmmBackend for Fake {
             launch_args: Vec::new(),
             vmm_uid: None,
             vmm_release: "fake 1".into(),
+            paused: false,
         };
         Ok((record, memfd, child))
     }
@@ -139,6 +140,13 @@ impl VmmBackend for Fake {
     }
 
     fn resume(&self, _name: &str, record: &VmRecord) -> Result<(), String> {
+        if cpr_handoff::process::is_gone(record.main_pid) {
+            return Err(format!("pid {} is gone", record.main_pid));
+        }
+        Ok(())
+    }
+
+    fn pause(&self, record: &VmRecord) -> Result<(), String> {
         if cpr_handoff::process::is_gone(record.main_pid) {
             return Err(format!("pid {} is gone", record.main_pid));
         }
