@@ -42,28 +42,57 @@ async fn authorize(conn: &Connection, header: &Header<'_>) -> Result<(), CprdErr
         .get_connection_unix_user(sender.clone().into())
         .await
         .map_err(|e| CprdError::AccessDenied(format!("cannot identify the caller: {e}")))?;
-    if uid == 0 || in_cprd_group(uid) || polkit_allows(conn, sender.as_str()).await {
+    let mut subject = std::collections::HashMap::new();
+    subject.insert("name", zbus::Variant::from(sender.as_str()));
+    if uid == 0 || in_cprd_group(uid) || polkit_allows(conn, ("system-bus-name", subject)).await {
         return Ok(());
     }
-    Err(CprdError::AccessDenied(format!(
-        "uid {uid} may not change VMs; only root, members of group cprd and callers polkit authorizes for org.cprd1.manage may"
-    )))
+    Err(denied(uid))
 }
+
+/// Checks that a local process (a caller on another socket than the bus: the varlink sockets of
+/// [`crate::machine_instance`]) may change things, by the same rule as [`authorize`]: uid 0, a
+/// member of group `cprd`, or polkit's `org.cprd1.manage` for that process.
+pub async fn authorize_process(conn: &Connection, uid: u32, pid: u32) -> Result<(), CprdError> {
+    if uid == 0 || in_cprd_group(uid) {
+        return Ok(());
+    }
+    // polkit names a process by pid and start time, so that a recycled pid is not mistaken.
+    let start_time = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse::<u64>().ok())
+    });
+    if let Some(start_time) = start_time {
+        let mut subject = std::collections::HashMap::new();
+        subject.insert("pid", zbus::Variant::from(pid));
+        subject.insert("start-time", zbus::Variant::from(start_time));
+        subject.insert("uid", zbus::Variant::from(i32::try_from(uid).unwrap_or(-1)));
+        if polkit_allows(conn, ("unix-process", subject)).await {
+            return Ok(());
+        }
+    }
+    Err(denied(uid))
+}
+
+fn denied(uid: u32) -> CprdError {
+    CprdError::AccessDenied(format!(
+        "uid {uid} may not change VMs; only root, members of group cprd and callers polkit authorizes for org.cprd1.manage may"
+    ))
+}
+
+/// A polkit subject: its kind and details.
+type Subject<'a> = (&'a str, std::collections::HashMap<&'a str, zbus::Variant<'a>>);
 
 /// polkit's `(is_authorized, is_challenge, details)`.
 type AuthorizationResult = (bool, bool, std::collections::HashMap<String, String>);
 
-/// Asks polkit, where it runs on this bus, whether `sender` may perform `org.cprd1.manage`.
-async fn polkit_allows(conn: &Connection, sender: &str) -> bool {
+/// Asks polkit, where it runs on this bus, whether `subject` may perform `org.cprd1.manage`.
+async fn polkit_allows(conn: &Connection, subject: Subject<'_>) -> bool {
     const POLKIT: &str = "org.freedesktop.PolicyKit1";
     let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else { return false };
     let Ok(name) = zbus::names::BusName::try_from(POLKIT) else { return false };
     if !dbus.name_has_owner(name).await.unwrap_or(false) {
         return false;
     }
-    let mut subject_details = std::collections::HashMap::new();
-    subject_details.insert("name", zbus::Variant::from(sender));
-    let subject = ("system-bus-name", subject_details);
     let details: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     let reply = conn
         .call_method(

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod fdstore;
 pub mod files;
+mod machine_instance;
 pub mod machined;
 pub mod metrics;
 pub mod qemu;

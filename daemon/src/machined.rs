@@ -16,15 +16,116 @@
 //! machine of the same name that another manager registered is left alone (and the VM is not
 //! listed, with a warning).
 //!
+//! Where machined has a varlink socket (systemd >= 256) cprd registers there; from systemd 261
+//! on, with a `controlAddress`: the VM's `io.systemd.MachineInstance` socket
+//! ([`crate::machine_instance`]), so that machinectl's verbs reach cprd. Older machineds get the
+//! D-Bus `RegisterMachineWithNetwork` (systemd 254), or a registration without the address.
+//!
 //! Without machined on the bus (it is in systemd-container, which a host may not have), or with
 //! a bus that does not let cprd call it, cprd works as before and says so once in the journal.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use zbus::{Connection, OwnedObjectPath, proxy};
 
 use crate::engine::{Engine, Event, VmState};
+use crate::machine_instance::{InstanceServer, socket_path};
+
+/// machined's varlink socket.
+const MACHINED_VARLINK: &str = "/run/systemd/machine/io.systemd.Machine";
+
+/// machined's `io.systemd.Machine` over varlink, as far as cprd uses it.
+#[allow(clippy::too_many_arguments, reason = "Register's parameters are machined's, one argument each")]
+mod registry {
+    /// A process as systemd's varlink interfaces name one.
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    pub(super) struct ProcessId {
+        /// The pid.
+        pub(super) pid: u32,
+    }
+
+    /// The errors of `io.systemd.Machine` that `Register` may send.
+    #[derive(Debug, Clone, PartialEq, zlink::ReplyError)]
+    #[zlink(interface = "io.systemd.Machine")]
+    pub(super) enum RegistryError {
+        /// A machine of that name exists.
+        MachineExists,
+        /// No machine of that name exists.
+        NoSuchMachine,
+    }
+
+    /// The client's side.
+    #[zlink::proxy("io.systemd.Machine")]
+    pub(super) trait MachineRegistry {
+        /// Registers a machine whose leader already runs in a unit of its own (`allocateUnit`
+        /// false), with `controlAddress` where given.
+        async fn register(
+            &mut self,
+            name: &str,
+            service: Option<&str>,
+            class: &str,
+            #[zlink(rename = "leaderProcessId")] leader_process_id: Option<ProcessId>,
+            #[zlink(rename = "ifIndices")] if_indices: Option<&[i32]>,
+            #[zlink(rename = "controlAddress")] control_address: Option<&str>,
+            #[zlink(rename = "allocateUnit")] allocate_unit: Option<bool>,
+        ) -> zlink::Result<Result<(), RegistryError>>;
+    }
+}
+use registry::{MachineRegistry, ProcessId};
+
+/// How a registration over varlink ended.
+#[derive(Debug)]
+enum VarlinkRegistration {
+    /// Registered.
+    Done,
+    /// This machined does not know `controlAddress` (systemd < 261).
+    NoControlAddress,
+    /// This machined has no `Register` over varlink (systemd < 256).
+    NoRegister,
+    /// Failed; why.
+    Failed(String),
+}
+
+/// Registers machine `name` with machined over its varlink socket.
+async fn register_over_varlink(
+    name: &str,
+    leader: u32,
+    ifindices: &[i32],
+    control: Option<&Path>,
+) -> VarlinkRegistration {
+    let mut conn = match zlink::tokio::unix::connect(MACHINED_VARLINK).await {
+        Ok(conn) => conn,
+        Err(e) => return VarlinkRegistration::Failed(format!("cannot connect to {MACHINED_VARLINK}: {e}")),
+    };
+    let control = control.and_then(Path::to_str);
+    let reply = conn
+        .register(
+            name,
+            Some(SERVICE),
+            CLASS,
+            Some(ProcessId { pid: leader }),
+            (!ifindices.is_empty()).then_some(ifindices),
+            control,
+            Some(false),
+        )
+        .await;
+    match reply {
+        Ok(Ok(())) => VarlinkRegistration::Done,
+        Err(zlink::Error::VarlinkService(e))
+            if control.is_some()
+                && matches!(&*e, zlink::varlink_service::Error::InvalidParameter { parameter } if parameter == "controlAddress") =>
+        {
+            VarlinkRegistration::NoControlAddress
+        }
+        Err(zlink::Error::VarlinkService(e)) if matches!(&*e, zlink::varlink_service::Error::MethodNotFound { .. }) => {
+            VarlinkRegistration::NoRegister
+        }
+        Ok(Err(e)) => VarlinkRegistration::Failed(format!("{e:?}")),
+        Err(e) => VarlinkRegistration::Failed(e.to_string()),
+    }
+}
 
 /// The service name cprd registers its machines under, and the only one it unregisters.
 pub const SERVICE: &str = "cprd";
@@ -98,7 +199,7 @@ pub fn wanted(state: VmState, main_pid: u32, ifindices: Vec<i32>) -> Wanted {
 
 /// Runs the reconciler until the engine's event stream ends. Returns at once, after one line in
 /// the journal, when machined is neither running nor activatable on `conn`'s bus.
-pub async fn run(conn: Connection, engine: Arc<Engine>) {
+pub async fn run(conn: Connection, engine: Arc<Engine>, runtime_dir: PathBuf) {
     let manager = match reach(&conn).await {
         Ok(manager) => manager,
         Err(why) => {
@@ -109,7 +210,20 @@ pub async fn run(conn: Connection, engine: Arc<Engine>) {
         }
     };
     let mut events = engine.subscribe();
-    let mut r = Reconciler { conn, manager, engine, warned: HashSet::new(), failed: HashSet::new() };
+    // machined's varlink socket (systemd >= 256) takes a controlAddress from systemd 261 on;
+    // whether this one does shows at the first registration.
+    let varlink = Path::new(MACHINED_VARLINK).exists();
+    let mut r = Reconciler {
+        conn,
+        manager,
+        engine,
+        runtime_dir,
+        varlink,
+        control: varlink,
+        servers: HashMap::new(),
+        warned: HashSet::new(),
+        failed: HashSet::new(),
+    };
     r.all().await;
     loop {
         // A VM whose last attempt failed is tried again after a while, even if nothing changes.
@@ -159,6 +273,13 @@ struct Reconciler {
     conn: Connection,
     manager: MachineManagerProxy<'static>,
     engine: Arc<Engine>,
+    runtime_dir: PathBuf,
+    /// Machines are registered over machined's varlink socket (it has one, with `Register`).
+    varlink: bool,
+    /// Machines get a `controlAddress` (machined takes one; true until it refuses one).
+    control: bool,
+    /// The `io.systemd.MachineInstance` servers of registered VMs.
+    servers: HashMap<String, InstanceServer>,
     /// VMs already warned about (once each until they succeed).
     warned: HashSet<String>,
     /// VMs whose last attempt failed, to be tried again.
@@ -239,12 +360,15 @@ impl Reconciler {
         }
     }
 
-    async fn register(&self, name: &str, leader: u32, ifindices: &[i32]) -> Result<(), String> {
+    async fn register(&mut self, name: &str, leader: u32, ifindices: &[i32]) -> Result<(), String> {
         // machined takes the leader's unit for the machine's, and stops that unit when it drops
         // the machine (`machinectl terminate` too): a VMM left in cprd.service is never a leader.
         if !in_own_scope(leader) {
             return Err(format!("VMM pid {leader} of VM {name} is not in a scope of its own: not registered"));
         }
+        // The control socket is served before machined hears of it, and also for a machine a
+        // previous cprd registered (its address is the same).
+        let control = if self.control { Some(self.serve(name)?) } else { None };
         match self.registered(name).await? {
             Registered::Ours(now) if now == leader => return Ok(()),
             Registered::Ours(_) => self.drop_machine(name).await?,
@@ -253,20 +377,70 @@ impl Reconciler {
             }
             Registered::Nothing => {}
         }
-        self.manager
-            .register_machine_with_network(name, &[], SERVICE, CLASS, leader, "", ifindices)
-            .await
-            .map_err(|e| format!("cannot register VM {name} (leader {leader}): {e}"))?;
-        tracing::info!(CPRD_VM = name, "VM {name} registered with systemd-machined, leader {leader}");
+        let mut outcome = VarlinkRegistration::NoRegister;
+        if self.varlink {
+            outcome = register_over_varlink(name, leader, ifindices, control.as_deref()).await;
+            if let VarlinkRegistration::NoControlAddress = outcome {
+                tracing::info!(
+                    "systemd-machined takes no controlAddress (systemd < 261): machinectl's verbs do not reach cprd"
+                );
+                self.control = false;
+                self.stop_servers();
+                outcome = register_over_varlink(name, leader, ifindices, None).await;
+            }
+        }
+        let how = match outcome {
+            VarlinkRegistration::Done if self.control => "over varlink, with a control socket",
+            VarlinkRegistration::Done => "over varlink",
+            VarlinkRegistration::NoControlAddress => return Err("machined refused the registration".into()),
+            VarlinkRegistration::Failed(why) => {
+                return Err(format!("cannot register VM {name} (leader {leader}): {why}"));
+            }
+            VarlinkRegistration::NoRegister => {
+                if self.varlink {
+                    self.varlink = false;
+                    self.control = false;
+                    self.stop_servers();
+                }
+                self.manager
+                    .register_machine_with_network(name, &[], SERVICE, CLASS, leader, "", ifindices)
+                    .await
+                    .map_err(|e| format!("cannot register VM {name} (leader {leader}): {e}"))?;
+                "over D-Bus"
+            }
+        };
+        tracing::info!(CPRD_VM = name, "VM {name} registered with systemd-machined {how}, leader {leader}");
         Ok(())
     }
 
-    async fn unregister(&self, name: &str) -> Result<(), String> {
+    /// Serves VM `name`'s `io.systemd.MachineInstance` socket (if it is not yet); its path.
+    fn serve(&mut self, name: &str) -> Result<PathBuf, String> {
+        if let Some(server) = self.servers.get(name) {
+            return Ok(server.path().to_path_buf());
+        }
+        let path = socket_path(&self.runtime_dir, name);
+        let server = InstanceServer::start(Arc::clone(&self.engine), self.conn.clone(), name, path.clone())
+            .map_err(|e| format!("cannot serve {}: {e}", path.display()))?;
+        self.servers.insert(name.to_string(), server);
+        Ok(path)
+    }
+
+    async fn unregister(&mut self, name: &str) -> Result<(), String> {
         if let Registered::Ours(_) = self.registered(name).await? {
             self.drop_machine(name).await?;
             tracing::info!(CPRD_VM = name, "VM {name} unregistered from systemd-machined");
         }
+        if let Some(server) = self.servers.remove(name) {
+            stop_server(server);
+        }
         Ok(())
+    }
+
+    /// Stops every control socket's server (machined takes no control address after all).
+    fn stop_servers(&mut self) {
+        for (_, server) in self.servers.drain() {
+            stop_server(server);
+        }
     }
 
     async fn drop_machine(&self, name: &str) -> Result<(), String> {
@@ -277,6 +451,12 @@ impl Reconciler {
             Err(e) => Err(format!("cannot unregister machine {name}: {e}")),
         }
     }
+}
+
+/// Stops a control socket's server from a thread of its own: it may be answering the call that
+/// stopped the VM, and is given a moment to.
+fn stop_server(server: InstanceServer) {
+    drop(tokio::task::spawn_blocking(move || drop(server)));
 }
 
 /// Whether a property read failed because the machine's object is gone.

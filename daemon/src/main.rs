@@ -50,6 +50,15 @@ async fn run(
     mut stored: std::collections::HashMap<String, std::os::fd::OwnedFd>,
     reexeced: bool,
 ) -> Result<(), String> {
+    // The signal handlers come first. SIGHUP's default action ends the process: a `systemctl
+    // reload` during start-up would have killed cprd; and systemd >= 262 refuses a notify-reload
+    // service whose main process has no SIGHUP handler when it says READY=1 (it checks, and
+    // cprd once set its handlers up only after that).
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
     let vendor = Some(cli.vendor_config_dir.clone());
     let engine =
         engine::Engine::new(vendor, cli.config_dir.clone(), cli.runtime_dir.clone()).map_err(|e| e.to_string())?;
@@ -84,7 +93,7 @@ async fn run(
         tokio::task::spawn_blocking(move || e.autostart()).await.map_err(|e| e.to_string())?;
     }
     // Registered with machined once every VM has been taken back, and after each change.
-    tokio::spawn(machined::run(conn.clone(), Arc::clone(&engine)));
+    tokio::spawn(machined::run(conn.clone(), Arc::clone(&engine), cli.runtime_dir.clone()));
     if reexeced {
         // Re-executed in the middle of a reload: finish it; that says READY=1.
         tracing::info!("cprd {} re-executed; finishing the reload", VERSION);
@@ -103,11 +112,6 @@ async fn run(
             }
         });
     }
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
     let lost = bus_lost(&conn);
     tokio::pin!(lost);
     loop {

@@ -78,10 +78,13 @@ impl Container {
         Self::boot_with("254", vms, &[])
     }
 
-    /// [`Container::boot`] with systemd `sd_version` ("254" or "252") and extra files from the
-    /// repository installed (repo-relative source, absolute destination).
+    /// [`Container::boot`] with systemd `sd_version` ("254" or "252" over Debian 12, "262" over
+    /// Debian sid: that one runs only on a unified cgroup hierarchy, which nspawn sets up for it
+    /// with `SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`) and extra files from the repository installed
+    /// (repo-relative source, absolute destination).
     pub fn boot_with(sd_version: &str, vms: &[(&str, &str)], extra: &[(&str, &str)]) -> Self {
-        let (dir, root) = unpack(&[("SD_VERSION", sd_version)]);
+        let sid = sd_version == "262";
+        let (dir, root) = if sid { unpack(&[("DIST", "sid")]) } else { unpack(&[("SD_VERSION", sd_version)]) };
         install(&root, &bin("cprd"), "/usr/libexec/cprd/cprd", 0o755);
         install(&root, &bin("cpr-vmm"), "/usr/libexec/cprd/cpr-vmm", 0o755);
         install(&root, &bin("cprctl"), "/usr/bin/cprctl", 0o755);
@@ -109,7 +112,11 @@ impl Container {
         for (name, body) in vms {
             write(&root, &format!("/etc/cprd/vms/{name}.toml"), body);
         }
-        Self::start(dir, root, &[])
+        if sid {
+            Self::start_in(dir, root, &[], &[("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")])
+        } else {
+            Self::start(dir, root, &[])
+        }
     }
 
     /// Boots a container with systemd 254 and QEMU >= 10.0 and nothing of cprd's: for
@@ -131,6 +138,11 @@ impl Container {
     }
 
     fn start(dir: tempfile::TempDir, root: PathBuf, extra_args: &[String]) -> Self {
+        Self::start_in(dir, root, extra_args, &[])
+    }
+
+    /// [`Container::start`] with `env` set for `systemd-nspawn`.
+    fn start_in(dir: tempfile::TempDir, root: PathBuf, extra_args: &[String], env: &[(&str, &str)]) -> Self {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let name = format!("cprd{}x{}", std::process::id(), COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
         let log = std::fs::File::create(dir.path().join("nspawn.log")).expect("log");
@@ -139,6 +151,7 @@ impl Container {
             .arg(&root)
             .args(["-b", "-M", &name, "--register=no", "--keep-unit", "--console=pipe", "--bind=/dev/kvm"])
             .args(extra_args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

@@ -389,6 +389,97 @@ fn machinectl_lists_cprd_vms_across_upgrades_and_restarts_and_not_after_stop() {
     );
 }
 
+/// cprd's state of `vm` (`cprctl --json status`).
+fn state(c: &Container, vm: &str) -> String {
+    c.status(vm)["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// Under systemd 262 (Debian sid) machined has the VMs' control sockets (`controlAddress`), so
+/// `machinectl pause|resume|poweroff|terminate NAME` act on cprd's VMs through cprd, also after
+/// an upgrade gave the guest a new VMM, and only for callers cprd authorizes; `Describe` says
+/// what `GetVM`'s state says.
+#[test]
+fn machinectl_verbs_reach_cprd_through_machined_under_systemd_262() {
+    require_kvm();
+    let vms = [("v1", "memory = \"64M\"\n"), ("v2", "memory = \"64M\"\n")];
+    let c = Container::boot_with("262", &vms, &[]);
+    assert!(c.sh("systemctl --version").starts_with("systemd 262"), "{}", c.sh("systemctl --version"));
+    let started = c.exec(&["sh", "-c", "systemctl start cprd && cprctl start v1 && cprctl start v2"]);
+    assert!(
+        started.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&started.stderr),
+        c.sh("journalctl -b --no-pager | tail -40")
+    );
+    let registered = |vm: &str| {
+        let mut seen = None;
+        let ok = cpr_tests::wait_until(std::time::Duration::from_secs(10), || {
+            let (pid, generation) = pid_and_generation(&c, vm);
+            seen = machine(&c, vm);
+            seen == cprd_machine(vm, pid, generation)
+        });
+        assert!(ok, "{vm}: machinectl shows {seen:?}\n{}", c.journal());
+    };
+    registered("v1");
+    registered("v2");
+    // machined has the control socket cprd serves for the VM.
+    let listed =
+        c.sh("varlinkctl call /run/systemd/machine/io.systemd.Machine io.systemd.Machine.List '{\"name\":\"v1\"}'");
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("List's JSON");
+    assert_eq!(listed["controlAddress"], "/run/cprd/machine/v1.varlink", "{listed}");
+    let describe = || -> serde_json::Value {
+        let out = c.sh("varlinkctl call /run/cprd/machine/v1.varlink io.systemd.MachineInstance.Describe '{}'");
+        serde_json::from_str(&out).expect("Describe's JSON")
+    };
+    assert_eq!(describe(), serde_json::json!({"running": true, "status": "running"}));
+    // An upgrade gives the guest a new VMM: the machine follows it and the verbs still reach it.
+    c.sh("cprctl upgrade v1");
+    registered("v1");
+    c.sh("machinectl pause v1");
+    assert_eq!(state(&c, "v1"), "paused");
+    assert_eq!(describe(), serde_json::json!({"running": false, "status": "paused"}));
+    let console = || cpr_testguest::Heartbeat::all_in(&c.sh("cat /run/cprd/vms/v1.console")).len();
+    let beats = console();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(console(), beats, "a paused guest sends no heartbeats");
+    // Not anyone's to change: a user outside group cprd is refused by cprd, and nothing changes.
+    let refused = c.exec(&["runuser", "-u", "nobody", "--", "machinectl", "resume", "v1"]);
+    assert!(!refused.status.success(), "nobody resumed v1: {}", String::from_utf8_lossy(&refused.stdout));
+    assert_eq!(state(&c, "v1"), "paused", "{}", String::from_utf8_lossy(&refused.stderr));
+    // The socket is in /run/cprd (root and group cprd, as the bus policy allows changes), and
+    // cprd checks the caller itself too: a process of uid nobody that reaches it through gid
+    // cprd alone is refused by cprd, and may still read.
+    let socket = "/run/cprd/machine/v1.varlink";
+    let as_nobody_in_cprd = |method: &str| {
+        let call = format!(
+            "setpriv --reuid=nobody --regid=cprd --clear-groups varlinkctl call {socket} io.systemd.MachineInstance.{method} '{{}}'"
+        );
+        c.exec(&["sh", "-c", &call])
+    };
+    let direct = as_nobody_in_cprd("Resume");
+    let said = String::from_utf8_lossy(&direct.stderr).into_owned() + &String::from_utf8_lossy(&direct.stdout);
+    assert!(!direct.status.success() && said.contains("may not change VMs"), "{said}");
+    assert_eq!(state(&c, "v1"), "paused");
+    let read = as_nobody_in_cprd("Describe");
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    c.sh("machinectl resume v1");
+    assert_eq!(state(&c, "v1"), "running");
+    heartbeats_ok(&c, "v1");
+    // poweroff asks the VMM to stop; terminate kills it. Both leave the VMs stopped, unlisted.
+    c.sh("machinectl poweroff v1");
+    c.sh("machinectl terminate v2");
+    for vm in ["v1", "v2"] {
+        let stopped = cpr_tests::wait_until(std::time::Duration::from_secs(10), || {
+            state(&c, vm) == "stopped" && machine(&c, vm).is_none()
+        });
+        assert!(stopped, "{vm} is {} as machine {:?}\n{}", state(&c, vm), machine(&c, vm), c.journal());
+    }
+    let journal = c.full_journal();
+    assert!(journal.contains("asks VM v1 to Stop { force: false }"), "{journal}");
+    assert!(journal.contains("asks VM v2 to Stop { force: true }"), "{journal}");
+    assert!(!journal.contains("systemd-machined:"), "no warning: {journal}");
+}
+
 /// The unit's exposure as `systemd-analyze security` rates it (offline, this host's systemd):
 /// at most 5.0 ("OK"). Every systemd test above runs cprd under this very unit.
 #[test]
