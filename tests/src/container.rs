@@ -137,6 +137,23 @@ impl Container {
         Self::start(dir, root, &args)
     }
 
+    /// Boots a host of the Ansible rollout's fleet: systemd 254 with sshd, which lets root in by
+    /// `authorized_key` on 127.0.0.1:`ssh_port` of the network namespace at `netns` (the
+    /// container joins it), Python for Ansible's modules, nothing of cprd's. `binds` as for
+    /// [`Container::boot_for_packages`].
+    pub fn boot_fleet_host(netns: &Path, ssh_port: u16, authorized_key: &str, binds: &[&Path]) -> Self {
+        let (dir, root) = unpack(&[("FLEET", "1")]);
+        write(
+            &root,
+            "/etc/ssh/sshd_config.d/cprd-test.conf",
+            &format!("Port {ssh_port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\n"),
+        );
+        write(&root, "/root/.ssh/authorized_keys", authorized_key);
+        let mut args: Vec<String> = binds.iter().map(|p| format!("--bind-ro={}", p.display())).collect();
+        args.push(format!("--network-namespace-path={}", netns.display()));
+        Self::start(dir, root, &args)
+    }
+
     fn start(dir: tempfile::TempDir, root: PathBuf, extra_args: &[String]) -> Self {
         Self::start_in(dir, root, extra_args, &[])
     }
