@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use clap::Parser;
+
+mod floor;
 use cpr_bench::{Summary, summarize, tsc_ticks_per_us};
 use cpr_tests::{Chain, wait_until};
 
@@ -14,6 +16,12 @@ struct Args {
     /// Handoffs per configuration.
     #[arg(long, default_value_t = 100)]
     handoffs: usize,
+    /// Samples of each part of the floor.
+    #[arg(long, default_value_t = 1000)]
+    floor_samples: usize,
+    /// Instead: only the floor, its parts and the pre-fault path of this host.
+    #[arg(long)]
+    floor: bool,
     /// RAM sizes for the downtime table (1 vCPU each).
     #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G,16G")]
     ram: Vec<String>,
@@ -700,6 +708,52 @@ fn ioctl_floor() -> (f64, f64) {
     )
 }
 
+/// Prints how the new side pre-faults guest RAM on this host (probed on a throwaway VM).
+fn print_prefault_path() {
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let why = if cpr_vmm::prefault::offered(&kvm) {
+        "KVM offers KVM_PRE_FAULT_MEMORY"
+    } else {
+        "KVM does not offer KVM_PRE_FAULT_MEMORY: a TDP MMU (hardware-assisted KVM) has it, kvm_pvm does not"
+    };
+    println!("the new side pre-faults with {} on this host ({why})", cpr_vmm::prefault::probe(&kvm).name());
+}
+
+/// Prints the floor of this run, its parts and the ioctls one by one.
+fn print_floor(floor: &floor::Floor) {
+    println!(
+        "floor (1 vCPU, this run, medians): {:.0} us = save_vm {:.1} + save_vcpu {:.1} + restore_vm {:.1} + \
+         restore_vcpu {:.1} + SEQPACKET round trip {:.1} + stream round trip {:.1} + wake of a parked thread {:.1}",
+        floor.total(),
+        floor.save_vm,
+        floor.save_vcpu,
+        floor.restore_vm,
+        floor.restore_vcpu,
+        floor.seqpacket,
+        floor.stream,
+        floor.wake
+    );
+    let parts: Vec<String> = floor.ioctls.iter().map(|(name, us)| format!("{name} {us:.1}")).collect();
+    println!("ioctls one by one on the live vCPU (median us): {}", parts.join(", "));
+}
+
+/// Prints each configuration's downtime as a ratio to the floor and to the 1-vCPU median of
+/// the same RAM size.
+fn print_ratios(measured: &[(String, String, Summary)], floor: f64) {
+    println!();
+    println!("| RAM | vCPUs | median / floor | p99 / floor | median / 1-vCPU median (same RAM) |");
+    println!("|---|---|---|---|---|");
+    for (ram, vcpus, host) in measured {
+        let one = measured.iter().find(|(r, v, _)| r == ram && v == "1").map_or(f64::NAN, |(_, _, s)| s.median);
+        println!(
+            "| {ram} | {vcpus} | {:.2} | {:.2} | {:.2} |",
+            host.median / floor,
+            host.p99 / floor,
+            host.median / one
+        );
+    }
+}
+
 /// Runs `n` handoffs and returns (host downtimes µs, guest-seen gaps µs).
 fn downtime(ram: &str, vcpus: &str, n: usize, tpu: f64) -> (Summary, Summary) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1045,6 +1099,13 @@ fn main() {
     let (vcpu_us, sys_us) = ioctl_floor();
     println!("ioctl cost: one vCPU ioctl (KVM_GET_REGS) median {vcpu_us:.2} us, one system ioctl {sys_us:.2} us");
     println!();
+    let floor = floor::measure(args.floor_samples);
+    print_floor(&floor);
+    println!();
+    if args.floor {
+        print_prefault_path();
+        return;
+    }
     println!(
         "downtime = host CLOCK_MONOTONIC, pause request in the old process -> vCPUs released into KVM_RUN in the new one"
     );
@@ -1057,6 +1118,7 @@ fn main() {
     let mut rows: Vec<(String, String)> = args.ram.iter().map(|r| (r.clone(), "1".to_string())).collect();
     rows.extend(args.vcpus.iter().filter(|v| *v != "1").map(|v| ("1G".to_string(), v.clone())));
     let mut medians = Vec::new();
+    let mut measured = Vec::new();
     for (ram, vcpus) in rows {
         let (host, guest) = downtime(&ram, &vcpus, args.handoffs, tpu);
         if vcpus == "1" {
@@ -1066,12 +1128,15 @@ fn main() {
             "| {ram} | {vcpus} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             host.n, host.min, host.median, host.p99, host.max, guest.median, guest.p99, guest.max
         );
+        measured.push((ram, vcpus, host));
     }
     if let (Some(first), Some(last)) = (medians.first(), medians.last()) {
         println!();
         println!("flatness: median downtime {} / {} = {:.2}", last.0, first.0, last.1 / first.1);
     }
+    print_ratios(&measured, floor.total());
     println!();
+    print_prefault_path();
     println!("| RAM | new side pre-faults | steady sweep ms | extra after resume ms | per re-touched page us |");
     println!("|---|---|---|---|---|");
     for ram in &args.touch_ram {
