@@ -111,6 +111,18 @@ impl GuestRam {
         self.bytes
     }
 
+    /// The guest-physical (start, length) ranges whose pages the memfd holds: what
+    /// [`GuestRam::prefault`] faults in, in guest addresses.
+    pub fn data_guest_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for range in ram_ranges(self.bytes) {
+            for (start, end) in data_extents(&self.file, range.file_offset, range.file_offset + range.len)? {
+                out.push((range.guest_addr + (start - range.file_offset), end - start));
+            }
+        }
+        Ok(out)
+    }
+
     /// Faults in, writable, the pages the memfd already holds, and only those: ranges found with
     /// `SEEK_DATA`/`SEEK_HOLE`, then `MADV_POPULATE_WRITE` on our mapping of them. Holes stay holes,
     /// so pre-faulting never makes the guest bigger. Returns the bytes populated.
@@ -138,6 +150,33 @@ impl GuestRam {
         }
         Ok(populated)
     }
+}
+
+/// Gives `vm` the RAM of `ram` as its memory slots, one per [`ram_ranges`] range.
+///
+/// # Safety
+///
+/// `ram`'s mapping must outlive `vm`: KVM keeps the host addresses.
+pub unsafe fn register_slots(vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<()> {
+    use vm_memory::GuestMemoryBackend;
+    for (slot, range) in ram_ranges(ram.bytes()).iter().enumerate() {
+        let host = ram
+            .mem()
+            .get_host_address(vm_memory::GuestAddress(range.guest_addr))
+            .map_err(|e| VmmError::Memory(format!("guest RAM not mapped: {e}")))?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: u32::try_from(slot).unwrap_or(0),
+            guest_phys_addr: range.guest_addr,
+            memory_size: range.len,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is backed by `ram`'s mapping, which the caller keeps alive as long
+        // as `vm`.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| VmmError::Memory(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The [start, end) byte ranges of `file` within [from, to) that hold data.

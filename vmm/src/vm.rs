@@ -7,11 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region,
-};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_cpuid_entry2, kvm_pit_config};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use cpr_proto::control::TestGuestStatus;
@@ -19,7 +17,7 @@ use cpr_proto::state::GuestKind;
 
 use crate::devices::{COM1_IRQ, Devices, IrqLine, lock};
 use crate::error::{Result, VmmError, kvm};
-use crate::memory::{GuestRam, ram_ranges};
+use crate::memory::GuestRam;
 use crate::persist::{HostCaps, probe};
 use crate::vcpu::{Coordinator, install_kick_handler, vcpu_thread};
 
@@ -64,6 +62,8 @@ pub struct VmCore {
     pub devices: Devices,
     /// Pause/resume of the vCPU threads.
     pub coord: Coordinator,
+    /// A handoff's per-vCPU save and restore, done by each vCPU's thread.
+    pub work: crate::percpu::VcpuWork,
     /// The CPUID every vCPU got (before per-vCPU APIC id patching).
     pub base_cpuid: Vec<kvm_cpuid_entry2>,
     /// What kind of guest runs.
@@ -160,23 +160,8 @@ impl VmCore {
         vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
         vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(kvm("KVM_CREATE_PIT2"))?;
-        for (slot, range) in ram_ranges(parts.ram.bytes()).iter().enumerate() {
-            let host = parts
-                .ram
-                .mem()
-                .get_host_address(GuestAddress(range.guest_addr))
-                .map_err(|e| VmmError::Memory(format!("guest RAM not mapped: {e}")))?;
-            let region = kvm_userspace_memory_region {
-                slot: u32::try_from(slot).unwrap_or(0),
-                guest_phys_addr: range.guest_addr,
-                memory_size: range.len,
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is backed by `parts.ram`'s mapping, which lives in the VmCore
-            // for as long as the VM does.
-            unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        // SAFETY: `parts.ram` moves into the VmCore with `vm`, and lives as long as it.
+        unsafe { crate::memory::register_slots(&vm, &parts.ram) }?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Internal(format!("eventfd: {e}")))?;
         vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm("KVM_IRQFD"))?;
 
@@ -210,6 +195,7 @@ impl VmCore {
             vm,
             ram: parts.ram,
             coord: Coordinator::new(parts.vcpus),
+            work: crate::percpu::VcpuWork::new(parts.vcpus),
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             caps,
             devices,
