@@ -22,6 +22,13 @@ struct Args {
     /// Instead: only the floor, its parts and the pre-fault path of this host.
     #[arg(long)]
     floor: bool,
+    /// Instead: the network's view of a QEMU upgrade: the longest gap in a steady stream of
+    /// small TCP messages echoed by the guest, per RAM size (--gap-ram), --hops upgrades each.
+    #[arg(long)]
+    network_gap: bool,
+    /// RAM sizes for --network-gap.
+    #[arg(long, value_delimiter = ',', default_value = "256M,4G")]
+    gap_ram: Vec<String>,
     /// RAM sizes for the downtime table (1 vCPU each).
     #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G,16G")]
     ram: Vec<String>,
@@ -708,6 +715,127 @@ fn ioctl_floor() -> (f64, f64) {
     )
 }
 
+/// One upgrade seen from the network: the longest gap between two echoes around it (ms), cprd's
+/// STOP -> RESUME (µs) and QEMU's own downtime figure (ms).
+type NetworkHop = (f64, f64, f64);
+
+/// `hops` cprd-driven upgrades of a QEMU probe guest with `ram` whose e1000 sits on a tap in a
+/// network namespace made for it, while a client in that namespace sends a small message every
+/// millisecond to the guest's TCP echo server (10.0.2.15:7) and notes when each echo comes back.
+fn network_hops(ram: &str, hops: usize) -> Vec<NetworkHop> {
+    use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, write_config};
+    use std::io::{BufRead, Write};
+    let ns = cpr_tests::linux_guest::NetNs::create("gap");
+    let nic = format!("[[nic]]\ntap = \"cprgap0\"\nnetns = {:?}\nmodel = \"e1000\"\n", ns.path().display().to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &["/usr/bin/qemu-system-*"]);
+    define_vm(&config, "q", &cpr_tests::linux_guest::vm_definition(ram, &nic));
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let out = cprd.cprctl(&["start", "q"]);
+    assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "cprgap0"]) && ns.ip(&["link", "set", "cprgap0", "up"]));
+    let console = cprd.runtime_dir.join("vms/q.console");
+    let listening = wait_until(Duration::from_secs(120), || {
+        std::fs::read_to_string(&console).is_ok_and(|t| t.contains("ECHO listening"))
+    });
+    assert!(listening, "the guest's echo server did not start");
+    let stream = ns.run(|| {
+        for _ in 0..100 {
+            if let Ok(c) =
+                std::net::TcpStream::connect_timeout(&"10.0.2.15:7".parse().expect("addr"), Duration::from_secs(2))
+            {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("cannot connect to the guest's echo server");
+    });
+    stream.set_nodelay(true).expect("TCP_NODELAY");
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::time::Instant>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stream, arrivals) = (stream.try_clone().expect("clone"), std::sync::Arc::clone(&arrivals));
+        std::thread::spawn(move || {
+            for _ in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                arrivals.lock().expect("lock").push(std::time::Instant::now());
+            }
+        })
+    };
+    let writer = {
+        let (mut stream, stop) = (stream.try_clone().expect("clone"), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if stream.write_all(format!("p {n}\n").as_bytes()).is_err() {
+                    break;
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || arrivals.lock().expect("lock").len() > 100), "no echoes");
+    let mut hops_seen = Vec::new();
+    for i in 0..hops {
+        std::thread::sleep(Duration::from_millis(300));
+        let from = std::time::Instant::now() - Duration::from_millis(100);
+        let out = cprd.cprctl(&["--json", "upgrade", "q"]);
+        assert!(out.status.success(), "upgrade {i}: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(300));
+        let to = std::time::Instant::now();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let near: Vec<std::time::Instant> =
+            arrivals.lock().expect("lock").iter().copied().filter(|t| *t >= from && *t <= to).collect();
+        let gap = near.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3).fold(0.0, f64::max);
+        let qmp_ms = cprd
+            .log_text()
+            .lines()
+            .filter_map(|l| l.split("QMP downtime ").nth(1))
+            .nth(i)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(f64::NAN);
+        hops_seen.push((gap, v["downtime_usec"].as_f64().unwrap_or(f64::NAN), qmp_ms));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = writer.join();
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = reader.join();
+    let _ = cprd.cprctl(&["stop", "q"]);
+    kill_vmms(&cprd.runtime_dir);
+    hops_seen
+}
+
+/// `--network-gap`: per RAM size, the network's longest gap around each upgrade, next to cprd's
+/// STOP -> RESUME and QEMU's own downtime.
+fn network_gap_bench(args: &Args) {
+    println!(
+        "network gap = longest time between two echoes of a message sent every 1 ms (TCP, from the tap's network namespace), from 100 ms before the upgrade to 300 ms after it returned"
+    );
+    println!();
+    println!(
+        "| RAM | upgrades | network gap median ms | max ms | cprd STOP->RESUME median ms | QEMU downtime median ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for ram in &args.gap_ram {
+        let hops = network_hops(ram, args.hops);
+        let gap = summarize(&hops.iter().map(|h| h.0).collect::<Vec<_>>());
+        let stop_resume = summarize(&hops.iter().map(|h| h.1 / 1e3).collect::<Vec<_>>());
+        let qemu = summarize(&hops.iter().map(|h| h.2).collect::<Vec<_>>());
+        println!(
+            "| {ram} | {} | {:.1} | {:.1} | {:.2} | {:.1} |",
+            gap.n, gap.median, gap.max, stop_resume.median, qemu.median
+        );
+    }
+    println!();
+    println!(
+        "command: target/release/cpr-bench --network-gap --gap-ram {} --hops {}",
+        args.gap_ram.join(","),
+        args.hops
+    );
+}
+
 /// Prints how the new side pre-faults guest RAM on this host (probed on a throwaway VM).
 fn print_prefault_path() {
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
@@ -1068,6 +1196,12 @@ fn main() {
         print_title("Linux guests on hardware-style KVM: cpr-vmm vs QEMU accel=kvm");
         println!();
         linux_bench(&args);
+        return;
+    }
+    if args.network_gap {
+        print_title("The network's view of a QEMU upgrade (TCG guest, e1000 on a tap in a network namespace)");
+        println!();
+        network_gap_bench(&args);
         return;
     }
     if args.qemu {
