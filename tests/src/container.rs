@@ -238,15 +238,20 @@ impl Container {
         String::from_utf8_lossy(&self.exec(&["journalctl", "-u", "cprd", "--no-pager"]).stdout).into_owned()
     }
 
-    /// Runs a shell command line inside the container and returns its stdout; panics on failure.
+    /// Runs a shell command line inside the container and returns its stdout; panics on failure,
+    /// with the end of the container's journal (a failure once came with no clue but "the
+    /// control process exited with error code").
     pub fn sh(&self, line: &str) -> String {
         let o = self.exec(&["sh", "-c", line]);
-        assert!(
-            o.status.success(),
-            "`{line}` failed: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        if !o.status.success() {
+            let journal = self.exec(&["journalctl", "-b", "--no-pager", "-n", "60"]);
+            panic!(
+                "`{line}` failed: {}\n{}\nthe container's journal:\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr),
+                String::from_utf8_lossy(&journal.stdout)
+            );
+        }
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 }
