@@ -65,19 +65,13 @@ pub struct SavedState {
     timing: Timing,
 }
 
-/// Reads the whole guest state. All vCPUs must be parked. A vCPU's state is the one its thread
-/// saved as it parked for this switchover ([`crate::percpu`]); a vCPU that saved none (parked
-/// before the switchover asked) is read here.
+/// Reads the whole guest state. All vCPUs must be parked.
 pub fn save(core: &VmCore, timing: Timing) -> Result<SavedState> {
     let vm = persist::save_vm(&core.vm)?;
-    let mut saved = core.work.take_saved();
     let mut vcpus = Vec::with_capacity(core.vcpus.len());
     for (index, vcpu) in core.vcpus.iter().enumerate() {
-        match saved.get_mut(index).and_then(Option::take) {
-            Some(Ok(state)) => vcpus.push(state),
-            Some(Err(e)) => return Err(VmmError::Internal(format!("vCPU {index}: {e}"))),
-            None => vcpus.push(persist::save_vcpu(&lock(vcpu), u8::try_from(index).unwrap_or(0), &core.caps)?),
-        }
+        let fd = lock(vcpu);
+        vcpus.push(persist::save_vcpu(&fd, u8::try_from(index).unwrap_or(0), &core.caps)?);
     }
     let (serial, i8042) = core.devices.save();
     let machine = MachineState {
@@ -268,7 +262,6 @@ fn run_outgoing(vmm: &Vmm, params: &MigrateParams, cpr: OwnedFd, main: OwnedFd, 
     let pause_requested_ns = monotonic_ns();
     if was == RunState::Running {
         *lock(&core.switchover) = Some(Box::new(move |c: &VmCore| job(pause_requested_ns, c)));
-        core.work.save_at_next_park();
         core.coord.request_pause();
     } else {
         job(pause_requested_ns, core);
@@ -361,12 +354,8 @@ pub fn prepare_incoming(
     }
     let vmm = crate::control::Vmm::new(Arc::clone(&core), RunState::Incoming);
     let job_vmm = Arc::clone(&vmm);
-    // vCPUs 1.. wait for their states before they first park.
-    core.work.expect_restore();
     *lock(&core.incoming) = Some(Box::new(move |c: &VmCore| {
         if let Err(e) = restore_incoming(c, &job_vmm, &commit, main, dump_state.as_deref()) {
-            // No state comes to the vCPUs still waiting for one.
-            c.work.abandon();
             if matches!(e, VmmError::StateRejected(_)) {
                 let _ = wire::send(commit.as_fd(), &ToArbiter::Rejected { reason: e.to_string() }, &[]);
             }
@@ -416,21 +405,13 @@ fn restore_incoming(
         )));
     }
     fault::stall_point("after-state");
-    // vCPUs 1.. restore their own states on their threads while this one does the VM-wide
-    // parts and vCPU 0 (crate::percpu says why the order is free).
-    let mut states = decoded.vcpus.into_iter();
-    let first = states.next().ok_or_else(|| VmmError::StateRejected("the state has no vCPU".into()))?;
-    core.work.post_restore(states.enumerate().map(|(k, s)| (k + 1, s)));
     persist::restore_vm(&core.vm, &decoded.vm)?;
     core.devices.load(&decoded.serial, &decoded.i8042).map_err(VmmError::Restore)?;
     fault::stall_point("during-restore");
-    let mut restored =
-        vec![(0, persist::restore_vcpu(&mut lock(&core.vcpus[0]), &first, &core.caps).map_err(|e| e.to_string()))];
-    restored.extend(core.work.wait_restored(1, core.vcpus.len()));
-    for (index, result) in restored {
-        let skipped = result.map_err(|e| VmmError::Restore(format!("vCPU {index}: {e}")))?;
+    for (vcpu, s) in core.vcpus.iter().zip(&decoded.vcpus) {
+        let skipped = persist::restore_vcpu(&mut lock(vcpu), s, &core.caps)?;
         if !skipped.is_empty() {
-            eprintln!("cpr-vmm: vCPU {index}: the host refused MSRs {skipped:x?}; continuing without them");
+            eprintln!("cpr-vmm: vCPU {}: the host refused MSRs {skipped:x?}; continuing without them", s.index);
         }
     }
     core.generation.store(decoded.machine.generation, std::sync::atomic::Ordering::SeqCst);

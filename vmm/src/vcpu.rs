@@ -182,10 +182,6 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
         if let Some(job) = job {
             job(core);
         }
-    } else if let Some(state) = core.work.wait_restore(i) {
-        // A new side's vCPU restores its own state, at the same time as the others.
-        let restored = crate::persist::restore_vcpu(&mut lock(&core.vcpus[i]), &state, &core.caps);
-        core.work.put_restored(i, restored.map_err(|e| e.to_string()));
     }
     let mut first_run = true;
     while core.coord.park(i) {
@@ -202,11 +198,6 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
         fd.set_kvm_immediate_exit(1);
         let _ = fd.run();
         fd.set_kvm_immediate_exit(0);
-        // A switchover's pause: this vCPU saves its own state now, at the same time as the
-        // others (it is stopped for good until a resume, which a save does not change).
-        if core.work.saving() {
-            core.work.put_saved(i, crate::persist::save_vcpu(&fd, index, &core.caps).map_err(|e| e.to_string()));
-        }
         fd.get_kvm_run().kvm_valid_regs = 0;
         drop(fd);
         if !keep_going {

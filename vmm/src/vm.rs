@@ -62,8 +62,6 @@ pub struct VmCore {
     pub devices: Devices,
     /// Pause/resume of the vCPU threads.
     pub coord: Coordinator,
-    /// A handoff's per-vCPU save and restore, done by each vCPU's thread.
-    pub work: crate::percpu::VcpuWork,
     /// The CPUID every vCPU got (before per-vCPU APIC id patching).
     pub base_cpuid: Vec<kvm_cpuid_entry2>,
     /// What kind of guest runs.
@@ -195,7 +193,6 @@ impl VmCore {
             vm,
             ram: parts.ram,
             coord: Coordinator::new(parts.vcpus),
-            work: crate::percpu::VcpuWork::new(parts.vcpus),
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             caps,
             devices,
