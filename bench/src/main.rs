@@ -716,8 +716,9 @@ fn ioctl_floor() -> (f64, f64) {
 }
 
 /// One upgrade seen from the network: the longest gap between two echoes around it (ms), cprd's
-/// STOP -> RESUME (µs) and QEMU's own downtime figure (ms).
-type NetworkHop = (f64, f64, f64);
+/// STOP -> RESUME (µs), QEMU's own downtime figure (ms), and the longest gap in a window as long
+/// with no upgrade, just before it (ms): the stream's own jitter, the control.
+type NetworkHop = (f64, f64, f64, f64);
 
 /// `hops` cprd-driven upgrades of a QEMU probe guest with `ram` whose e1000 sits on a tap in a
 /// network namespace made for it, while a client in that namespace sends a small message every
@@ -776,8 +777,18 @@ fn network_hops(ram: &str, hops: usize) -> Vec<NetworkHop> {
         })
     };
     assert!(wait_until(Duration::from_secs(10), || arrivals.lock().expect("lock").len() > 100), "no echoes");
+    let longest_gap = |from: std::time::Instant, to: std::time::Instant| {
+        let near: Vec<std::time::Instant> =
+            arrivals.lock().expect("lock").iter().copied().filter(|t| *t >= from && *t <= to).collect();
+        near.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3).fold(0.0, f64::max)
+    };
     let mut hops_seen = Vec::new();
+    let mut window = Duration::from_millis(450);
     for i in 0..hops {
+        // The control: a window as long as the last upgrade's, with no upgrade in it.
+        let quiet_from = std::time::Instant::now();
+        std::thread::sleep(window);
+        let quiet = longest_gap(quiet_from, std::time::Instant::now());
         std::thread::sleep(Duration::from_millis(300));
         let from = std::time::Instant::now() - Duration::from_millis(100);
         let out = cprd.cprctl(&["--json", "upgrade", "q"]);
@@ -785,9 +796,8 @@ fn network_hops(ram: &str, hops: usize) -> Vec<NetworkHop> {
         std::thread::sleep(Duration::from_millis(300));
         let to = std::time::Instant::now();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        let near: Vec<std::time::Instant> =
-            arrivals.lock().expect("lock").iter().copied().filter(|t| *t >= from && *t <= to).collect();
-        let gap = near.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3).fold(0.0, f64::max);
+        window = to.duration_since(from);
+        let gap = longest_gap(from, to);
         let qmp_ms = cprd
             .log_text()
             .lines()
@@ -796,7 +806,7 @@ fn network_hops(ram: &str, hops: usize) -> Vec<NetworkHop> {
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(f64::NAN);
-        hops_seen.push((gap, v["downtime_usec"].as_f64().unwrap_or(f64::NAN), qmp_ms));
+        hops_seen.push((gap, v["downtime_usec"].as_f64().unwrap_or(f64::NAN), qmp_ms, quiet));
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = writer.join();
@@ -813,19 +823,21 @@ fn network_gap_bench(args: &Args) {
     println!(
         "network gap = longest time between two echoes of a message sent every 1 ms (TCP, from the tap's network namespace), from 100 ms before the upgrade to 300 ms after it returned"
     );
+    println!("control = the longest gap in a window as long, with no upgrade in it, just before each upgrade");
     println!();
     println!(
-        "| RAM | upgrades | network gap median ms | max ms | cprd STOP->RESUME median ms | QEMU downtime median ms |"
+        "| RAM | upgrades | network gap median ms | max ms | control median ms | max ms | cprd STOP->RESUME median ms | QEMU downtime median ms |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for ram in &args.gap_ram {
         let hops = network_hops(ram, args.hops);
         let gap = summarize(&hops.iter().map(|h| h.0).collect::<Vec<_>>());
         let stop_resume = summarize(&hops.iter().map(|h| h.1 / 1e3).collect::<Vec<_>>());
         let qemu = summarize(&hops.iter().map(|h| h.2).collect::<Vec<_>>());
+        let quiet = summarize(&hops.iter().map(|h| h.3).collect::<Vec<_>>());
         println!(
-            "| {ram} | {} | {:.1} | {:.1} | {:.2} | {:.1} |",
-            gap.n, gap.median, gap.max, stop_resume.median, qemu.median
+            "| {ram} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |",
+            gap.n, gap.median, gap.max, quiet.median, quiet.max, stop_resume.median, qemu.median
         );
     }
     println!();
