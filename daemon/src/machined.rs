@@ -44,6 +44,10 @@ mod registry {
     pub(super) struct ProcessId {
         /// The pid.
         pub(super) pid: u32,
+        /// The inode of a pidfd of it (pidfs), which machined checks against its own pidfd: a
+        /// leader named this way cannot be a recycled pid.
+        #[serde(rename = "pidfdId", skip_serializing_if = "Option::is_none", default)]
+        pub(super) pidfd_id: Option<u64>,
     }
 
     /// The errors of `io.systemd.Machine` that `Register` may send.
@@ -88,6 +92,14 @@ enum VarlinkRegistration {
     Failed(String),
 }
 
+/// The inode number of a pidfd of `pid` (unique per process on pidfs, Linux >= 6.9), by which
+/// machined's varlink `Register` tells the leader from a process that reused its pid.
+fn pidfd_id(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let pidfd = crate::fdstore::pidfd_open(pid)?;
+    std::fs::File::from(pidfd).metadata().ok().map(|m| m.ino())
+}
+
 /// Registers machine `name` with machined over its varlink socket.
 async fn register_over_varlink(
     name: &str,
@@ -105,7 +117,7 @@ async fn register_over_varlink(
             name,
             Some(SERVICE),
             CLASS,
-            Some(ProcessId { pid: leader }),
+            Some(ProcessId { pid: leader, pidfd_id: pidfd_id(leader) }),
             (!ifindices.is_empty()).then_some(ifindices),
             control,
             Some(false),
