@@ -42,10 +42,44 @@ pub fn listener(stored: &mut HashMap<String, OwnedFd>, runtime_dir: &Path) -> st
 /// for the next instance (the listening socket is systemd's as much as ours).
 pub static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Connections accepted and not yet done, plus one while the accepting thread runs: a stopping
+/// cprd waits for them ([`wait_until_answered`]).
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one unit of [`IN_FLIGHT`] until dropped.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Once [`STOPPING`] is set: waits, at most `limit`, until the accepting thread has stopped and
+/// every connection it accepted has been answered and closed. A connection accepted just before
+/// the stop was otherwise cut when the process exited 20 ms later, unanswered, if its thread had
+/// not run by then (a `cprctl ping` failed across a restart under load: the socket-activation
+/// test, in CI).
+pub fn wait_until_answered(limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 /// Serves the control socket on a thread of its own.
 pub fn serve(engine: Arc<Engine>, listener: OwnedFd) {
     let listener = UnixListener::from(listener);
+    let accepting = InFlight::new();
     let _ = std::thread::Builder::new().name("cprd-control".into()).spawn(move || {
+        let _accepting = accepting;
         loop {
             let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
             let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u16));
@@ -57,7 +91,9 @@ pub fn serve(engine: Arc<Engine>, listener: OwnedFd) {
             }
             let Ok((conn, _)) = listener.accept() else { continue };
             let engine = Arc::clone(&engine);
+            let answering = InFlight::new();
             let _ = std::thread::Builder::new().name("cprd-control-conn".into()).spawn(move || {
+                let _answering = answering;
                 let fd = OwnedFd::from(conn);
                 while let Ok(req) = cpr_proto::wire::recv::<serde_json::Value>(fd.as_fd(), None) {
                     let answer = match req.msg["request"].as_str() {

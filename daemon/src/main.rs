@@ -134,6 +134,8 @@ async fn run(
     control::STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = conn.release_name("org.cprd1").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // What the control socket accepted is answered before the process goes.
+    let _ = tokio::task::spawn_blocking(|| control::wait_until_answered(std::time::Duration::from_secs(2))).await;
     // VMMs run in their own sessions and keep running; the next cprd re-attaches them.
     tracing::info!("cprd stopping; {} keep running", engine.status_line());
     Ok(())
