@@ -131,6 +131,18 @@ fn gaps_around(lines: &Arrivals, before: u64, after: u64) -> (f64, f64) {
     (guest, host)
 }
 
+/// QEMU's own downtime of upgrade `i` (0-based) of `cprd`'s life, in ms, from the `QMP downtime`
+/// line cprd logs for each QEMU upgrade; NaN where there is none.
+fn qmp_downtime_ms(cprd: &cpr_tests::daemon::Cprd, i: usize) -> f64 {
+    cprd.log_text()
+        .lines()
+        .filter_map(|l| l.split("QMP downtime ").nth(1))
+        .nth(i)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// `hops` cprd-driven upgrades (D-Bus) of a QEMU probe guest with `ram`.
 fn cprd_qemu_hops(ram: &str, hops: usize) -> Vec<Hop> {
     use cpr_tests::daemon::{Cprd, PrivateBus, define_vm, kill_vmms, write_config};
@@ -167,14 +179,7 @@ fn cprd_qemu_hops(ram: &str, hops: usize) -> Vec<Hop> {
         let after = lines.lock().expect("lock").last().map_or(0, |l| l.0);
         let (guest_gap_ms, host_gap_ms) = gaps_around(&lines, before, after);
         // cprd logs QEMU's own downtime figure next to the STOP->RESUME it reports on D-Bus.
-        let qmp_ms = cprd
-            .log_text()
-            .lines()
-            .filter_map(|l| l.split("QMP downtime ").nth(1))
-            .nth(i)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(f64::NAN);
+        let qmp_ms = qmp_downtime_ms(&cprd, i);
         result.push(Hop {
             downtime_ms: qmp_ms,
             stop_resume_us: v["downtime_usec"].as_f64().unwrap_or(f64::NAN),
@@ -798,14 +803,7 @@ fn network_hops(ram: &str, hops: usize) -> Vec<NetworkHop> {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         window = to.duration_since(from);
         let gap = longest_gap(from, to);
-        let qmp_ms = cprd
-            .log_text()
-            .lines()
-            .filter_map(|l| l.split("QMP downtime ").nth(1))
-            .nth(i)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(f64::NAN);
+        let qmp_ms = qmp_downtime_ms(&cprd, i);
         hops_seen.push((gap, v["downtime_usec"].as_f64().unwrap_or(f64::NAN), qmp_ms, quiet));
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -220,6 +220,20 @@ impl Container {
         serde_json::from_str(&self.sh(&format!("cprctl --json status {vm}"))).expect("status json")
     }
 
+    /// Checks that the test guests `vms` run on in the container: each prints two more heartbeats
+    /// within 20 s, and its console shows no gap ([`crate::check_heartbeats`]).
+    pub fn guests_continuous(&self, vms: &[&str]) {
+        for vm in vms {
+            let path = self.console(vm);
+            let seq = crate::heartbeats(&path).last().map_or(0, |h| h.seq);
+            let more = crate::wait_until(Duration::from_secs(20), || {
+                crate::heartbeats(&path).last().is_some_and(|h| h.seq > seq + 1)
+            });
+            assert!(more, "{vm}: no new heartbeats");
+            crate::check_heartbeats(&crate::heartbeats(&path)).unwrap_or_else(|e| panic!("{vm}: {e}"));
+        }
+    }
+
     /// The end of cprd's journal, for failure messages.
     pub fn journal(&self) -> String {
         String::from_utf8_lossy(&self.exec(&["journalctl", "-u", "cprd", "--no-pager", "-n", "80"]).stdout).into_owned()

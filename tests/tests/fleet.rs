@@ -6,11 +6,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use cpr_tests::container::{Container, built_package as package};
 use cpr_tests::linux_guest::NetNs;
-use cpr_tests::{check_heartbeats, heartbeats, require_kvm, wait_until};
+use cpr_tests::require_kvm;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -52,16 +51,6 @@ fn fleet_state(c: &Container) -> (String, Vec<u64>) {
         })
         .collect();
     (version, generations)
-}
-
-/// Both guests of `c` run on, with no gap.
-fn guests_continuous(c: &Container) {
-    for vm in ["a", "b"] {
-        let path = c.console(vm);
-        let seq = heartbeats(&path).last().map_or(0, |h| h.seq);
-        assert!(wait_until(Duration::from_secs(20), || heartbeats(&path).last().is_some_and(|h| h.seq > seq + 1)));
-        check_heartbeats(&heartbeats(&path)).unwrap_or_else(|e| panic!("{vm}: {e}"));
-    }
 }
 
 /// The rollout, two hosts a batch, upgrades the first host (both guests on the new cpr-vmm, live),
@@ -152,7 +141,7 @@ fn the_rolling_upgrade_stops_at_the_first_host_that_did_not_move_every_vm() {
             .all(|r| r["result"] == "upgraded" && r["to_generation"] == 1 && r["downtime_usec"].as_u64() > Some(0)),
         "{r1}"
     );
-    guests_continuous(c1);
+    c1.guests_continuous(&["a", "b"]);
     // fleet2: the package went in, cprd refused its cpr-vmm: every guest where it was, reported.
     let (_, _, c2) = &hosts[1];
     let (_, generations) = fleet_state(c2);
@@ -162,11 +151,11 @@ fn the_rolling_upgrade_stops_at_the_first_host_that_did_not_move_every_vm() {
     assert_eq!(problems, 2, "{r2}");
     assert!(r2["vms"].as_array().is_some_and(|rows| rows.iter().all(|r| r["result"] == "not-upgraded")), "{r2}");
     assert!(log.contains("fleet2: a: still on generation 0"), "the failure names the host and VM:\n{log}");
-    guests_continuous(c2);
+    c2.guests_continuous(&["a", "b"]);
     // fleet3: never reached.
     let (_, _, c3) = &hosts[2];
     assert_eq!(fleet_state(c3), before[2], "fleet3 was touched\n{log}");
     assert!(report("fleet3").is_none(), "fleet3 has a report:\n{log}");
     assert_eq!(c3.exec(&["test", "-e", "/var/tmp/cprd-upgrade.deb"]).status.code(), Some(1), "fleet3 got the package");
-    guests_continuous(c3);
+    c3.guests_continuous(&["a", "b"]);
 }

@@ -9,15 +9,10 @@ use std::time::Duration;
 
 use cpr_tests::container::{Container, built_package as package};
 use cpr_tests::linux_guest::{check_probe, initramfs, kernel, probe_lines};
-use cpr_tests::{check_heartbeats, heartbeats, wait_until};
+use cpr_tests::wait_until;
 
 fn guests_continuous(c: &Container) {
-    for vm in ["a", "b"] {
-        let path = c.console(vm);
-        let seq = heartbeats(&path).last().map_or(0, |h| h.seq);
-        assert!(wait_until(Duration::from_secs(20), || heartbeats(&path).last().is_some_and(|h| h.seq > seq + 1)));
-        check_heartbeats(&heartbeats(&path)).unwrap_or_else(|e| panic!("{vm}: {e}"));
-    }
+    c.guests_continuous(&["a", "b"]);
     let q = c.console("q");
     let text = || std::fs::read_to_string(&q).unwrap_or_default();
     let seq = probe_lines(&text()).last().map_or(0, |l| l.seq);
