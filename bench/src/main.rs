@@ -8,6 +8,7 @@ use clap::Parser;
 
 mod floor;
 use cpr_bench::{Summary, summarize, tsc_ticks_per_us};
+use cpr_proto::control::HandoffReport;
 use cpr_tests::{Chain, wait_until};
 
 /// Handoff benchmarks for cpr-vmm.
@@ -26,6 +27,11 @@ struct Args {
     /// small TCP messages echoed by the guest, per RAM size (--gap-ram), --hops upgrades each.
     #[arg(long)]
     network_gap: bool,
+    /// Instead: what one of the switchover's tunings saves (`warm-up` or `spin`). One chain per
+    /// vCPU count of --vcpus (256 MiB), handed over --handoffs times with and as many without it,
+    /// alternating.
+    #[arg(long, value_enum)]
+    ab: Option<Tuning>,
     /// RAM sizes for --network-gap.
     #[arg(long, value_delimiter = ',', default_value = "256M,4G")]
     gap_ram: Vec<String>,
@@ -877,6 +883,115 @@ fn print_floor(floor: &floor::Floor) {
 
 /// Prints each configuration's downtime as a ratio to the floor and to the 1-vCPU median of
 /// the same RAM size.
+/// A tuning of the switchover that `--ab` compares with its absence.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Tuning {
+    /// Both sides run their switchover code once before the guest stops (`--no-warm-up`).
+    WarmUp,
+    /// The new VMM spins while it waits for the arbiter's `Commit` (`--no-spin`).
+    Spin,
+}
+
+impl Tuning {
+    /// Handoffs per block with one setting. The warm-up is also the old VMM's, so the first
+    /// handoff of each of its blocks (an old VMM of the other setting) is not counted.
+    fn block(self) -> usize {
+        match self {
+            Self::WarmUp => 10,
+            Self::Spin => 1,
+        }
+    }
+
+    /// Its name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Self::WarmUp => "warm-up",
+            Self::Spin => "spin",
+        }
+    }
+
+    /// The request of a handoff without this tuning.
+    fn turn_off(self, req: &mut cpr_handoff::cpr_vmm::HandoffRequest) {
+        match self {
+            Self::WarmUp => req.extra_args.push("--no-warm-up".into()),
+            Self::Spin => req.extra_args.push("--no-spin".into()),
+        }
+    }
+}
+
+/// The A/B of one tuning: in one chain, handoffs with and without it alternate.
+fn tuning_ab(args: &Args, tuning: Tuning) {
+    println!(
+        "| vCPUs | {} | n | downtime median us | p99 | {} |",
+        tuning.name(),
+        PHASES.map(|(name, _)| name).join(" | ")
+    );
+    println!("|---|---|---|---|---|{}", "---|".repeat(PHASES.len()));
+    let mut ratios = Vec::new();
+    for vcpus in &args.vcpus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut chain = Chain::start(dir.path(), &["--memory", "256M", "--vcpus", vcpus], &[]);
+        let mut reports: [Vec<HandoffReport>; 2] = [Vec::new(), Vec::new()];
+        let block_len = tuning.block();
+        let counted = if block_len > 1 { block_len - 1 } else { 1 };
+        let blocks = args.handoffs.div_ceil(counted) * 2;
+        for block in 0..blocks {
+            let on = block % 2 == 0;
+            for i in 0..block_len {
+                let mut req = chain.request();
+                if !on {
+                    tuning.turn_off(&mut req);
+                }
+                chain.hand_off(&req).unwrap_or_else(|e| panic!("handoff {i} of block {block}: {e}"));
+                if i > 0 || block_len == 1 {
+                    reports[usize::from(!on)].extend(chain.reports.last().copied());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let mut medians = Vec::new();
+        for (variant, reports) in ["yes", "no"].iter().zip(&reports) {
+            let downtime: Vec<f64> = reports.iter().map(|r| r.downtime_ns() as f64 / 1000.0).collect();
+            let summary = summarize(&downtime);
+            let cells: Vec<String> = phase_medians(reports).iter().map(|m| format!("{m:.1}")).collect();
+            println!(
+                "| {vcpus} | {variant} | {} | {:.0} | {:.0} | {} |",
+                summary.n,
+                summary.median,
+                summary.p99,
+                cells.join(" | ")
+            );
+            medians.push(summary.median);
+        }
+        ratios.push((vcpus.clone(), medians[0] / medians[1]));
+    }
+    println!();
+    for (vcpus, ratio) in ratios {
+        println!("{vcpus} vCPU(s): median with {} / without = {ratio:.2}", tuning.name());
+    }
+    println!();
+    println!(
+        "command: target/release/cpr-bench --ab {} --handoffs {} --vcpus {}",
+        tuning.name(),
+        args.handoffs,
+        args.vcpus.join(",")
+    );
+}
+
+/// Where each row's downtime goes: the median of each step, from the handoff reports' stamps.
+fn print_phases(rows: &[(String, String, Vec<f64>)]) {
+    println!();
+    println!("where the downtime goes (median us of each step; the steps' medians need not add up to the row's):");
+    println!();
+    let names: Vec<&str> = PHASES.iter().map(|(name, _)| *name).collect();
+    println!("| RAM | vCPUs | {} |", names.join(" | "));
+    println!("|---|---|{}", "---|".repeat(names.len()));
+    for (ram, vcpus, medians) in rows {
+        let cells: Vec<String> = medians.iter().map(|m| format!("{m:.1}")).collect();
+        println!("| {ram} | {vcpus} | {} |", cells.join(" | "));
+    }
+}
+
 fn print_ratios(measured: &[(String, String, Summary)], floor: f64) {
     println!();
     println!("| RAM | vCPUs | median / floor | p99 / floor | median / 1-vCPU median (same RAM) |");
@@ -893,20 +1008,47 @@ fn print_ratios(measured: &[(String, String, Summary)], floor: f64) {
 }
 
 /// Runs `n` handoffs and returns (host downtimes µs, guest-seen gaps µs).
-fn downtime(ram: &str, vcpus: &str, n: usize, tpu: f64) -> (Summary, Summary) {
+/// The two stamps of a report that bound one step of the downtime.
+type Span = fn(&HandoffReport) -> (u64, u64);
+
+/// The steps of a handoff's downtime, in order, each with the stamps that bound it.
+const PHASES: [(&str, Span); 7] = [
+    ("pause", |r| (r.pause_requested_ns, r.paused_ns)),
+    ("save + send", |r| (r.paused_ns, r.state_sent_ns)),
+    ("receive", |r| (r.state_sent_ns, r.state_received_ns)),
+    ("decode + restore", |r| (r.state_received_ns, r.loaded_ns)),
+    ("Loaded in transit", |r| (r.loaded_ns, r.loaded_seen_ns)),
+    ("arbiter decides", |r| (r.loaded_seen_ns, r.commit_sent_ns)),
+    ("Commit to KVM_RUN", |r| (r.commit_sent_ns, r.resumed_ns)),
+];
+
+/// Median µs of each of [`PHASES`] over `reports`.
+fn phase_medians(reports: &[HandoffReport]) -> Vec<f64> {
+    PHASES
+        .iter()
+        .map(|(_, span)| {
+            let values: Vec<f64> =
+                reports.iter().map(span).map(|(from, to)| to.saturating_sub(from) as f64 / 1000.0).collect();
+            summarize(&values).median
+        })
+        .collect()
+}
+
+fn downtime(ram: &str, vcpus: &str, n: usize, tpu: f64) -> (Summary, Summary, Vec<f64>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut chain = Chain::start(dir.path(), &["--memory", ram, "--vcpus", vcpus], &[]);
-    let (mut host, mut guest) = (Vec::new(), Vec::new());
+    let (mut host, mut guest, mut reports) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("handoff {i}: {e}"));
         let r = chain.reports.last().copied().unwrap_or_default();
+        reports.push(r);
         host.push(r.downtime_ns() as f64 / 1000.0);
         std::thread::sleep(Duration::from_millis(5));
         let st = chain.status().test_guest.expect("test guest");
         assert_eq!(st.fail, 0, "guest self-check failed");
         guest.push(st.max_gap_ticks as f64 / tpu);
     }
-    (summarize(&host), summarize(&guest))
+    (summarize(&host), summarize(&guest), phase_medians(&reports))
 }
 
 /// Sweep durations (µs) printed by the guest in touch mode.
@@ -1214,6 +1356,15 @@ fn main() {
         network_gap_bench(&args);
         return;
     }
+    if let Some(tuning) = args.ab {
+        print_title(&format!(
+            "A switchover tuning, {}: with and without, in one chain (256 MiB test guest)",
+            tuning.name()
+        ));
+        println!();
+        tuning_ab(&args, tuning);
+        return;
+    }
     if args.qemu {
         print_title("QEMU cpr-transfer benchmark");
         println!();
@@ -1263,8 +1414,10 @@ fn main() {
     rows.extend(args.vcpus.iter().filter(|v| *v != "1").map(|v| ("1G".to_string(), v.clone())));
     let mut medians = Vec::new();
     let mut measured = Vec::new();
+    let mut phases = Vec::new();
     for (ram, vcpus) in rows {
-        let (host, guest) = downtime(&ram, &vcpus, args.handoffs, tpu);
+        let (host, guest, phase) = downtime(&ram, &vcpus, args.handoffs, tpu);
+        phases.push((ram.clone(), vcpus.clone(), phase));
         if vcpus == "1" {
             medians.push((ram.clone(), host.median));
         }
@@ -1279,6 +1432,7 @@ fn main() {
         println!("flatness: median downtime {} / {} = {:.2}", last.0, first.0, last.1 / first.1);
     }
     print_ratios(&measured, floor.total());
+    print_phases(&phases);
     println!();
     print_prefault_path();
     println!("| RAM | new side pre-faults | steady sweep ms | extra after resume ms | per re-touched page us |");

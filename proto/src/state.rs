@@ -471,7 +471,7 @@ pub struct FpuState {
 }
 
 /// Section [`SectionId::Vcpu`]: one vCPU.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct VcpuState {
     /// vCPU index (APIC id).
     pub index: u8,

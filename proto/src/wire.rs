@@ -117,6 +117,31 @@ pub fn wait_readable(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<
     }
 }
 
+/// How long a wait on a handoff's critical path spins before it sleeps: far longer than the
+/// arbiter takes to decide, short enough that a stuck arbiter costs little CPU.
+pub const SWITCHOVER_SPIN: Duration = Duration::from_millis(2);
+
+/// Polls `sock` without sleeping until it is readable (or hung up), for at most `limit`; true
+/// if it is. For a wait on a handoff's critical path: a reader that sleeps pays for its wake-up
+/// (measured here: the new VMM's wait for `Commit` took 35 µs asleep, 13 µs spinning, with 2 and
+/// 4 vCPUs), one that spins pays a CPU for at most `limit`.
+pub fn spin_until_readable(sock: BorrowedFd<'_>, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        let mut fds = [PollFd::new(sock, PollFlags::POLLIN)];
+        if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        // Any other thread that wants this CPU goes first: a plain spin held back the very
+        // thread it waited for when both landed on one CPU (downtime p99 4.5 ms, a scheduler
+        // slice, against 0.9 ms).
+        std::thread::yield_now();
+    }
+}
+
 /// Receives one message from `sock`, waiting at most `timeout` (`None`: block).
 pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<Received<T>, WireError> {
     wait_readable(sock, timeout)?;
@@ -180,6 +205,25 @@ mod tests {
 
     fn pair() -> (OwnedFd, OwnedFd) {
         socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair")
+    }
+
+    #[test]
+    fn a_spinning_wait_ends_when_a_message_arrives_or_its_limit_passes() {
+        let (a, b) = pair();
+        let limit = Duration::from_millis(20);
+        let start = std::time::Instant::now();
+        assert!(!spin_until_readable(b.as_fd(), limit), "nothing was sent");
+        assert!(start.elapsed() >= limit, "gave up after {:?}", start.elapsed());
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            send(a.as_fd(), &7u32, &[]).expect("send");
+            a
+        });
+        assert!(spin_until_readable(b.as_fd(), Duration::from_secs(10)), "the message was missed");
+        assert_eq!(recv::<u32>(b.as_fd(), Some(Duration::ZERO)).expect("recv").msg, 7);
+        // A hung-up peer ends the wait too: the reader then sees the channel closed.
+        drop(sender.join().expect("sender"));
+        assert!(spin_until_readable(b.as_fd(), Duration::from_secs(10)), "the hang-up was missed");
     }
 
     #[test]

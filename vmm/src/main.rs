@@ -120,6 +120,12 @@ struct RunArgs {
     /// Incoming: do not pre-fault guest RAM before the switchover (for benchmarks only).
     #[arg(long, hide = true)]
     no_prefault: bool,
+    /// Do not warm either side's switchover code before the guest stops (for benchmarks only).
+    #[arg(long, hide = true)]
+    no_warm_up: bool,
+    /// Incoming: sleep, instead of spinning, while waiting inside the downtime (for benchmarks only).
+    #[arg(long, hide = true)]
+    no_spin: bool,
     /// Print a saved state stream human-readably and exit.
     #[arg(long, value_name = "FILE")]
     describe_state: Option<PathBuf>,
@@ -248,7 +254,8 @@ fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     let listener = control_listener(a)?;
     let kvm = a.kvm_fd.map(|fd| inherited_fd(fd, "kvm")).transpose()?;
     let (tx, rx) = mpsc::channel();
-    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, a.dump_state.clone(), !a.no_prefault, kvm)?;
+    let options = cpr_vmm::migration::IncomingOptions { dump_state: a.dump_state.clone(), prefault: !a.no_prefault };
+    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, options, kvm)?;
     if let Some(l) = listener {
         serve(Arc::clone(&vmm), l)?;
     }
@@ -302,6 +309,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(path) = &a.describe_state {
         describe_state(path)?;
         return Ok(ExitCode::Ok);
+    }
+    if a.no_warm_up {
+        cpr_vmm::migration::disable_warm_up();
+    }
+    if a.no_spin {
+        cpr_vmm::migration::disable_spin();
     }
     let (vmm, rx) = if a.incoming { incoming(a)? } else { boot(a)? };
     let reason = rx.recv().unwrap_or(ExitReason::Stopped);
