@@ -5,6 +5,7 @@
 //!   N -> O  Hello { reads_formats }        pre-flight: O refuses if its format is not listed
 //!   O -> N  Resources { .. } + fds         RAM memfd, serial backend, CPUID, vCPU count
 //!   N -> O  Ready                           N mapped + pre-faulted RAM, created VM + vCPUs
+//!   O -> N  Pausing                         optional: the state follows at once
 //!   O       pause vCPUs, save               (downtime starts)
 //!   O -> N  (main channel) the state stream, see crate::state
 //!   N -> A  Loaded                          N restored and checked the state; it has run nothing
@@ -49,6 +50,11 @@ pub enum ToNew {
         /// Why.
         reason: String,
     },
+    /// Sent just before the old side stops the guest: the state follows within the downtime,
+    /// so the new side may now wait for it without sleeping. Optional within protocol 2: an old
+    /// side may never send it, and a new side that has closed the cpr channel after `Ready`
+    /// never reads it (the old side ignores the failed send).
+    Pausing,
 }
 
 /// The resources the new VMM needs before the switchover.
