@@ -881,14 +881,13 @@ fn print_floor(floor: &floor::Floor) {
     println!("ioctls one by one on the live vCPU (median us): {}", parts.join(", "));
 }
 
-/// Prints each configuration's downtime as a ratio to the floor and to the 1-vCPU median of
-/// the same RAM size.
 /// A tuning of the switchover that `--ab` compares with its absence.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Tuning {
     /// Both sides run their switchover code once before the guest stops (`--no-warm-up`).
     WarmUp,
-    /// The new VMM spins while it waits for the arbiter's `Commit` (`--no-spin`).
+    /// The new VMM spins while it waits for the state (after `Pausing`, with a CPU to spare)
+    /// and for the arbiter's `Commit` (`--no-spin`).
     Spin,
 }
 
@@ -992,6 +991,8 @@ fn print_phases(rows: &[(String, String, Vec<f64>)]) {
     }
 }
 
+/// Prints each configuration's downtime as a ratio to the floor and to the 1-vCPU median of
+/// the same RAM size.
 fn print_ratios(measured: &[(String, String, Summary)], floor: f64) {
     println!();
     println!("| RAM | vCPUs | median / floor | p99 / floor | median / 1-vCPU median (same RAM) |");
@@ -1007,7 +1008,6 @@ fn print_ratios(measured: &[(String, String, Summary)], floor: f64) {
     }
 }
 
-/// Runs `n` handoffs and returns (host downtimes µs, guest-seen gaps µs).
 /// The two stamps of a report that bound one step of the downtime.
 type Span = fn(&HandoffReport) -> (u64, u64);
 
@@ -1034,6 +1034,8 @@ fn phase_medians(reports: &[HandoffReport]) -> Vec<f64> {
         .collect()
 }
 
+/// Runs `n` handoffs and returns (host downtimes µs, guest-seen gaps µs, median µs of each of
+/// [`PHASES`]).
 fn downtime(ram: &str, vcpus: &str, n: usize, tpu: f64) -> (Summary, Summary, Vec<f64>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut chain = Chain::start(dir.path(), &["--memory", ram, "--vcpus", vcpus], &[]);

@@ -74,6 +74,12 @@ pub fn save(core: &VmCore, timing: Timing) -> Result<SavedState> {
         let fd = lock(vcpu);
         vcpus.push(persist::save_vcpu(&fd, u8::try_from(index).unwrap_or(0), &core.caps)?);
     }
+    Ok(saved_state(core, vm, vcpus, timing))
+}
+
+/// The saved state around `vm` and `vcpus`: the devices and the machine facts, for the next
+/// generation.
+fn saved_state(core: &VmCore, vm: VmState, vcpus: Vec<VcpuState>, timing: Timing) -> SavedState {
     let (serial, i8042) = core.devices.save();
     let machine = MachineState {
         memory_bytes: core.ram.bytes(),
@@ -81,7 +87,7 @@ pub fn save(core: &VmCore, timing: Timing) -> Result<SavedState> {
         generation: core.generation() + 1,
         guest: core.guest_kind.clone(),
     };
-    Ok(SavedState { machine, vm, vcpus, serial, i8042, timing })
+    SavedState { machine, vm, vcpus, serial, i8042, timing }
 }
 
 /// Whether this process warms its half of the switchover before the guest stops.
@@ -92,8 +98,9 @@ pub fn disable_warm_up() {
     WARM_UP.store(false, Ordering::Relaxed);
 }
 
-/// Whether the new side spins, instead of sleeping, while it waits for the arbiter's `Commit`
-/// (inside the downtime; the old VMM is done by then), for at most [`wire::SWITCHOVER_SPIN`].
+/// Whether the new side spins, instead of sleeping, in its two waits inside the downtime (for
+/// the state, see [`wait_for_state`], and for the arbiter's `Commit`), each for at most
+/// [`wire::SWITCHOVER_SPIN`].
 static SPIN: AtomicBool = AtomicBool::new(true);
 
 /// Turns the spinning waits off (`cpr-vmm --no-spin`): only for benchmarks that measure them.
@@ -178,15 +185,7 @@ fn warm_up_outgoing(core: &VmCore) {
             ..Default::default()
         })
         .collect();
-    let (serial, i8042) = core.devices.save();
-    let machine = MachineState {
-        memory_bytes: core.ram.bytes(),
-        vcpus: core.vcpu_count(),
-        generation: core.generation(),
-        guest: core.guest_kind.clone(),
-    };
-    let saved = SavedState { machine, vm, vcpus, serial, i8042, timing: Timing::default() };
-    std::hint::black_box(encode(&saved, FORMAT_MAJOR, None));
+    std::hint::black_box(encode(&saved_state(core, vm, vcpus, Timing::default()), FORMAT_MAJOR, None));
 }
 
 /// Encodes saved state as a stream of format `major`, optionally with one extra raw section.
@@ -487,7 +486,8 @@ pub fn prepare_incoming(
     *lock(&core.incoming) = Some(Box::new(move |c: &VmCore| {
         let warmed = if WARM_UP.load(Ordering::Relaxed) { warm_up_incoming(c) } else { Ok(()) };
         let _ = warmed_tx.send(warmed);
-        if let Err(e) = restore_incoming(c, &job_vmm, (&job_cpr, spare_cpu), &commit, main, dump_state.as_deref()) {
+        wait_for_state(job_cpr.as_fd(), main.as_fd(), spare_cpu);
+        if let Err(e) = restore_incoming(c, &job_vmm, &commit, main, dump_state.as_deref()) {
             if matches!(e, VmmError::StateRejected(_)) {
                 let _ = wire::send(commit.as_fd(), &ToArbiter::Rejected { reason: e.to_string() }, &[]);
             }
@@ -514,13 +514,11 @@ pub fn prepare_incoming(
 fn restore_incoming(
     core: &VmCore,
     vmm: &Vmm,
-    (cpr, spare_cpu): (&OwnedFd, bool),
     commit: &OwnedFd,
     main: OwnedFd,
     dump_state: Option<&std::path::Path>,
 ) -> Result<()> {
     let mut stream = UnixStream::from(main);
-    wait_for_state(cpr.as_fd(), stream.as_fd(), spare_cpu);
     let bytes = state::read_stream(&mut stream).map_err(|e| match e {
         state::StateError::Truncated { got: 0, .. } => {
             VmmError::IncomingAborted("the old VMM closed the main channel".into())
