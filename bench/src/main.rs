@@ -882,21 +882,25 @@ fn print_floor(floor: &floor::Floor) {
 }
 
 /// A tuning of the switchover that `--ab` compares with its absence.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Tuning {
     /// Both sides run their switchover code once before the guest stops (`--no-warm-up`).
     WarmUp,
     /// The new VMM spins while it waits for the state (after `Pausing`, with a CPU to spare)
     /// and for the arbiter's `Commit` (`--no-spin`).
     Spin,
+    /// The per-vCPU work is spread over the vCPU threads: each old vCPU saves itself as it parks,
+    /// and the host's CPUs' worth of new vCPU threads share the restore, whatever the host
+    /// (`--vcpu-state-threads spread`, against `serial`).
+    Parallel,
 }
 
 impl Tuning {
-    /// Handoffs per block with one setting. The warm-up is also the old VMM's, so the first
+    /// Handoffs per block with one setting. The warm-up and the spreading are also the old VMM's, so the first
     /// handoff of each of its blocks (an old VMM of the other setting) is not counted.
     fn block(self) -> usize {
         match self {
-            Self::WarmUp => 10,
+            Self::WarmUp | Self::Parallel => 10,
             Self::Spin => 1,
         }
     }
@@ -906,6 +910,14 @@ impl Tuning {
         match self {
             Self::WarmUp => "warm-up",
             Self::Spin => "spin",
+            Self::Parallel => "parallel",
+        }
+    }
+
+    /// The request of a handoff with this tuning.
+    fn turn_on(self, req: &mut cpr_handoff::cpr_vmm::HandoffRequest) {
+        if self == Self::Parallel {
+            req.extra_args.extend(["--vcpu-state-threads".into(), "spread".into()]);
         }
     }
 
@@ -914,6 +926,7 @@ impl Tuning {
         match self {
             Self::WarmUp => req.extra_args.push("--no-warm-up".into()),
             Self::Spin => req.extra_args.push("--no-spin".into()),
+            Self::Parallel => req.extra_args.extend(["--vcpu-state-threads".into(), "serial".into()]),
         }
     }
 }
@@ -938,7 +951,9 @@ fn tuning_ab(args: &Args, tuning: Tuning) {
             let on = block % 2 == 0;
             for i in 0..block_len {
                 let mut req = chain.request();
-                if !on {
+                if on {
+                    tuning.turn_on(&mut req);
+                } else {
                     tuning.turn_off(&mut req);
                 }
                 chain.hand_off(&req).unwrap_or_else(|e| panic!("handoff {i} of block {block}: {e}"));

@@ -392,6 +392,7 @@ impl Sides for Live<'_> {
         if let (OldAnswer::StateSent(theirs), Some(ours)) = (&self.old_answer, &mut self.report) {
             ours.state_sent_ns = theirs.state_sent_ns;
             ours.state_bytes = theirs.state_bytes;
+            ours.save_threads = theirs.save_threads;
         }
         if self.req.new_session {
             // The new VMM runs the guest: the old one's exit goes to the back of the queue.

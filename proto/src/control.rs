@@ -157,6 +157,14 @@ pub struct HandoffReport {
     pub commit_sent_ns: u64,
     /// New side: the vCPUs were released into `KVM_RUN` (downtime ends).
     pub resumed_ns: u64,
+    /// Old side: how many threads saved the vCPUs (each vCPU's own as it parked, or vCPU 0's
+    /// alone; 0 from a VMM that predates the count).
+    #[serde(default)]
+    pub save_threads: u8,
+    /// New side: how many threads shared the restore of the vCPUs (0 from a VMM that predates
+    /// the count).
+    #[serde(default)]
+    pub restore_threads: u8,
     /// New side's process id.
     pub new_pid: u32,
     /// Generation of the guest in the new process.

@@ -9,15 +9,20 @@ use std::time::Duration;
 use cpr_proto::control::RunState;
 use cpr_tests::{Chain, check_heartbeats, heartbeats, is_stopped, require_kvm, wait_until};
 
-/// Hands the guest on `n` times, checking continuity after each handoff.
-fn chain(vcpus: &str, n: usize) {
+/// Hands the guest on `n` times, every VMM started with `vmm_args`, checking continuity after
+/// each handoff. Returns the handoff reports.
+fn chain(vcpus: &str, n: usize, vmm_args: &[&str]) -> Vec<cpr_proto::control::HandoffReport> {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut chain = Chain::start(dir.path(), &["--memory", "1G", "--vcpus", vcpus], &[]);
+    let mut args = vec!["--memory", "1G", "--vcpus", vcpus];
+    args.extend_from_slice(vmm_args);
+    let mut chain = Chain::start(dir.path(), &args, &[]);
     let first = chain.status().test_guest.expect("test guest");
     let mut counter = chain.wait_progress(first.counter);
     for generation in 1..=n {
-        chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("handoff {generation}: {e}"));
+        let mut req = chain.request();
+        req.extra_args.extend(vmm_args.iter().map(|a| (*a).to_string()));
+        chain.hand_off(&req).unwrap_or_else(|e| panic!("handoff {generation}: {e}"));
         let st = chain.status();
         assert_eq!(st.state, RunState::Running);
         assert_eq!(st.generation, generation as u64);
@@ -39,20 +44,56 @@ fn chain(vcpus: &str, n: usize) {
     assert_eq!(pids.len(), n + 1, "every generation is a new process");
     let downtimes: Vec<u64> = chain.reports.iter().map(|r| r.downtime_ns()).collect();
     assert!(downtimes.iter().all(|d| *d > 0), "every handoff reports a downtime");
+    chain.reports.clone()
+}
+
+fn host_cpus() -> u8 {
+    std::thread::available_parallelism().map_or(1, |n| u8::try_from(n.get()).unwrap_or(u8::MAX))
+}
+
+/// Checks that every handoff of `reports` saved its vCPUs on `save` threads and restored them
+/// on `restore`.
+fn assert_threads(reports: &[cpr_proto::control::HandoffReport], save: u8, restore: u8) {
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!((r.save_threads, r.restore_threads), (save, restore), "handoff {}: save and restore threads", i + 1);
+    }
 }
 
 #[test]
 fn chain_of_200_handoffs_one_vcpu() {
-    chain("1", 200);
+    assert_threads(&chain("1", 200, &[]), 1, 1);
 }
 
+/// Four vCPUs, each VMM choosing who does the per-vCPU work: the vCPU threads where the host has
+/// more CPUs than 4, vCPU 0's thread alone where it has not (this 2-CPU machine).
 #[test]
 fn chain_of_200_handoffs_four_vcpus() {
-    chain("4", 200);
+    let reports = chain("4", 200, &[]);
+    if host_cpus() > 4 { assert_threads(&reports, 4, 4) } else { assert_threads(&reports, 1, 1) }
+}
+
+/// The spread path forced on (it is the default only with more CPUs than vCPUs): each old vCPU
+/// saves itself as it parks, and min(CPUs, 3) new vCPU threads share the restore, here 2: vCPU 0's
+/// thread restores vCPUs 0 and 2 and the VM-wide state, vCPU 1's thread restores vCPU 1.
+#[test]
+fn chain_of_100_handoffs_three_vcpus_saved_and_restored_on_their_threads() {
+    let reports = chain("3", 100, &["--vcpu-state-threads", "spread"]);
+    assert_threads(&reports, 3, host_cpus().min(3));
 }
 
 /// Starts a guest, lets a handoff with `new_env` fail, and checks that the old VMM runs on.
 fn fault_case(old_env: &[(&str, &str)], new_env: &[(&str, &str)], kill_at_stop: bool, timeout_ms: u64) -> String {
+    fault_case_inspecting(old_env, new_env, kill_at_stop, timeout_ms, |_| Ok(()))
+}
+
+/// [`fault_case`], with `inspect` run on the new VMM's pid where it stopped (before the kill).
+fn fault_case_inspecting(
+    old_env: &[(&str, &str)],
+    new_env: &[(&str, &str)],
+    kill_at_stop: bool,
+    timeout_ms: u64,
+    inspect: impl FnOnce(u32) -> Result<(), String> + Send + 'static,
+) -> String {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut chain = Chain::start(dir.path(), &["--memory", "256M", "--vcpus", "2"], old_env);
@@ -64,17 +105,22 @@ fn fault_case(old_env: &[(&str, &str)], new_env: &[(&str, &str)], kill_at_stop: 
     req.spawned = Some(tx);
     let killer = std::thread::spawn(move || {
         let pid = rx.recv().expect("new VMM pid");
+        let mut inspected = Ok(());
         if kill_at_stop {
             assert!(wait_until(Duration::from_secs(30), || is_stopped(pid)), "new VMM never reached the fault point");
+            inspected = inspect(pid);
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
                 nix::sys::signal::Signal::SIGKILL,
             )
             .expect("SIGKILL the new VMM");
         }
+        inspected
     });
     let err = chain.hand_off(&req).expect_err("the handoff must fail");
-    killer.join().expect("killer thread");
+    if let Err(e) = killer.join().expect("killer thread") {
+        panic!("at the fault point: {e}");
+    }
     let st = chain.status();
     assert_eq!(st.state, RunState::Running, "old VMM runs the guest again: {err}");
     assert_eq!(st.generation, 0);
@@ -111,6 +157,33 @@ fn new_side_killed_before_ready() {
     let err = fault_case(&[], &env(&e), true, 5000);
     assert!(err.contains("went away while waiting for the new VMM to get ready"), "{err}");
     assert!(err.contains("the guest kept running here"), "{err}");
+}
+
+/// When the new VMM says `Ready` (the old one then stops the guest), its set-up is over: the
+/// control thread runs and every thread has its seccomp filter. Installing a filter costs the
+/// kernel a few hundred microseconds of CPU; the control and main threads did it after `Ready`,
+/// inside the downtime, until this test.
+#[test]
+fn new_side_has_set_up_every_thread_when_it_says_ready() {
+    let e = stall("after-ready");
+    let err = fault_case_inspecting(&[], &env(&e), true, 5000, |pid| {
+        let mut threads = Vec::new();
+        for tid in cpr_spawn::sched::thread_ids(pid) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+            let field = |name: &str| {
+                status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string()
+            };
+            threads.push((field("Name:"), field("Seccomp:")));
+        }
+        if !threads.iter().any(|(name, _)| name == "control") {
+            return Err(format!("no control thread yet: {threads:?}"));
+        }
+        if threads.iter().any(|(_, mode)| mode != "2") {
+            return Err(format!("threads without their seccomp filter (mode 2): {threads:?}"));
+        }
+        Ok(())
+    });
+    assert!(err.contains("rolled back") || err.contains("went away"), "{err}");
 }
 
 #[test]

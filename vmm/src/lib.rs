@@ -17,6 +17,7 @@ pub mod linux_boot;
 pub mod memory;
 pub mod migration;
 pub mod mptable;
+pub mod percpu;
 pub mod persist;
 pub mod prefault;
 pub mod seccomp;

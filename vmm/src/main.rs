@@ -58,6 +58,17 @@ struct HandoffArgs {
     dump_state: Option<PathBuf>,
 }
 
+/// Who does a handoff's per-vCPU work (see `cpr_vmm::percpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum VcpuStateThreads {
+    /// The vCPU threads, where the host has more CPUs than the guest has vCPUs.
+    Auto,
+    /// vCPU 0's thread, one vCPU after the other.
+    Serial,
+    /// The vCPU threads, whatever the host.
+    Spread,
+}
+
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Control socket path (UNIX SOCK_SEQPACKET).
@@ -126,6 +137,10 @@ struct RunArgs {
     /// Incoming: sleep, instead of spinning, while waiting inside the downtime (for benchmarks only).
     #[arg(long, hide = true)]
     no_spin: bool,
+    /// Whether a handoff's per-vCPU work is spread over the vCPU threads (for tests and
+    /// benchmarks only).
+    #[arg(long, hide = true, value_enum, default_value_t = VcpuStateThreads::Auto)]
+    vcpu_state_threads: VcpuStateThreads,
     /// Print a saved state stream human-readably and exit.
     #[arg(long, value_name = "FILE")]
     describe_state: Option<PathBuf>,
@@ -255,11 +270,14 @@ fn incoming(a: &RunArgs) -> Result<(Arc<Vmm>, mpsc::Receiver<ExitReason>)> {
     let kvm = a.kvm_fd.map(|fd| inherited_fd(fd, "kvm")).transpose()?;
     let (tx, rx) = mpsc::channel();
     let options = cpr_vmm::migration::IncomingOptions { dump_state: a.dump_state.clone(), prefault: !a.no_prefault };
-    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, options, kvm)?;
-    if let Some(l) = listener {
-        serve(Arc::clone(&vmm), l)?;
-    }
-    cpr_vmm::seccomp::install(cpr_vmm::seccomp::ThreadClass::Main)?;
+    // The control thread and this thread's filter, before the new VMM says ready (see
+    // `prepare_incoming`).
+    let vmm = cpr_vmm::migration::prepare_incoming(cpr, main, commit, tx, options, kvm, |vmm| {
+        if let Some(l) = listener {
+            serve(Arc::clone(vmm), l)?;
+        }
+        cpr_vmm::seccomp::install(cpr_vmm::seccomp::ThreadClass::Main)
+    })?;
     Ok((vmm, rx))
 }
 
@@ -316,6 +334,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if a.no_spin {
         cpr_vmm::migration::disable_spin();
     }
+    cpr_vmm::percpu::set_spread(match a.vcpu_state_threads {
+        VcpuStateThreads::Auto => cpr_vmm::percpu::Spread::Auto,
+        VcpuStateThreads::Serial => cpr_vmm::percpu::Spread::Never,
+        VcpuStateThreads::Spread => cpr_vmm::percpu::Spread::Always,
+    });
     let (vmm, rx) = if a.incoming { incoming(a)? } else { boot(a)? };
     let reason = rx.recv().unwrap_or(ExitReason::Stopped);
     vmm.core.coord.request_exit();

@@ -182,6 +182,12 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
         if let Some(job) = job {
             job(core);
         }
+    } else {
+        // A new side's worker restores its share of the vCPUs, at the same time as vCPU 0.
+        for (k, state) in core.work.wait_restore(i) {
+            let restored = crate::persist::restore_vcpu(&mut lock(&core.vcpus[k]), &state, &core.caps);
+            core.work.put_restored(k, restored);
+        }
     }
     let mut first_run = true;
     while core.coord.park(i) {
@@ -198,6 +204,11 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
         fd.set_kvm_immediate_exit(1);
         let _ = fd.run();
         fd.set_kvm_immediate_exit(0);
+        // A switchover's pause: this vCPU saves its own state now, at the same time as the
+        // others (it stays stopped until a resume, which a save does not change).
+        if core.work.saving() {
+            core.work.put_saved(i, crate::persist::save_vcpu(&fd, index, &core.caps).map_err(|e| e.to_string()));
+        }
         fd.get_kvm_run().kvm_valid_regs = 0;
         drop(fd);
         if !keep_going {

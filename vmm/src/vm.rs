@@ -72,6 +72,8 @@ pub struct VmCore {
     pub switchover: Mutex<Option<VcpuJob>>,
     /// Job for vCPU 0 before its first run.
     pub incoming: Mutex<Option<VcpuJob>>,
+    /// A handoff's per-vCPU work, spread over the vCPU threads.
+    pub work: crate::percpu::VcpuWork,
     exit_tx: Mutex<Sender<ExitReason>>,
 }
 
@@ -193,6 +195,7 @@ impl VmCore {
             vm,
             ram: parts.ram,
             coord: Coordinator::new(parts.vcpus),
+            work: crate::percpu::VcpuWork::new(parts.vcpus),
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             caps,
             devices,
