@@ -27,11 +27,14 @@ struct Args {
     /// small TCP messages echoed by the guest, per RAM size (--gap-ram), --hops upgrades each.
     #[arg(long)]
     network_gap: bool,
-    /// Instead: what one of the switchover's tunings saves (`warm-up` or `spin`). One chain per
-    /// vCPU count of --vcpus (256 MiB), handed over --handoffs times with and as many without it,
-    /// alternating.
+    /// Instead: what one of the switchover's tunings saves (`warm-up`, `spin`, `parallel`), or
+    /// this build against another (`build`, with --baseline-vmm). One chain per vCPU count of
+    /// --vcpus (256 MiB), handed over --handoffs times with and as many without it, alternating.
     #[arg(long, value_enum)]
     ab: Option<Tuning>,
+    /// For `--ab build`: the other build's cpr-vmm, run in the "no" blocks.
+    #[arg(long)]
+    baseline_vmm: Option<std::path::PathBuf>,
     /// RAM sizes for --network-gap.
     #[arg(long, value_delimiter = ',', default_value = "256M,4G")]
     gap_ram: Vec<String>,
@@ -893,6 +896,8 @@ enum Tuning {
     /// and the host's CPUs' worth of new vCPU threads share the restore, whatever the host
     /// (`--vcpu-state-threads spread`, against `serial`).
     Parallel,
+    /// This build's cpr-vmm against another build's (`--baseline-vmm`).
+    Build,
 }
 
 impl Tuning {
@@ -900,7 +905,7 @@ impl Tuning {
     /// handoff of each of its blocks (an old VMM of the other setting) is not counted.
     fn block(self) -> usize {
         match self {
-            Self::WarmUp | Self::Parallel => 10,
+            Self::WarmUp | Self::Parallel | Self::Build => 10,
             Self::Spin => 1,
         }
     }
@@ -911,6 +916,7 @@ impl Tuning {
             Self::WarmUp => "warm-up",
             Self::Spin => "spin",
             Self::Parallel => "parallel",
+            Self::Build => "build",
         }
     }
 
@@ -922,8 +928,13 @@ impl Tuning {
     }
 
     /// The request of a handoff without this tuning.
-    fn turn_off(self, req: &mut cpr_handoff::cpr_vmm::HandoffRequest) {
+    fn turn_off(self, req: &mut cpr_handoff::cpr_vmm::HandoffRequest, args: &Args) {
         match self {
+            Self::Build => {
+                if let Some(path) = &args.baseline_vmm {
+                    req.binary.clone_from(path);
+                }
+            }
             Self::WarmUp => req.extra_args.push("--no-warm-up".into()),
             Self::Spin => req.extra_args.push("--no-spin".into()),
             Self::Parallel => req.extra_args.extend(["--vcpu-state-threads".into(), "serial".into()]),
@@ -954,7 +965,7 @@ fn tuning_ab(args: &Args, tuning: Tuning) {
                 if on {
                     tuning.turn_on(&mut req);
                 } else {
-                    tuning.turn_off(&mut req);
+                    tuning.turn_off(&mut req, args);
                 }
                 chain.hand_off(&req).unwrap_or_else(|e| panic!("handoff {i} of block {block}: {e}"));
                 if i > 0 || block_len == 1 {
@@ -985,10 +996,11 @@ fn tuning_ab(args: &Args, tuning: Tuning) {
     }
     println!();
     println!(
-        "command: target/release/cpr-bench --ab {} --handoffs {} --vcpus {}",
+        "command: target/release/cpr-bench --ab {} --handoffs {} --vcpus {}{}",
         tuning.name(),
         args.handoffs,
-        args.vcpus.join(",")
+        args.vcpus.join(","),
+        args.baseline_vmm.as_ref().map(|p| format!(" --baseline-vmm {}", p.display())).unwrap_or_default()
     );
 }
 
@@ -1374,6 +1386,10 @@ fn main() {
         return;
     }
     if let Some(tuning) = args.ab {
+        if tuning == Tuning::Build && args.baseline_vmm.is_none() {
+            eprintln!("cpr-bench: --ab build needs --baseline-vmm PATH (the other build's cpr-vmm)");
+            return;
+        }
         print_title(&format!(
             "A switchover tuning, {}: with and without, in one chain (256 MiB test guest)",
             tuning.name()

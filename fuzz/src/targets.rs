@@ -15,8 +15,6 @@ use serde::de::DeserializeOwned;
 
 use crate::{allocations_of, assert_error_text, assert_within};
 
-const STATE_CRC: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
-
 /// Gives a candidate state stream the length field and CRC it would have if a VMM had written
 /// it, so that the fuzzer explores the sections behind them and not only the checksum check.
 pub fn seal_state(bytes: &mut [u8]) {
@@ -26,7 +24,7 @@ pub fn seal_state(bytes: &mut [u8]) {
     let total = bytes.len() as u64;
     bytes[16..24].copy_from_slice(&total.to_le_bytes());
     let body = bytes.len() - 8;
-    let crc = STATE_CRC.checksum(&bytes[..body]);
+    let crc = state::checksum(&bytes[..body]);
     bytes[body..].copy_from_slice(&crc.to_le_bytes());
 }
 

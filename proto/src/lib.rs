@@ -34,6 +34,6 @@ pub fn monotonic_ns() -> u64 {
 /// sides must use this one definition.
 pub fn build_id_of(path: &std::path::Path) -> Option<String> {
     let bytes = std::fs::read(path).ok()?;
-    let crc = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ).checksum(&bytes);
+    let crc = state::checksum(&bytes);
     Some(format!("{crc:016x}"))
 }

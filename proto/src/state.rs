@@ -75,7 +75,18 @@ const HEADER_BYTES: usize = 24;
 const SECTION_HEADER_BYTES: usize = 12;
 const CRC_BYTES: usize = 8;
 const FLAG_MANDATORY: u32 = 1;
-const CRC64: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
+
+/// The stream's checksum: CRC-64/XZ (ECMA-182, reflected, as `xz` computes it).
+///
+/// Computed with carry-less multiplication (`crc64fast`), not a table: the switchover runs this
+/// once per process, on cold caches, and a 32 KiB slice-by-16 table took about 30 µs of each
+/// side's downtime to fetch (ftrace of a 1-vCPU handoff: 39 µs encode, 34 µs decode, against 4
+/// and 3 µs hot). Same values as before: the golden file still reads.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    let mut digest = crc64fast::Digest::new();
+    digest.write(bytes);
+    digest.sum64()
+}
 
 /// Section identifiers. Numbers are part of the format: never reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -288,7 +299,7 @@ impl StateWriter {
         let total = (self.buf.len() + CRC_BYTES) as u64;
         self.buf[12..16].copy_from_slice(&self.count.to_le_bytes());
         self.buf[16..24].copy_from_slice(&total.to_le_bytes());
-        let crc = CRC64.checksum(&self.buf);
+        let crc = checksum(&self.buf);
         self.buf.extend_from_slice(&crc.to_le_bytes());
         self.buf
     }
@@ -371,7 +382,7 @@ pub fn decode(bytes: &[u8]) -> Result<ParsedState, StateError> {
     let bytes = &bytes[..end];
     let body_end = end - CRC_BYTES;
     let stored = le_u64(bytes, body_end);
-    let computed = CRC64.checksum(&bytes[..body_end]);
+    let computed = checksum(&bytes[..body_end]);
     if stored != computed {
         return Err(StateError::BadCrc { stored, computed });
     }
