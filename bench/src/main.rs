@@ -898,6 +898,9 @@ enum Tuning {
     Parallel,
     /// This build's cpr-vmm against another build's (`--baseline-vmm`).
     Build,
+    /// The arbiter holds the CPUs out of idle states during each handoff (a CPU latency request
+    /// of 0 µs; `HandoffRequest::hold_cpu_latency`).
+    IdleLatency,
 }
 
 impl Tuning {
@@ -906,7 +909,7 @@ impl Tuning {
     fn block(self) -> usize {
         match self {
             Self::WarmUp | Self::Parallel | Self::Build => 10,
-            Self::Spin => 1,
+            Self::Spin | Self::IdleLatency => 1,
         }
     }
 
@@ -917,6 +920,7 @@ impl Tuning {
             Self::Spin => "spin",
             Self::Parallel => "parallel",
             Self::Build => "build",
+            Self::IdleLatency => "idle-latency",
         }
     }
 
@@ -930,6 +934,7 @@ impl Tuning {
     /// The request of a handoff without this tuning.
     fn turn_off(self, req: &mut cpr_handoff::cpr_vmm::HandoffRequest, args: &Args) {
         match self {
+            Self::IdleLatency => req.hold_cpu_latency = false,
             Self::Build => {
                 if let Some(path) = &args.baseline_vmm {
                     req.binary.clone_from(path);

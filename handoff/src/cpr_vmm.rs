@@ -81,6 +81,9 @@ pub struct HandoffRequest {
     /// More descriptors for the new VMM, at these numbers (above [`KVM_FD`]); their arguments,
     /// if any, go in `extra_args`.
     pub extra_fds: Vec<(RawFd, std::sync::Arc<OwnedFd>)>,
+    /// Hold the CPUs out of idle states while the handoff runs
+    /// ([`cpr_spawn::sched::CpuLatencyHold`]; on by default, off only to measure it).
+    pub hold_cpu_latency: bool,
 }
 
 impl HandoffRequest {
@@ -102,6 +105,7 @@ impl HandoffRequest {
             hand_over_fds: false,
             sandbox: None,
             extra_fds: Vec::new(),
+            hold_cpu_latency: true,
         }
     }
 
@@ -442,6 +446,12 @@ pub fn hand_off(
     journal: &mut dyn Journal,
     from_generation: u64,
 ) -> Result<HandoffOutcome, HandoffFailure> {
+    // Every wake-up inside the downtime lands on a CPU that polls, from here to the end.
+    let _cpu_latency = if req.hold_cpu_latency {
+        cpr_spawn::sched::CpuLatencyHold::zero()
+    } else {
+        cpr_spawn::sched::CpuLatencyHold::none()
+    };
     let old = ControlClient::connect(&req.old_control).ok().map(|c| c.with_timeout(Some(req.timeout())));
     let old_pid = req.old_pid.or_else(|| {
         old.as_ref().and_then(|c| match c.call(&Request::Describe, &[]) {
