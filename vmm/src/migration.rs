@@ -177,9 +177,17 @@ fn warm_up_incoming(core: &VmCore) -> Result<()> {
     let decoded = decode(&encode(&saved, FORMAT_MAJOR, None)).map_err(|e| VmmError::Internal(e.to_string()))?;
     persist::restore_vm(&core.vm, &decoded.vm)?;
     for (vcpu, s) in core.vcpus.iter().zip(&decoded.vcpus) {
-        persist::restore_vcpu(&mut lock(vcpu), s, &core.caps)?;
+        persist::restore_vcpu(&mut lock(vcpu), s, &core.caps, None)?;
     }
+    // What each vCPU holds now, until the real restore: parts equal to it need no write.
+    *lock(&core.holds) = decoded.vcpus.into_iter().map(Some).collect();
     Ok(())
+}
+
+/// New side: restores vCPU `index` of `core` (what it holds is known only once).
+pub fn restore_vcpu_of(core: &VmCore, index: usize, state: &VcpuState) -> Result<Vec<u32>> {
+    let holds = lock(&core.holds).get_mut(index).and_then(Option::take);
+    persist::restore_vcpu(&mut lock(&core.vcpus[index]), state, &core.caps, holds.as_ref())
 }
 
 /// The old side's warm-up, while the new VMM gets ready and the guest still runs: the encoder
@@ -600,7 +608,7 @@ fn restore_incoming(
     fault::stall_point("during-restore");
     let mut restored = Vec::with_capacity(core.vcpus.len());
     for (index, s) in own {
-        restored.push((index, persist::restore_vcpu(&mut lock(&core.vcpus[index]), &s, &core.caps)));
+        restored.push((index, restore_vcpu_of(core, index, &s)));
     }
     restored.extend(core.work.wait_restored());
     for (index, result) in restored {

@@ -185,7 +185,7 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
     } else {
         // A new side's worker restores its share of the vCPUs, at the same time as vCPU 0.
         for (k, state) in core.work.wait_restore(i) {
-            let restored = crate::persist::restore_vcpu(&mut lock(&core.vcpus[k]), &state, &core.caps);
+            let restored = crate::migration::restore_vcpu_of(core, k, &state);
             core.work.put_restored(k, restored);
         }
     }

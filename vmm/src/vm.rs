@@ -74,6 +74,9 @@ pub struct VmCore {
     pub incoming: Mutex<Option<VcpuJob>>,
     /// A handoff's per-vCPU work, spread over the vCPU threads.
     pub work: crate::percpu::VcpuWork,
+    /// New side, until the restore: what each vCPU holds, as the warm-up wrote it before any
+    /// vCPU ran (see `persist::restore_vcpu`).
+    pub holds: Mutex<Vec<Option<cpr_proto::state::VcpuState>>>,
     exit_tx: Mutex<Sender<ExitReason>>,
 }
 
@@ -196,6 +199,7 @@ impl VmCore {
             ram: parts.ram,
             coord: Coordinator::new(parts.vcpus),
             work: crate::percpu::VcpuWork::new(parts.vcpus),
+            holds: Mutex::new(Vec::new()),
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             caps,
             devices,
