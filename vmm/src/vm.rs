@@ -289,6 +289,11 @@ pub fn spawn_vcpu_threads(core: &Arc<VmCore>) -> Result<()> {
     // handoff's downtime when a new thread gets its first turn on a CPU late.
     let (installed, filters) = std::sync::mpsc::channel::<Result<()>>();
     for index in 0..core.vcpu_count() {
+        // Where the host has sync registers, the kick asks KVM to store them (see vcpu.rs).
+        let sync_run = core
+            .caps
+            .sync_regs
+            .then(|| lock(&core.vcpus[usize::from(index)]).get_kvm_run() as *mut kvm_bindings::kvm_run);
         let c = Arc::clone(core);
         let installed = installed.clone();
         let handle = std::thread::Builder::new()
@@ -302,7 +307,7 @@ pub fn spawn_vcpu_threads(core: &Arc<VmCore>) -> Result<()> {
                 }
             })
             .map_err(|e| VmmError::Internal(format!("cannot start vCPU thread: {e}")))?;
-        core.coord.register_thread(handle.as_pthread_t());
+        core.coord.register_thread(handle.as_pthread_t(), sync_run);
     }
     drop(installed);
     for _ in 0..core.vcpu_count() {
