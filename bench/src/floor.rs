@@ -234,3 +234,37 @@ fn wake_ups(n: usize) -> Vec<f64> {
     let _ = waiter.join();
     samples
 }
+
+/// Whether two vCPUs' saves run in parallel on this host: `n` saves of each of two vCPUs, first
+/// on one thread one after the other, then on two threads at once (one vCPU each). Returns the
+/// two wall times in ms; with two free CPUs and vCPU ioctls that do not serialize, the second
+/// is half the first.
+pub fn parallel_saves(n: usize) -> (f64, f64) {
+    let kvm = open_kvm(None).expect("/dev/kvm");
+    let ram = GuestRam::from_fd(create_memfd(64 << 20).expect("memfd"), None).expect("guest RAM");
+    let serial = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
+    let (exit_tx, _exit_rx) = mpsc::channel();
+    let spec = GuestSpec::TestGuest { flags: 0 };
+    let parts = VmParts { ram, vcpus: 2, cpuid: None, serial_out: serial, guest_kind: spec.kind(), generation: 0 };
+    let core = VmCore::create(kvm, parts, exit_tx).expect("VM");
+    let save = |index: usize| {
+        let vcpu = core.vcpus[index].lock().expect("vCPU");
+        for _ in 0..n {
+            std::hint::black_box(persist::save_vcpu(&vcpu, 0, &core.caps).expect("save_vcpu"));
+        }
+    };
+    // Warm both paths once.
+    save(0);
+    save(1);
+    let t = Instant::now();
+    save(0);
+    save(1);
+    let one_thread = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| save(0));
+        s.spawn(|| save(1));
+    });
+    let two_threads = t.elapsed().as_secs_f64() * 1e3;
+    (one_thread, two_threads)
+}
