@@ -1066,23 +1066,46 @@ fn phase_medians(reports: &[HandoffReport]) -> Vec<f64> {
         .collect()
 }
 
-/// Runs `n` handoffs and returns (host downtimes µs, guest-seen gaps µs, median µs of each of
-/// [`PHASES`]).
-fn downtime(ram: &str, vcpus: &str, n: usize, tpu: f64) -> (Summary, Summary, Vec<f64>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut chain = Chain::start(dir.path(), &["--memory", ram, "--vcpus", vcpus], &[]);
-    let (mut host, mut guest, mut reports) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..n {
-        chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("handoff {i}: {e}"));
-        let r = chain.reports.last().copied().unwrap_or_default();
-        reports.push(r);
-        host.push(r.downtime_ns() as f64 / 1000.0);
-        std::thread::sleep(Duration::from_millis(5));
-        let st = chain.status().test_guest.expect("test guest");
-        assert_eq!(st.fail, 0, "guest self-check failed");
-        guest.push(st.max_gap_ticks as f64 / tpu);
+/// Handoffs per row in each round of [`downtimes`].
+const ROUND: usize = 10;
+
+/// Every row's downtime (host), the guest's longest gap and the steps' medians, `n` handoffs
+/// each, measured in interleaved rounds: one chain per row, all started first and paused; in
+/// each round every row in turn is resumed, handed over [`ROUND`] times and paused again. The
+/// host's drift over the run (these machines are shared) then falls on every row alike, and only
+/// one guest runs at a time.
+fn downtimes(rows: &[(String, String)], n: usize, tpu: f64) -> Vec<(Summary, Summary, Vec<f64>)> {
+    use cpr_proto::control::{Request, Response};
+    let dirs: Vec<tempfile::TempDir> = rows.iter().map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let mut chains: Vec<Chain> = rows
+        .iter()
+        .zip(&dirs)
+        .map(|((ram, vcpus), dir)| {
+            let chain = Chain::start(dir.path(), &["--memory", ram, "--vcpus", vcpus], &[]);
+            assert!(matches!(chain.call(&Request::Pause), Response::Ok), "pause");
+            chain
+        })
+        .collect();
+    let mut samples: Vec<(Vec<f64>, Vec<f64>, Vec<HandoffReport>)> =
+        rows.iter().map(|_| (Vec::new(), Vec::new(), Vec::new())).collect();
+    for round in 0..n.div_ceil(ROUND) {
+        for (chain, (host, guest, reports)) in chains.iter_mut().zip(&mut samples) {
+            assert!(matches!(chain.call(&Request::Resume), Response::Ok), "resume");
+            std::thread::sleep(Duration::from_millis(20));
+            for i in 0..ROUND.min(n - round * ROUND) {
+                chain.hand_off(&chain.request()).unwrap_or_else(|e| panic!("round {round}, handoff {i}: {e}"));
+                let r = chain.reports.last().copied().unwrap_or_default();
+                reports.push(r);
+                host.push(r.downtime_ns() as f64 / 1000.0);
+                std::thread::sleep(Duration::from_millis(5));
+                let st = chain.status().test_guest.expect("test guest");
+                assert_eq!(st.fail, 0, "guest self-check failed");
+                guest.push(st.max_gap_ticks as f64 / tpu);
+            }
+            assert!(matches!(chain.call(&Request::Pause), Response::Ok), "pause");
+        }
     }
-    (summarize(&host), summarize(&guest), phase_medians(&reports))
+    samples.iter().map(|(host, guest, reports)| (summarize(host), summarize(guest), phase_medians(reports))).collect()
 }
 
 /// Sweep durations (µs) printed by the guest in touch mode.
@@ -1461,8 +1484,7 @@ fn main() {
     let mut medians = Vec::new();
     let mut measured = Vec::new();
     let mut phases = Vec::new();
-    for (ram, vcpus) in rows {
-        let (host, guest, phase) = downtime(&ram, &vcpus, args.handoffs, tpu);
+    for ((ram, vcpus), (host, guest, phase)) in rows.iter().cloned().zip(downtimes(&rows, args.handoffs, tpu)) {
         phases.push((ram.clone(), vcpus.clone(), phase));
         if vcpus == "1" {
             medians.push((ram.clone(), host.median));

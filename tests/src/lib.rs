@@ -308,11 +308,16 @@ impl Chain {
 
     /// Status of the current VMM.
     pub fn status(&self) -> VmmStatus {
-        let client = ControlClient::connect(&self.control).expect("connect to control socket");
-        match client.call(&Request::Status, &[]).expect("status") {
+        match self.call(&Request::Status) {
             Response::Status(s) => s,
             other => panic!("status answered {other:?}"),
         }
+    }
+
+    /// One request to the current VMM, on a connection of its own.
+    pub fn call(&self, request: &Request) -> Response {
+        let client = ControlClient::connect(&self.control).expect("connect to control socket");
+        client.call(request, &[]).expect("control request")
     }
 
     /// Waits until the guest's counter passes `counter` (it runs), and returns the new value.
