@@ -266,7 +266,14 @@ impl Default for StateWriter {
 impl StateWriter {
     /// A writer for a given format version (tests write other versions on purpose).
     pub fn new(major: u16, minor: u16) -> Self {
-        let mut buf = Vec::with_capacity(64 * 1024);
+        Self::reusing(Vec::with_capacity(64 * 1024), major, minor)
+    }
+
+    /// A writer into `buf`, emptied first and its capacity kept: a buffer already written once
+    /// (the old VMM's warm-up) has its pages in place, so the switchover's encode takes no page
+    /// fault and grows no heap.
+    pub fn reusing(mut buf: Vec<u8>, major: u16, minor: u16) -> Self {
+        buf.clear();
         buf.extend_from_slice(&MAGIC);
         buf.extend_from_slice(&major.to_le_bytes());
         buf.extend_from_slice(&minor.to_le_bytes());
@@ -274,11 +281,19 @@ impl StateWriter {
         Self { buf, count: 0 }
     }
 
-    /// Appends a section with a serde-encoded payload.
+    /// Appends a section with a serde-encoded payload, encoded in place.
     pub fn add<T: Serialize>(&mut self, id: SectionId, version: u16, mandatory: bool, value: &T) -> &mut Self {
-        // postcard into a Vec cannot fail for the plain-data types of this module.
-        let payload = postcard::to_allocvec(value).unwrap_or_default();
-        self.add_raw(id.code(), version, mandatory, &payload)
+        let header_at = self.buf.len();
+        self.add_raw(id.code(), version, mandatory, &[]);
+        let payload_at = self.buf.len();
+        // postcard into a Vec cannot fail for the plain-data types of this module; if it did,
+        // the section is left with an empty payload, which a reader refuses.
+        if postcard::to_io(value, &mut self.buf).is_err() {
+            self.buf.truncate(payload_at);
+        }
+        let len = u32::try_from(self.buf.len() - payload_at).unwrap_or(u32::MAX);
+        self.buf[header_at + 8..header_at + 12].copy_from_slice(&len.to_le_bytes());
+        self
     }
 
     /// Appends a section with a raw payload.

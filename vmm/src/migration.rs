@@ -209,12 +209,20 @@ fn warm_up_outgoing(core: &VmCore) {
             ..Default::default()
         })
         .collect();
-    std::hint::black_box(encode(&saved_state(core, vm, vcpus, Timing::default()), FORMAT_MAJOR, None));
+    let buffer = std::mem::take(&mut *lock(&core.stream_buffer));
+    let stream = encode_into(&saved_state(core, vm, vcpus, Timing::default()), FORMAT_MAJOR, None, buffer);
+    // Kept, its pages in place, for the switchover's encode.
+    *lock(&core.stream_buffer) = stream;
 }
 
 /// Encodes saved state as a stream of format `major`, optionally with one extra raw section.
 pub fn encode(s: &SavedState, major: u16, extra: Option<(u16, bool)>) -> Vec<u8> {
-    let mut w = StateWriter::new(major, FORMAT_MINOR);
+    encode_into(s, major, extra, Vec::with_capacity(64 * 1024))
+}
+
+/// [`encode`] into `buffer` (emptied first, its capacity kept).
+fn encode_into(s: &SavedState, major: u16, extra: Option<(u16, bool)>, buffer: Vec<u8>) -> Vec<u8> {
+    let mut w = StateWriter::reusing(buffer, major, FORMAT_MINOR);
     w.add(SectionId::Machine, SECTION_VERSION, true, &s.machine);
     w.add(SectionId::Vm, SECTION_VERSION, true, &s.vm);
     for v in &s.vcpus {
@@ -380,7 +388,8 @@ fn run_outgoing(vmm: &Vmm, params: &MigrateParams, cpr: OwnedFd, main: OwnedFd, 
         let mut report = HandoffReport { pause_requested_ns, paused_ns, ..Default::default() };
         let result = (|| {
             let saved = save(core, Timing { pause_requested_ns, paused_ns }).map_err(|e| e.to_string())?;
-            let stream = encode(&saved, FORMAT_MAJOR, None);
+            let buffer = std::mem::take(&mut *lock(&core.stream_buffer));
+            let stream = encode_into(&saved, FORMAT_MAJOR, None, buffer);
             let stream = fault::corrupt_stream(stream, |major, extra| encode(&saved, major, extra));
             report.state_bytes = stream.len() as u64;
             report.save_threads = saved.save_threads;

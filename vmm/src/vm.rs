@@ -74,6 +74,9 @@ pub struct VmCore {
     pub incoming: Mutex<Option<VcpuJob>>,
     /// A handoff's per-vCPU work, spread over the vCPU threads.
     pub work: crate::percpu::VcpuWork,
+    /// Old side: the buffer the state stream is encoded into, written once by the warm-up so
+    /// that the switchover's encode finds its pages in place.
+    pub stream_buffer: Mutex<Vec<u8>>,
     /// New side, until the restore: what each vCPU holds, as the warm-up wrote it before any
     /// vCPU ran (see `persist::restore_vcpu`).
     pub holds: Mutex<Vec<Option<cpr_proto::state::VcpuState>>>,
@@ -199,6 +202,7 @@ impl VmCore {
             ram: parts.ram,
             coord: Coordinator::new(parts.vcpus),
             work: crate::percpu::VcpuWork::new(parts.vcpus),
+            stream_buffer: Mutex::new(Vec::new()),
             holds: Mutex::new(Vec::new()),
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             caps,
