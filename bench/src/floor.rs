@@ -23,7 +23,7 @@ use cpr_bench::summarize;
 use cpr_vmm::boot::{GuestSpec, load_guest};
 use cpr_vmm::memory::{GuestRam, create_memfd};
 use cpr_vmm::persist;
-use cpr_vmm::vm::{VmCore, VmParts, open_kvm, spawn_vcpu_threads};
+use cpr_vmm::vm::{ExitReason, VmCore, VmParts, open_kvm, spawn_vcpu_threads};
 
 /// The floor's parts, each a median in µs.
 #[derive(Debug, Clone, Default)]
@@ -73,16 +73,22 @@ fn median_us<T>(n: usize, mut f: impl FnMut() -> T) -> f64 {
     summarize(&samples).median
 }
 
-/// The state's part, on vCPU 0's own thread of a 64 MiB CPL3 test guest that ran for 50 ms.
-fn state_on_a_live_vcpu(n: usize) -> Floor {
+/// A 64 MiB VM for the CPL3 test guest with `vcpus` vCPUs, its serial output thrown away, no
+/// guest loaded yet; and the receiver of its exit reason (kept for as long as the VM is used).
+fn test_guest_vm(vcpus: u8) -> (Arc<VmCore>, mpsc::Receiver<ExitReason>) {
     let kvm = open_kvm(None).expect("/dev/kvm");
     let ram = GuestRam::from_fd(create_memfd(64 << 20).expect("memfd"), None).expect("guest RAM");
     let serial = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
-    let (exit_tx, _exit_rx) = mpsc::channel();
-    let spec = GuestSpec::TestGuest { flags: 0 };
-    let parts = VmParts { ram, vcpus: 1, cpuid: None, serial_out: serial, guest_kind: spec.kind(), generation: 0 };
-    let core = VmCore::create(kvm, parts, exit_tx).expect("VM");
-    load_guest(&core, &spec).expect("test guest");
+    let (exit_tx, exit_rx) = mpsc::channel();
+    let guest_kind = GuestSpec::TestGuest { flags: 0 }.kind();
+    let parts = VmParts { ram, vcpus, cpuid: None, serial_out: serial, guest_kind, generation: 0 };
+    (VmCore::create(kvm, parts, exit_tx).expect("VM"), exit_rx)
+}
+
+/// The state's part, on vCPU 0's own thread of a 64 MiB CPL3 test guest that ran for 50 ms.
+fn state_on_a_live_vcpu(n: usize) -> Floor {
+    let (core, _exit_rx) = test_guest_vm(1);
+    load_guest(&core, &GuestSpec::TestGuest { flags: 0 }).expect("test guest");
     spawn_vcpu_threads(&core).expect("vCPU thread");
     core.coord.resume();
     std::thread::sleep(std::time::Duration::from_millis(50));
@@ -240,13 +246,7 @@ fn wake_ups(n: usize) -> Vec<f64> {
 /// two wall times in ms; with two free CPUs and vCPU ioctls that do not serialize, the second
 /// is half the first.
 pub fn parallel_saves(n: usize) -> (f64, f64) {
-    let kvm = open_kvm(None).expect("/dev/kvm");
-    let ram = GuestRam::from_fd(create_memfd(64 << 20).expect("memfd"), None).expect("guest RAM");
-    let serial = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
-    let (exit_tx, _exit_rx) = mpsc::channel();
-    let spec = GuestSpec::TestGuest { flags: 0 };
-    let parts = VmParts { ram, vcpus: 2, cpuid: None, serial_out: serial, guest_kind: spec.kind(), generation: 0 };
-    let core = VmCore::create(kvm, parts, exit_tx).expect("VM");
+    let (core, _exit_rx) = test_guest_vm(2);
     let save = |index: usize| {
         let vcpu = core.vcpus[index].lock().expect("vCPU");
         for _ in 0..n {

@@ -447,11 +447,7 @@ pub fn hand_off(
     from_generation: u64,
 ) -> Result<HandoffOutcome, HandoffFailure> {
     // Every wake-up inside the downtime lands on a CPU that polls, from here to the end.
-    let _cpu_latency = if req.hold_cpu_latency {
-        cpr_spawn::sched::CpuLatencyHold::zero()
-    } else {
-        cpr_spawn::sched::CpuLatencyHold::none()
-    };
+    let _cpu_latency = req.hold_cpu_latency.then(cpr_spawn::sched::CpuLatencyHold::zero);
     let old = ControlClient::connect(&req.old_control).ok().map(|c| c.with_timeout(Some(req.timeout())));
     let old_pid = req.old_pid.or_else(|| {
         old.as_ref().and_then(|c| match c.call(&Request::Describe, &[]) {

@@ -192,7 +192,8 @@ pub const CPU_LATENCY_DEVICE: &str = "/dev/cpu_dma_latency";
 /// nothing is held and the handoff runs as before.
 #[derive(Debug)]
 pub struct CpuLatencyHold {
-    device: Option<std::fs::File>,
+    /// The open device, where it could be written; the request lasts until it is closed.
+    _device: Option<std::fs::File>,
 }
 
 impl CpuLatencyHold {
@@ -205,16 +206,6 @@ impl CpuLatencyHold {
             .open(CPU_LATENCY_DEVICE)
             .ok()
             .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).is_ok().then_some(f));
-        Self { device }
-    }
-
-    /// Holds nothing.
-    pub fn none() -> Self {
-        Self { device: None }
-    }
-
-    /// Whether the request is in force.
-    pub fn is_held(&self) -> bool {
-        self.device.is_some()
+        Self { _device: device }
     }
 }

@@ -58,17 +58,6 @@ struct HandoffArgs {
     dump_state: Option<PathBuf>,
 }
 
-/// Who does a handoff's per-vCPU work (see `cpr_vmm::percpu`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum VcpuStateThreads {
-    /// The vCPU threads, where the host has more CPUs than the guest has vCPUs.
-    Auto,
-    /// vCPU 0's thread, one vCPU after the other.
-    Serial,
-    /// The vCPU threads, whatever the host.
-    Spread,
-}
-
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Control socket path (UNIX SOCK_SEQPACKET).
@@ -139,8 +128,8 @@ struct RunArgs {
     no_spin: bool,
     /// Whether a handoff's per-vCPU work is spread over the vCPU threads (for tests and
     /// benchmarks only).
-    #[arg(long, hide = true, value_enum, default_value_t = VcpuStateThreads::Auto)]
-    vcpu_state_threads: VcpuStateThreads,
+    #[arg(long, hide = true, value_enum, default_value_t = cpr_vmm::percpu::VcpuStateThreads::Auto)]
+    vcpu_state_threads: cpr_vmm::percpu::VcpuStateThreads,
     /// Print a saved state stream human-readably and exit.
     #[arg(long, value_name = "FILE")]
     describe_state: Option<PathBuf>,
@@ -334,11 +323,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if a.no_spin {
         cpr_vmm::migration::disable_spin();
     }
-    cpr_vmm::percpu::set_spread(match a.vcpu_state_threads {
-        VcpuStateThreads::Auto => cpr_vmm::percpu::Spread::Auto,
-        VcpuStateThreads::Serial => cpr_vmm::percpu::Spread::Never,
-        VcpuStateThreads::Spread => cpr_vmm::percpu::Spread::Always,
-    });
+    cpr_vmm::percpu::set_vcpu_state_threads(a.vcpu_state_threads);
     let (vmm, rx) = if a.incoming { incoming(a)? } else { boot(a)? };
     let reason = rx.recv().unwrap_or(ExitReason::Stopped);
     vmm.core.coord.request_exit();

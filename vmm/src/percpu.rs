@@ -21,28 +21,30 @@ use std::sync::{Condvar, Mutex, PoisonError};
 
 use cpr_proto::state::VcpuState;
 
-/// Whether a handoff's per-vCPU work is spread over the vCPU threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who does a handoff's per-vCPU work (`cpr-vmm --vcpu-state-threads`, hidden: for tests and
+/// benchmarks only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 #[repr(u8)]
-pub enum Spread {
-    /// Where the guest has more than one vCPU and the host more CPUs than that: every vCPU
-    /// thread then has a CPU, and one is left for the rest (the other VMM, the arbiter).
-    /// Measured on 2 CPUs, spreading 2–8 vCPUs gained nothing and made the new side's restore
-    /// 7–22 % slower: the worker waits to be scheduled, and each vCPU it restores was last
-    /// loaded on another CPU. With one vCPU there is nothing to spread, and vCPU 0 saving itself
-    /// before it parks measured 0–8 % slower than saving in the switchover.
+pub enum VcpuStateThreads {
+    /// The vCPU threads, where the guest has more than one vCPU and the host more CPUs than
+    /// that: every vCPU thread then has a CPU, and one is left for the rest (the other VMM, the
+    /// arbiter). Measured on 2 CPUs, spreading 2–8 vCPUs gained nothing and made the new side's
+    /// restore 7–22 % slower: the worker waits to be scheduled, and each vCPU it restores was
+    /// last loaded on another CPU. With one vCPU there is nothing to spread, and vCPU 0 saving
+    /// itself before it parks measured 0–8 % slower than saving in the switchover.
     Auto,
-    /// Never: vCPU 0's thread saves and restores every vCPU, one after the other.
-    Never,
-    /// Always (tests of the spread path on hosts with few CPUs, benchmarks).
-    Always,
+    /// vCPU 0's thread saves and restores every vCPU, one after the other.
+    Serial,
+    /// The vCPU threads, whatever the host (tests of the spread path on hosts with few CPUs,
+    /// benchmarks).
+    Spread,
 }
 
-static SPREAD: AtomicU8 = AtomicU8::new(Spread::Auto as u8);
+static SPREAD: AtomicU8 = AtomicU8::new(VcpuStateThreads::Auto as u8);
 
-/// Sets how this process spreads its side's per-vCPU work (`cpr-vmm --vcpu-state-threads`).
-pub fn set_spread(spread: Spread) {
-    SPREAD.store(spread as u8, Ordering::Relaxed);
+/// Sets who does this process's side of the per-vCPU work.
+pub fn set_vcpu_state_threads(threads: VcpuStateThreads) {
+    SPREAD.store(threads as u8, Ordering::Relaxed);
 }
 
 fn host_cpus() -> usize {
@@ -52,8 +54,8 @@ fn host_cpus() -> usize {
 /// Whether this process spreads the per-vCPU work of a guest with `vcpus` vCPUs.
 pub fn spreads(vcpus: usize) -> bool {
     match SPREAD.load(Ordering::Relaxed) {
-        x if x == Spread::Never as u8 => false,
-        x if x == Spread::Always as u8 => true,
+        x if x == VcpuStateThreads::Serial as u8 => false,
+        x if x == VcpuStateThreads::Spread as u8 => true,
         _ => vcpus > 1 && host_cpus() > vcpus,
     }
 }

@@ -230,7 +230,7 @@ pub fn vcpu_thread(core: &VmCore, index: u8) {
         // Complete a pending I/O exit so that the registers read later are past it; this last
         // exit also stores regs, sregs and events in kvm_run where the host supports it. Not
         // needed after a kick's exit that stored them already (see the module's notes).
-        if !(core.caps.sync_regs && stop == Stop::PausedRegsStored) {
+        if stop != Stop::PausedRegsStored {
             if core.caps.sync_regs {
                 fd.get_kvm_run().kvm_valid_regs = crate::persist::SYNC_REGS_ALL;
             }
