@@ -18,6 +18,67 @@ pub struct Container {
     nspawn: Child,
     /// PID (host view) of the container's systemd.
     pub leader: u32,
+    /// Dropped after `nspawn` (fields drop in order): removed once the container is gone.
+    _cgroup: OwnCgroup,
+}
+
+/// A cgroup of one container's own, made under this process's cgroup in each hierarchy that
+/// nspawn builds a container's tree in (the named `systemd` one and the unified one). Without it
+/// every container of a test process shares one tree, and their systemd instances create, kill
+/// and remove each other's unit cgroups.
+#[derive(Debug)]
+struct OwnCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl OwnCgroup {
+    fn create(name: &str) -> Self {
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+        let unified = if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
+            Path::new("/sys/fs/cgroup/unified") // hybrid
+        } else {
+            Path::new("/sys/fs/cgroup")
+        };
+        let mut dirs = Vec::new();
+        for line in own.lines() {
+            let mut fields = line.splitn(3, ':');
+            let (Some(id), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+                continue;
+            };
+            let base = match (id, controllers) {
+                (_, "name=systemd") => Path::new("/sys/fs/cgroup/systemd"),
+                ("0", "") => unified,
+                _ => continue,
+            };
+            let dir = base.join(path.trim_start_matches('/')).join(name);
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            dirs.push(dir);
+        }
+        assert!(!dirs.is_empty(), "no systemd or unified cgroup hierarchy in {own}");
+        Self { dirs }
+    }
+
+    /// Their `cgroup.procs` files, `:`-separated.
+    fn procs_files(&self) -> String {
+        let files: Vec<String> = self.dirs.iter().map(|d| d.join("cgroup.procs").display().to_string()).collect();
+        files.join(":")
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        fn remove_tree(dir: &Path) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&entry.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        for dir in &self.dirs {
+            remove_tree(dir);
+        }
+    }
 }
 
 fn repo() -> PathBuf {
@@ -163,15 +224,24 @@ impl Container {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let name = format!("cprd{}x{}", std::process::id(), COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
         let log = std::fs::File::create(dir.path().join("nspawn.log")).expect("log");
-        let mut cmd = Command::new("systemd-nspawn");
-        cmd.arg("-D")
-            .arg(&root)
-            .args(["-b", "-M", &name, "--register=no", "--keep-unit", "--console=pipe", "--bind=/dev/kvm"])
-            .args(extra_args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
+        let cgroup = OwnCgroup::create(&name);
+        // `--keep-unit` builds the container's cgroup tree under the cgroup nspawn starts in: a
+        // shell moves itself into this container's own cgroup, then becomes nspawn (same PID).
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"IFS=:; for f in $CPRD_TEST_CGROUP_PROCS; do echo $$ > "$f" || exit 1; done; exec systemd-nspawn "$@""#,
+            "sh",
+        ])
+        .env("CPRD_TEST_CGROUP_PROCS", cgroup.procs_files())
+        .arg("-D")
+        .arg(&root)
+        .args(["-b", "-M", &name, "--register=no", "--keep-unit", "--console=pipe", "--bind=/dev/kvm"])
+        .args(extra_args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
         cpr_spawn::place_fds(&mut cmd, &[], true).expect("a session of its own");
         let nspawn = cmd.spawn().expect("systemd-nspawn");
         running().push(nspawn.id());
@@ -188,7 +258,7 @@ impl Container {
                 .unwrap_or(0);
             leader != 0
         });
-        let mut c = Self { _dir: dir, root, nspawn, leader };
+        let mut c = Self { _dir: dir, root, nspawn, leader, _cgroup: cgroup };
         assert!(found, "the container did not start: {}", c.log());
         let up = wait_until(Duration::from_secs(60), || {
             let o = c.exec(&["systemctl", "is-system-running"]);

@@ -158,6 +158,29 @@ fn list_calls_every_10ms_see_no_failure_across_5_restarts() {
     assert_eq!(fails, 0, "{fails} of {calls} ListVMs calls failed across 5 restarts");
 }
 
+/// The harness's own isolation, which every container test relies on: two containers booted at
+/// once by one test process must not share a cgroup tree. They did: `--keep-unit` takes the
+/// cgroup nspawn runs in, so every container's tree was the host's `/payload`, and one
+/// container's systemd removed the `cprd.service` cgroup another had just created for a restart
+/// (`Failed to attach to cgroup`, status 219, in CI).
+#[test]
+fn containers_booted_at_once_each_have_a_cgroup_tree_of_their_own() {
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Container::boot(&[]));
+        let b = s.spawn(|| Container::boot(&[]));
+        (a.join().expect("boot a"), b.join().expect("boot b"))
+    });
+    let tree = |c: &Container| {
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", c.leader)).expect("the leader's cgroups");
+        cgroups.lines().find(|l| l.contains(":name=systemd:")).map(str::to_owned).expect("a name=systemd line")
+    };
+    assert_ne!(tree(&a), tree(&b), "the two containers' systemd run in one host cgroup");
+    a.sh("mkdir /sys/fs/cgroup/systemd/system.slice/probe-of-a.service");
+    let seen = b.exec(&["test", "-e", "/sys/fs/cgroup/systemd/system.slice/probe-of-a.service"]);
+    assert!(!seen.status.success(), "a cgroup made in one container appears in the other");
+    a.sh("rmdir /sys/fs/cgroup/systemd/system.slice/probe-of-a.service");
+}
+
 #[test]
 fn the_fd_store_alone_brings_every_vm_back() {
     require_kvm();
