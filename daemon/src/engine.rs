@@ -176,6 +176,25 @@ pub fn exit_description(status: std::io::Result<std::process::ExitStatus>) -> St
     }
 }
 
+/// The exit status a `waitid(WEXITED)` that returned `waited` filled into `info`; `None` when it
+/// reaped nothing (not our child, or not yet exited).
+fn siginfo_exit_status(waited: libc::c_int, info: &libc::siginfo_t) -> Option<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    // SAFETY: waitid filled the child fields of `info` (si_pid 0 when it reaped nothing).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if waited != 0 || pid == 0 {
+        return None;
+    }
+    // The raw wait status: exit code in bits 8-15; a signal in bits 0-6, 0x80 for a core dump.
+    let raw = match info.si_code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_KILLED => status & 0x7f,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => return None,
+    };
+    Some(std::process::ExitStatus::from_raw(raw))
+}
+
 /// A VM as the engine holds it.
 #[derive(Debug)]
 pub struct Vm {
@@ -601,7 +620,7 @@ impl Engine {
             // SAFETY: waitid with P_PIDFD takes the pidfd as the id and fills a siginfo_t.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: `pidfd` is open for the call's duration and `info` is writable.
-            let _ = unsafe {
+            let waited = unsafe {
                 libc::waitid(
                     libc::P_PIDFD,
                     u32::try_from(pidfd.as_raw_fd()).unwrap_or(0),
@@ -609,7 +628,12 @@ impl Engine {
                     libc::WEXITED | libc::WNOHANG,
                 )
             };
-            engine.tell(owner::Request::VmmExited { name, pid, how: "exited".into() });
+            let how = match siginfo_exit_status(waited, &info) {
+                Some(status) => exit_description(Ok(status)),
+                None => "exited; how is unknown (its exit status went to the parent it had since a restart of cprd)"
+                    .to_string(),
+            };
+            engine.tell(owner::Request::VmmExited { name, pid, how });
         });
     }
 

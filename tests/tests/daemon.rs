@@ -1419,6 +1419,52 @@ fn a_failed_re_exec_leaks_no_guest_ram_into_later_vmms() {
     console_ok(&s, "vm2");
 }
 
+/// After a re-exec cprd's VMMs are still its children, and cprd reaps them by pidfd: a VMM killed
+/// then is reported with how it ended, as before the re-exec. It was reported as "exited" whatever
+/// ended it, so a SIGKILL (the OOM killer's) read like a clean exit.
+#[test]
+fn a_vmm_killed_after_a_re_exec_of_cprd_is_reported_with_its_signal() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    define_vm(&config, "vm1", "memory = \"64M\"\n");
+    let copy = dir.path().join("cprd");
+    std::fs::copy(cpr_tests::bin("cprd"), &copy).expect("copy cprd");
+    let cprd = Cprd::start_program(&copy, dir.path(), &bus, &config, &[], None);
+    let s = Setup { _dir: dir, _bus: bus, cprd };
+    assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
+    // A "new build": the same program with one byte more (another content id), renamed into place.
+    let mut build = std::fs::read(cpr_tests::bin("cprd")).expect("read cprd");
+    build.push(0);
+    let staged = copy.with_extension("new");
+    std::fs::write(&staged, build).expect("write");
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&staged, &copy).expect("rename");
+    let cprd_pid = nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).unwrap_or(0));
+    nix::sys::signal::kill(cprd_pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    assert!(
+        wait_until(Duration::from_secs(20), || s.cprd.log_text().matches(" ready: ").count() >= 2),
+        "cprd re-executed and finished the reload: {}",
+        s.cprd.log_text()
+    );
+    assert!(s.cprd.log_text().contains("re-executed"), "{}", s.cprd.log_text());
+    let vmm = main_pid(&json(&s.cprd.cprctl(&["--json", "status", "vm1"])));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(vmm).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    assert!(
+        wait_until(Duration::from_secs(10), || json(&s.cprd.cprctl(&["--json", "status", "vm1"]))["state"] == "failed"),
+        "the VM whose VMM was killed is failed"
+    );
+    let log = s.cprd.log_text();
+    let line = log.lines().find(|l| l.contains("died unexpectedly")).unwrap_or_default().to_string();
+    assert!(line.contains("SIGKILL"), "the VMM's end is named: {line:?}\n{log}");
+    assert!(
+        wait_until(Duration::from_secs(5), || !std::path::Path::new(&format!("/proc/{vmm}")).exists()),
+        "and it was reaped, not left a zombie"
+    );
+}
+
 /// Runs `args` as uid and gid 65534 with no supplementary groups (`setpriv`).
 fn as_nobody(args: &[&str]) -> std::process::Output {
     std::process::Command::new("setpriv")
