@@ -288,6 +288,7 @@ impl VmmBackend for CprVmm {
             vmm_uid: uid,
             vmm_release: release,
             paused: false,
+            upgrade_on_resume: false,
         };
         // Kept once the VM runs (a VMM that failed to start takes its pipe along).
         crate::fdstore::push(&crate::console::store_name(&def.name), serial_cprd.as_fd());

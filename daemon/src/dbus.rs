@@ -460,7 +460,7 @@ pub async fn reload(
     conn: &Connection,
     engine: &Arc<Engine>,
     reexec: bool,
-) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+) -> Result<crate::engine::ReloadOutcome, CprdError> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1000)
         .unwrap_or(0);
@@ -474,20 +474,23 @@ pub async fn reload(
 }
 
 /// The part of a reload after the `RELOADING=1` notice (also what a re-executed cprd finishes).
-pub async fn finish_reload(
-    conn: &Connection,
-    engine: &Arc<Engine>,
-) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+pub async fn finish_reload(conn: &Connection, engine: &Arc<Engine>) -> Result<crate::engine::ReloadOutcome, CprdError> {
     let e = Arc::clone(engine);
     let result = blocking(move || e.reload()).await.and_then(|r| r);
     let _ = register_vms(conn, engine).await;
     let status = match &result {
-        Ok(rows) => {
+        Ok(outcome) => {
+            let rows = &outcome.upgrades;
             let ok = rows.iter().filter(|r| r.1).count();
             let failed: Vec<&str> = rows.iter().filter(|r| !r.1).map(|r| r.0.as_str()).collect();
             format!(
-                "reloaded; upgraded {ok} VMs to their new VMM binary{}; {}",
+                "reloaded; upgraded {ok} VMs to their new VMM binary{}{}; {}",
                 if failed.is_empty() { String::new() } else { format!(", failed: {}", failed.join(" ")) },
+                if outcome.deferred.is_empty() {
+                    String::new()
+                } else {
+                    format!(", paused ones move when resumed: {}", outcome.deferred.join(" "))
+                },
                 engine.status_line()
             )
         }

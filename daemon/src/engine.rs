@@ -144,6 +144,11 @@ pub struct VmRecord {
     /// true, so the records of running VMs are as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// A reload found the configured VMM binary of this paused VM changed: resuming it hands it
+    /// to that binary right after (a paused guest is never run to be upgraded). Written only
+    /// when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upgrade_on_resume: bool,
 }
 
 /// The format of the runtime records this cprd writes (`/run/cprd/vms/NAME.json` and the fd
@@ -193,6 +198,16 @@ fn siginfo_exit_status(waited: libc::c_int, info: &libc::siginfo_t) -> Option<st
         _ => return None,
     };
     Some(std::process::ExitStatus::from_raw(raw))
+}
+
+/// What a reload did to the VMs.
+#[derive(Debug, Default)]
+pub struct ReloadOutcome {
+    /// (VM, handed over, downtime µs, error) of each running VM whose configured VMM binary
+    /// changed.
+    pub upgrades: Vec<(String, bool, u64, String)>,
+    /// The paused VMs whose configured VMM binary changed: each is handed to it when resumed.
+    pub deferred: Vec<String>,
 }
 
 /// A VM as the engine holds it.
@@ -669,8 +684,21 @@ impl Engine {
             result.clone().map_err(|why| CprdError::InvalidArgument(format!("VM {name} was not resumed: {why}")));
         self.ask(|reply| owner::Request::Resumed { name: name.to_string(), result, reply });
         // A VM that needed attention had its VMM unwatched; a paused one is watched already.
-        if let (Ok(()), Some(r), VmState::NeedsAttention) = (&outcome, record, was) {
+        if let (Ok(()), Some(r), VmState::NeedsAttention) = (&outcome, &record, was) {
             self.supervise_pid(name, r.main_pid, None);
+        }
+        // A reload while it was paused found its VMM binary changed: hand it over now that it runs.
+        if outcome.is_ok() && was == VmState::Paused && record.is_some_and(|r| r.upgrade_on_resume) {
+            match self.upgrade(name, "") {
+                Ok((downtime, generation)) => tracing::info!(
+                    CPRD_VM = name,
+                    "VM {name} resumed and moved to its changed VMM binary (generation {generation}, downtime {downtime} us)"
+                ),
+                Err(e) => tracing::warn!(
+                    CPRD_VM = name,
+                    "VM {name} resumed on its old VMM: the upgrade to its changed VMM binary failed: {e}"
+                ),
+            }
         }
         outcome
     }
@@ -844,27 +872,41 @@ impl Engine {
     }
 
     /// Re-reads the configuration (a bad file keeps the last good one), then hands every running
-    /// VM whose configured VMM binary changed on disk (content id) to that binary. Returns the
-    /// upgrade results.
-    pub fn reload(self: &Arc<Self>) -> Result<Vec<(String, bool, u64, String)>, CprdError> {
+    /// VM whose configured VMM binary changed on disk (content id) to that binary, and marks
+    /// every paused one to be handed over when it is resumed.
+    pub fn reload(self: &Arc<Self>) -> Result<ReloadOutcome, CprdError> {
         let settings =
             config::load_layered(self.vendor_dir.as_deref(), &self.config_dir).map_err(|e| self.bad_config(e))?;
         let defs = config::load_vms(&settings.vms_dir).map_err(|e| self.bad_config(e))?;
         let settings = Box::new(settings);
         self.ask(|reply| owner::Request::Configure { settings, defs, reply });
         let settings = self.settings();
-        let mut results = Vec::new();
-        for v in self.list().into_iter().filter(|v| v.state == VmState::Running) {
+        let mut outcome = ReloadOutcome::default();
+        for v in self.list().into_iter().filter(|v| matches!(v.state, VmState::Running | VmState::Paused)) {
             let Ok(def) = self.def(&v.name) else { continue };
             let configured = def.vmm_binary.clone().unwrap_or_else(|| Self::default_binary(&settings, &def));
-            if binary_build_id(&configured).is_some_and(|id| id != v.vmm_version) {
-                results.push(match self.upgrade(&v.name, "") {
-                    Ok((d, _)) => (v.name, true, d, String::new()),
-                    Err(e) => (v.name, false, 0, e.to_string()),
-                });
+            if binary_build_id(&configured).is_none_or(|id| id == v.vmm_version) {
+                continue;
             }
+            if v.state == VmState::Paused {
+                let name = v.name.clone();
+                if self.ask(|reply| owner::Request::UpgradeOnResume { name, reply }) {
+                    tracing::info!(
+                        CPRD_VM = v.name,
+                        "VM {} is paused: it moves to its changed VMM binary {} when resumed",
+                        v.name,
+                        configured.display()
+                    );
+                    outcome.deferred.push(v.name);
+                }
+                continue;
+            }
+            outcome.upgrades.push(match self.upgrade(&v.name, "") {
+                Ok((d, _)) => (v.name, true, d, String::new()),
+                Err(e) => (v.name, false, 0, e.to_string()),
+            });
         }
-        Ok(results)
+        Ok(outcome)
     }
 
     fn bad_config(&self, e: config::ConfigError) -> CprdError {

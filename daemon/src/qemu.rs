@@ -569,6 +569,7 @@ impl Qemu {
             vmm_uid: None,
             vmm_release: String::new(),
             paused: false,
+            upgrade_on_resume: false,
         }
     }
 }

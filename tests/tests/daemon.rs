@@ -476,6 +476,74 @@ fn pause_holds_the_guest_still_across_a_restart_until_resume() {
     assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "p"]))["state"], "stopped");
 }
 
+/// A package upgrade replaces the configured VMM binary while a VM is paused: the reload moves the
+/// running VMs, and the paused one is never run to be moved (its guest stays still) but is marked
+/// (in its record, so across a restart of cprd) and handed to the new binary as soon as it is
+/// resumed. It stayed on the old binary for good, with nothing said.
+#[test]
+fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let vmm = bin.join("cpr-vmm");
+    std::fs::copy(cpr_tests::bin("cpr-vmm"), &vmm).expect("copy cpr-vmm");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[&format!("{}/*", bin.display())]);
+    let toml = std::fs::read_to_string(config.join("cprd.toml")).expect("read");
+    let toml = toml.replace(
+        &format!("default = {:?}", cpr_tests::bin("cpr-vmm").display().to_string()),
+        &format!("default = {:?}", vmm.display().to_string()),
+    );
+    std::fs::write(config.join("cprd.toml"), toml).expect("write");
+    define_vm(&config, "run", "memory = \"64M\"\n");
+    define_vm(&config, "still", "memory = \"64M\"\n");
+    let cprd = Cprd::start(dir.path(), &bus, &config);
+    let mut s = Setup { _dir: dir, _bus: bus, cprd };
+    for vm in ["run", "still"] {
+        assert!(s.cprd.cprctl(&["start", vm]).status.success());
+    }
+    assert!(s.cprd.cprctl(&["pause", "still"]).status.success());
+    let paused = json(&s.cprd.cprctl(&["--json", "status", "still"]));
+    // The package manager's way: a new build renamed over the configured binary.
+    let staged = bin.join(".cpr-vmm.new");
+    let mut bytes = std::fs::read(cpr_tests::bin("cpr-vmm")).expect("read");
+    bytes.extend_from_slice(b"\0rebuilt");
+    std::fs::write(&staged, &bytes).expect("write");
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&staged, &vmm).expect("replace");
+    let reload = s.cprd.cprctl(&["reload"]);
+    assert!(reload.status.success(), "{}", text(&reload));
+    let run = json(&s.cprd.cprctl(&["--json", "status", "run"]));
+    assert_eq!(run["generation"], 1, "the running VM moved: {run}");
+    let still = json(&s.cprd.cprctl(&["--json", "status", "still"]));
+    assert_eq!(still["state"], "paused");
+    assert_eq!(still["generation"], paused["generation"], "a paused VM is not run to be moved: {still}");
+    let (a, b) = counter_moves(&s, "still");
+    assert_eq!(a, b, "and its guest stayed still");
+    assert!(s.cprd.log_text().contains("moves to its changed VMM binary"), "{}", s.cprd.log_text());
+    // The mark is in the record: a restart of cprd keeps it.
+    s.cprd.kill9();
+    let dir = s.cprd.runtime_dir.parent().expect("dir").to_path_buf();
+    s.cprd = Cprd::start(&dir, &s._bus, &config);
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "still"]))["state"], "paused");
+    let resume = s.cprd.cprctl(&["resume", "still"]);
+    assert!(resume.status.success(), "{}", text(&resume));
+    let still = json(&s.cprd.cprctl(&["--json", "status", "still"]));
+    let run = json(&s.cprd.cprctl(&["--json", "status", "run"]));
+    assert_eq!(still["state"], "running");
+    assert_eq!(still["generation"], 1, "resumed, then handed to the changed binary: {still}");
+    assert_eq!(still["vmm_version"], run["vmm_version"], "the same build as the VM the reload moved");
+    let (a, b) = counter_moves(&s, "still");
+    assert!(b > a, "the guest runs on the new VMM: {a} then {b}");
+    // Done once: another pause and resume is no upgrade.
+    assert!(s.cprd.cprctl(&["pause", "still"]).status.success());
+    assert!(s.cprd.cprctl(&["resume", "still"]).status.success());
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "still"]))["generation"], 1);
+}
+
 #[test]
 fn kill_9_of_cprd_leaves_vms_running_and_reattaches_them() {
     let names = ["a", "b", "c", "d", "e"];

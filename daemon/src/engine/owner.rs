@@ -119,6 +119,9 @@ pub enum Request {
     Resumed { name: String, result: Result<(), String>, reply: Reply<()> },
     /// An operator's pause ended (`Ok`: the VMM on record holds the guest paused).
     Paused { name: String, result: Result<(), String>, reply: Reply<()> },
+    /// A reload found the configured VMM binary of a VM changed: if it is paused, mark it to be
+    /// upgraded when resumed (persisted); the answer says whether it was marked.
+    UpgradeOnResume { name: String, reply: Reply<bool> },
     /// A handoff ended; the answer is the upgrade's result.
     HandoffEnded { name: String, end: HandoffEnd, reply: Reply<Result<(u64, u64), CprdError>> },
     /// An upgrade attempt ended (`id`: when it began): logged, kept in the history, signalled.
@@ -210,6 +213,10 @@ impl Table {
             Request::Resumed { name, result, reply } => {
                 self.resumed(&name, result);
                 answer(reply, ());
+            }
+            Request::UpgradeOnResume { name, reply } => {
+                let marked = self.upgrade_on_resume(&name);
+                answer(reply, marked);
             }
             Request::Paused { name, result, reply } => {
                 self.paused(&name, result);
@@ -483,8 +490,10 @@ impl Table {
                 vm.state = VmState::Running;
                 vm.attention = None;
                 vm.other_pids.clear();
+                // The engine decides on an upgrade due at resume from the record it claimed.
                 let pid = vm.record.as_mut().map_or(0, |r| {
                     r.paused = false;
+                    r.upgrade_on_resume = false;
                     r.main_pid
                 });
                 self.journal(name).remove();
@@ -499,6 +508,16 @@ impl Table {
             Err(_) => vm.state = VmState::Paused,
         }
         self.emit(name);
+    }
+
+    fn upgrade_on_resume(&mut self, name: &str) -> bool {
+        let Some(vm) = self.vms.get_mut(name) else { return false };
+        let Some(record) = vm.record.as_mut().filter(|_| vm.state == VmState::Paused) else { return false };
+        if !record.upgrade_on_resume {
+            record.upgrade_on_resume = true;
+            self.persist(name);
+        }
+        true
     }
 
     fn paused(&mut self, name: &str, result: Result<(), String>) {

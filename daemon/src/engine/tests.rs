@@ -82,6 +82,7 @@ impl VmmBackend for Fake {
             vmm_uid: None,
             vmm_release: "fake 1".into(),
             paused: false,
+            upgrade_on_resume: false,
         };
         Ok((record, memfd, child))
     }
