@@ -202,7 +202,8 @@ impl Manager {
     }
 
     /// Pauses a running VM's guest in its VMM (every vCPU stopped, the VMM kept); `ResumeVM` runs
-    /// it again. A paused VM is not upgraded.
+    /// it again. A paused guest is never run to be upgraded (`UpgradeVM` refuses; a reload marks
+    /// the VM to be moved once it runs).
     #[zbus(name = "PauseVM")]
     async fn pause_vm(
         &self,
@@ -217,7 +218,9 @@ impl Manager {
     }
 
     /// Runs a paused VM's guest again; or makes the VMM on record of a VM that needs attention
-    /// run its guest again (refused while another VMM that may hold the guest lives).
+    /// run its guest again (refused while another VMM that may hold the guest lives). A VM a
+    /// reload marked meanwhile is then handed to its changed VMM binary before this returns (the
+    /// guest runs either way; a failed handoff is in the journal and `GetUpgrades`).
     #[zbus(name = "ResumeVM")]
     async fn resume_vm(
         &self,
@@ -489,7 +492,7 @@ pub async fn finish_reload(conn: &Connection, engine: &Arc<Engine>) -> Result<cr
                 if outcome.deferred.is_empty() {
                     String::new()
                 } else {
-                    format!(", paused ones move when resumed: {}", outcome.deferred.join(" "))
+                    format!(", moved once their guest runs: {}", outcome.deferred.join(" "))
                 },
                 engine.status_line()
             )

@@ -372,6 +372,9 @@ pub struct Engine {
     events: tokio::sync::broadcast::Sender<Event>,
     /// The backends (the real ones, or a fake one in the engine's tests).
     backends: backend::Backends,
+    /// The VMMs a thread of this process waits for as their parent ([`Engine::supervise_child`]):
+    /// the one that reports how each ended, so no pidfd watcher is added beside it.
+    reaped_by_parent: Mutex<std::collections::HashSet<u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -456,7 +459,15 @@ impl Engine {
             .name("cprd-state".into())
             .spawn(move || owner::serve(table, inbox))
             .map_err(|e| config::ConfigError { file: runtime_dir.clone(), message: format!("cannot start: {e}") })?;
-        Ok(Arc::new(Self { vendor_dir, config_dir, runtime_dir, owner: requests, events, backends }))
+        Ok(Arc::new(Self {
+            vendor_dir,
+            config_dir,
+            runtime_dir,
+            owner: requests,
+            events,
+            backends,
+            reaped_by_parent: Mutex::new(std::collections::HashSet::new()),
+        }))
     }
 
     /// Sends the owner a request and waits for its answer.
@@ -610,9 +621,11 @@ impl Engine {
     fn supervise_child(self: &Arc<Self>, name: &str, mut child: Child) {
         let engine = Arc::clone(self);
         let name = name.to_string();
+        lock(&self.reaped_by_parent).insert(child.id());
         let _ = std::thread::Builder::new().name(format!("reap-{name}")).spawn(move || {
             let pid = child.id();
             let how = exit_description(child.wait());
+            lock(&engine.reaped_by_parent).remove(&pid);
             engine.tell(owner::Request::VmmExited { name, pid, how });
         });
     }
@@ -620,6 +633,9 @@ impl Engine {
     /// Tells the owner when a VMM that is not our child (re-attached after a restart) dies.
     /// (The pidfd kept in systemd's fd store is used when it is for this `pid`.)
     fn supervise_pid(self: &Arc<Self>, name: &str, pid: u32, stored: Option<OwnedFd>) {
+        if lock(&self.reaped_by_parent).contains(&pid) {
+            return; // its reaper reports how it ended (a VM that needed attention, resumed)
+        }
         let engine = Arc::clone(self);
         let name = name.to_string();
         let stored = stored.filter(|fd| crate::fdstore::pidfd_pid(fd) == Some(pid));
@@ -687,25 +703,16 @@ impl Engine {
         if let (Ok(()), Some(r), VmState::NeedsAttention) = (&outcome, &record, was) {
             self.supervise_pid(name, r.main_pid, None);
         }
-        // A reload while it was paused found its VMM binary changed: hand it over now that it runs.
-        if outcome.is_ok() && was == VmState::Paused && record.is_some_and(|r| r.upgrade_on_resume) {
-            match self.upgrade(name, "") {
-                Ok((downtime, generation)) => tracing::info!(
-                    CPRD_VM = name,
-                    "VM {name} resumed and moved to its changed VMM binary (generation {generation}, downtime {downtime} us)"
-                ),
-                Err(e) => tracing::warn!(
-                    CPRD_VM = name,
-                    "VM {name} resumed on its old VMM: the upgrade to its changed VMM binary failed: {e}"
-                ),
-            }
+        // A reload while it did not run found its VMM binary changed: hand it over now that it runs.
+        if outcome.is_ok() {
+            self.run_due_upgrade(name);
         }
         outcome
     }
 
     /// Pauses a running VM's guest in its VMM (an operator's request); `resume` runs it again.
     /// Pausing a paused VM is a no-op.
-    pub fn pause(&self, name: &str) -> Result<(), CprdError> {
+    pub fn pause(self: &Arc<Self>, name: &str) -> Result<(), CprdError> {
         let owner::Claim::Claimed { def, record, .. } = self.claim(name, owner::Purpose::Pause)? else {
             return Ok(());
         };
@@ -716,6 +723,10 @@ impl Engine {
         let outcome =
             result.clone().map_err(|why| CprdError::InvalidArgument(format!("VM {name} was not paused: {why}")));
         self.ask(|reply| owner::Request::Paused { name: name.to_string(), result, reply });
+        // A failed pause leaves the guest running; a reload may have marked it meanwhile.
+        if outcome.is_err() {
+            self.run_due_upgrade(name);
+        }
         outcome
     }
 
@@ -799,6 +810,7 @@ impl Engine {
                 record.vmm_release.clone_from(&up.release);
                 record.last_downtime_usec = up.downtime_usec;
                 record.vmm_uid = uid;
+                record.upgrade_on_resume = false;
                 (owner::HandoffEnd::Committed(record), up.child)
             }
             Err(backend::UpgradeError::RolledBack(m)) if cpr_handoff::process::is_gone(record.main_pid) => {
@@ -882,31 +894,57 @@ impl Engine {
         self.ask(|reply| owner::Request::Configure { settings, defs, reply });
         let settings = self.settings();
         let mut outcome = ReloadOutcome::default();
-        for v in self.list().into_iter().filter(|v| matches!(v.state, VmState::Running | VmState::Paused)) {
+        for v in self.list() {
             let Ok(def) = self.def(&v.name) else { continue };
             let configured = def.vmm_binary.clone().unwrap_or_else(|| Self::default_binary(&settings, &def));
-            if binary_build_id(&configured).is_none_or(|id| id == v.vmm_version) {
-                continue;
-            }
-            if v.state == VmState::Paused {
-                let name = v.name.clone();
-                if self.ask(|reply| owner::Request::UpgradeOnResume { name, reply }) {
+            let due = binary_build_id(&configured).is_some_and(|id| id != v.vmm_version);
+            // The owner decides on the VM's state of now, not the list's: a pause or a resume may
+            // have moved it since.
+            let name = v.name.clone();
+            match self.ask(|reply| owner::Request::MarkUpgradeDue { name, due, reply }) {
+                owner::Due::Nothing => {}
+                owner::Due::Running => outcome.upgrades.push(match self.upgrade(&v.name, "") {
+                    Ok((d, _)) => (v.name, true, d, String::new()),
+                    Err(e) => (v.name, false, 0, e.to_string()),
+                }),
+                owner::Due::Marked => {
                     tracing::info!(
                         CPRD_VM = v.name,
-                        "VM {} is paused: it moves to its changed VMM binary {} when resumed",
+                        "VM {} does not run its guest now: it moves to its changed VMM binary {} once it does",
                         v.name,
                         configured.display()
                     );
                     outcome.deferred.push(v.name);
                 }
-                continue;
+                owner::Due::Busy(state) => {
+                    let why = format!("VM {} is {}: not moved to its changed VMM binary", v.name, state.as_str());
+                    outcome.upgrades.push((v.name, false, 0, why));
+                }
             }
-            outcome.upgrades.push(match self.upgrade(&v.name, "") {
-                Ok((d, _)) => (v.name, true, d, String::new()),
-                Err(e) => (v.name, false, 0, e.to_string()),
-            });
         }
         Ok(outcome)
+    }
+
+    /// Hands VM `name` to its configured VMM binary if a reload marked it while its guest did not
+    /// run ([`owner::Due::Marked`]) and the guest runs now. A failed handoff takes the mark back
+    /// (the guest runs on in its old VMM; the next reload tries again).
+    pub fn run_due_upgrade(self: &Arc<Self>, name: &str) {
+        if !self.ask(|reply| owner::Request::UpgradeDue { name: name.to_string(), reply }) {
+            return;
+        }
+        match self.upgrade(name, "") {
+            Ok((downtime, generation)) => tracing::info!(
+                CPRD_VM = name,
+                "VM {name} moved to its changed VMM binary now that its guest runs (generation {generation}, downtime {downtime} us)"
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    CPRD_VM = name,
+                    "VM {name} runs on its old VMM: the due move to its changed VMM binary failed: {e}"
+                );
+                self.ask(|reply| owner::Request::MarkUpgradeDue { name: name.to_string(), due: false, reply });
+            }
+        }
     }
 
     fn bad_config(&self, e: config::ConfigError) -> CprdError {

@@ -103,6 +103,16 @@ async fn run(
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)]);
     }
     tracing::info!("cprd {} ready: {}", VERSION, engine.status_line());
+    {
+        // A VM a reload marked while its guest did not run, whose guest runs now (cprd ended
+        // between its resume and the handoff): moved in the background, after READY.
+        let e = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || {
+            for name in e.names() {
+                e.run_due_upgrade(&name);
+            }
+        });
+    }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let period = interval / 2;
         tokio::spawn(async move {

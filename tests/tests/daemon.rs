@@ -542,6 +542,24 @@ fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
     assert!(s.cprd.cprctl(&["pause", "still"]).status.success());
     assert!(s.cprd.cprctl(&["resume", "still"]).status.success());
     assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "still"]))["generation"], 1);
+    // A mark a later reload finds stale is taken back: build C marks the paused VM, then build B
+    // (the one it runs) comes back before it is resumed.
+    assert!(s.cprd.cprctl(&["pause", "still"]).status.success());
+    let install = |extra: &[u8]| {
+        let mut bytes = std::fs::read(cpr_tests::bin("cpr-vmm")).expect("read");
+        bytes.extend_from_slice(extra);
+        std::fs::write(&staged, &bytes).expect("write");
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&staged, &vmm).expect("replace");
+    };
+    install(b"\0build C");
+    assert!(s.cprd.cprctl(&["reload"]).status.success());
+    install(b"\0rebuilt");
+    assert!(s.cprd.cprctl(&["reload"]).status.success());
+    assert!(s.cprd.cprctl(&["resume", "still"]).status.success());
+    let still = json(&s.cprd.cprctl(&["--json", "status", "still"]));
+    assert_eq!(still["generation"], 1, "no move: it runs the configured build already: {still}");
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "run"]))["generation"], 3, "run moved to C and back");
 }
 
 #[test]

@@ -90,6 +90,20 @@ pub enum NotReattached {
     },
 }
 
+/// What became of a reload's finding that a VM's configured VMM binary changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// The VM runs: the reload upgrades it now.
+    Running,
+    /// Its guest does not run (paused, being resumed or re-attached, needing attention): marked
+    /// in its record, it is upgraded as soon as its guest runs.
+    Marked,
+    /// In another operation (starting, upgrading, stopping): the reload reports it as not moved.
+    Busy(VmState),
+    /// No VMM on record; or a mark was taken back.
+    Nothing,
+}
+
 /// A request to the owner of cprd's state.
 #[derive(Debug)]
 pub enum Request {
@@ -119,9 +133,13 @@ pub enum Request {
     Resumed { name: String, result: Result<(), String>, reply: Reply<()> },
     /// An operator's pause ended (`Ok`: the VMM on record holds the guest paused).
     Paused { name: String, result: Result<(), String>, reply: Reply<()> },
-    /// A reload found the configured VMM binary of a VM changed: if it is paused, mark it to be
-    /// upgraded when resumed (persisted); the answer says whether it was marked.
-    UpgradeOnResume { name: String, reply: Reply<bool> },
+    /// A reload compared a VM's VMM with its configured binary (`due`: they differ): a running VM
+    /// is the reload's to upgrade; a paused one (or one being resumed, re-attached, or needing
+    /// attention) is marked, persisted, to be upgraded as soon as its guest runs; `due` false
+    /// takes a mark back.
+    MarkUpgradeDue { name: String, due: bool, reply: Reply<Due> },
+    /// Whether an upgrade is due now: the VM runs and its record is marked.
+    UpgradeDue { name: String, reply: Reply<bool> },
     /// A handoff ended; the answer is the upgrade's result.
     HandoffEnded { name: String, end: HandoffEnd, reply: Reply<Result<(u64, u64), CprdError>> },
     /// An upgrade attempt ended (`id`: when it began): logged, kept in the history, signalled.
@@ -214,9 +232,16 @@ impl Table {
                 self.resumed(&name, result);
                 answer(reply, ());
             }
-            Request::UpgradeOnResume { name, reply } => {
-                let marked = self.upgrade_on_resume(&name);
-                answer(reply, marked);
+            Request::MarkUpgradeDue { name, due, reply } => {
+                let answer_ = self.mark_upgrade_due(&name, due);
+                answer(reply, answer_);
+            }
+            Request::UpgradeDue { name, reply } => {
+                let vm = self.vms.get(&name);
+                let due = vm.is_some_and(|vm| {
+                    vm.state == VmState::Running && vm.record.as_ref().is_some_and(|r| r.upgrade_on_resume)
+                });
+                answer(reply, due);
             }
             Request::Paused { name, result, reply } => {
                 self.paused(&name, result);
@@ -490,10 +515,8 @@ impl Table {
                 vm.state = VmState::Running;
                 vm.attention = None;
                 vm.other_pids.clear();
-                // The engine decides on an upgrade due at resume from the record it claimed.
                 let pid = vm.record.as_mut().map_or(0, |r| {
                     r.paused = false;
-                    r.upgrade_on_resume = false;
                     r.main_pid
                 });
                 self.journal(name).remove();
@@ -510,14 +533,25 @@ impl Table {
         self.emit(name);
     }
 
-    fn upgrade_on_resume(&mut self, name: &str) -> bool {
-        let Some(vm) = self.vms.get_mut(name) else { return false };
-        let Some(record) = vm.record.as_mut().filter(|_| vm.state == VmState::Paused) else { return false };
+    fn mark_upgrade_due(&mut self, name: &str, due: bool) -> Due {
+        let Some(vm) = self.vms.get_mut(name) else { return Due::Nothing };
+        let state = vm.state;
+        let Some(record) = vm.record.as_mut() else { return Due::Nothing };
+        if !due || state == VmState::Running {
+            if record.upgrade_on_resume {
+                record.upgrade_on_resume = false;
+                self.persist(name);
+            }
+            return if due { Due::Running } else { Due::Nothing };
+        }
+        if !matches!(state, VmState::Paused | VmState::NeedsAttention | VmState::Starting) {
+            return Due::Busy(state);
+        }
         if !record.upgrade_on_resume {
             record.upgrade_on_resume = true;
             self.persist(name);
         }
-        true
+        Due::Marked
     }
 
     fn paused(&mut self, name: &str, result: Result<(), String>) {
