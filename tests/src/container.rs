@@ -34,24 +34,28 @@ struct OwnCgroup {
 impl OwnCgroup {
     fn create(name: &str) -> Self {
         let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-        let unified = if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
-            Path::new("/sys/fs/cgroup/unified") // hybrid
-        } else {
-            Path::new("/sys/fs/cgroup")
-        };
+        // Where the unified hierarchy is mounted: beside the v1 ones (hybrid) or as the root.
+        let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.join("cgroup.controllers").exists());
         let mut dirs = Vec::new();
         for line in own.lines() {
             let mut fields = line.splitn(3, ':');
             let (Some(id), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
                 continue;
             };
-            let base = match (id, controllers) {
-                (_, "name=systemd") => Path::new("/sys/fs/cgroup/systemd"),
-                ("0", "") => unified,
+            let base = match (id, controllers, unified) {
+                (_, "name=systemd", _) => Path::new("/sys/fs/cgroup/systemd"),
+                ("0", "", Some(unified)) => unified,
                 _ => continue,
             };
             let dir = base.join(path.trim_start_matches('/')).join(name);
-            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            match std::fs::create_dir(&dir) {
+                // Left by a process of the same PID that died before it removed its containers'.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                other => other.unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display())),
+            }
             dirs.push(dir);
         }
         assert!(!dirs.is_empty(), "no systemd or unified cgroup hierarchy in {own}");
@@ -66,17 +70,30 @@ impl OwnCgroup {
 }
 
 impl Drop for OwnCgroup {
+    /// Removes the cgroups, leaves first. A container's last processes may still be exiting (its
+    /// nspawn was killed): each removal is retried for up to 10 s, and one that still fails is
+    /// reported, not ignored.
     fn drop(&mut self) {
-        fn remove_tree(dir: &Path) {
-            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        fn remove_tree(dir: &Path) -> std::io::Result<()> {
+            for entry in std::fs::read_dir(dir)?.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    remove_tree(&entry.path());
+                    remove_tree(&entry.path())?;
                 }
             }
-            let _ = std::fs::remove_dir(dir);
+            match std::fs::remove_dir(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
         }
         for dir in &self.dirs {
-            remove_tree(dir);
+            let mut last = Ok(());
+            let removed = wait_until(Duration::from_secs(10), || {
+                last = remove_tree(dir);
+                last.is_ok()
+            });
+            if !removed {
+                eprintln!("container cgroup {} is left behind: {last:?}", dir.display());
+            }
         }
     }
 }
