@@ -238,7 +238,8 @@ pub fn run(dir: &Path, vms: usize, rounds: usize, seed: u64, mut say: impl FnMut
             let old_pid = pid_of(was);
             if committed
                 && old_pid != pid_of(&now)
-                && !wait_until(Duration::from_secs(5), || crate::process_gone(old_pid))
+                // (it exits at nice 19, its handoff weight: its teardown may take a while)
+                && !wait_until(Duration::from_secs(30), || crate::process_gone(old_pid))
             {
                 report.defects.push(Loss {
                     round,

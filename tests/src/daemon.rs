@@ -13,7 +13,9 @@ use crate::{bin, bin_dir, wait_until};
 pub struct PrivateBus {
     /// The bus address.
     pub address: String,
-    pid: i32,
+    /// The daemon's PID; 0 once it was killed (it is not our child, so its PID may be reused by
+    /// then: it must not be signalled again).
+    pid: std::sync::atomic::AtomicI32,
 }
 
 impl PrivateBus {
@@ -57,20 +59,28 @@ impl PrivateBus {
         // Let other users (the uid 65534 tests) reach the socket.
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-        Self { address, pid }
+        Self { address, pid: std::sync::atomic::AtomicI32::new(pid) }
+    }
+
+    /// Sends `signal` to the daemon, once at most.
+    fn signal_once(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.pid.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if pid > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
     }
 }
 
 impl PrivateBus {
     /// Ends the bus daemon now (SIGKILL), as a crash of the system bus would.
     pub fn kill(&self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
+        self.signal_once(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
 impl Drop for PrivateBus {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGTERM);
+        self.signal_once(nix::sys::signal::Signal::SIGTERM);
     }
 }
 

@@ -508,12 +508,12 @@ fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
     assert!(s.cprd.cprctl(&["pause", "still"]).status.success());
     let paused = json(&s.cprd.cprctl(&["--json", "status", "still"]));
     // The package manager's way: a new build renamed over the configured binary.
-    let staged = bin.join(".cpr-vmm.new");
-    let mut bytes = std::fs::read(cpr_tests::bin("cpr-vmm")).expect("read");
-    bytes.extend_from_slice(b"\0rebuilt");
-    std::fs::write(&staged, &bytes).expect("write");
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::rename(&staged, &vmm).expect("replace");
+    let install = |extra: &[u8]| {
+        let mut bytes = std::fs::read(cpr_tests::bin("cpr-vmm")).expect("read");
+        bytes.extend_from_slice(extra);
+        install_by_rename(&vmm, &bytes);
+    };
+    install(b"\0rebuilt");
     let reload = s.cprd.cprctl(&["reload"]);
     assert!(reload.status.success(), "{}", text(&reload));
     let run = json(&s.cprd.cprctl(&["--json", "status", "run"]));
@@ -545,13 +545,6 @@ fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
     // A mark a later reload finds stale is taken back: build C marks the paused VM, then build B
     // (the one it runs) comes back before it is resumed.
     assert!(s.cprd.cprctl(&["pause", "still"]).status.success());
-    let install = |extra: &[u8]| {
-        let mut bytes = std::fs::read(cpr_tests::bin("cpr-vmm")).expect("read");
-        bytes.extend_from_slice(extra);
-        std::fs::write(&staged, &bytes).expect("write");
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::rename(&staged, &vmm).expect("replace");
-    };
     install(b"\0build C");
     assert!(s.cprd.cprctl(&["reload"]).status.success());
     install(b"\0rebuilt");
@@ -836,7 +829,15 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
     let notify_env = notify_path.to_string_lossy().into_owned();
     let cprd = Cprd::start_with_env(dir.path(), &bus, &config, &[("NOTIFY_SOCKET", &notify_env)]);
     let s = Setup { _dir: dir, _bus: bus, cprd };
-    assert!(notifications(&mut notify).iter().any(|m| m.contains("READY=1")), "no READY=1 at start");
+    // cprd says READY=1 after it took its bus name (which is all `Cprd::start` waits for).
+    let mut at_start = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            at_start.extend(notifications(&mut notify));
+            at_start.iter().any(|m| m.contains("READY=1"))
+        }),
+        "no READY=1 at start: {at_start:?}"
+    );
     for vm in ["vm1", "vm2"] {
         assert!(s.cprd.cprctl(&["start", vm]).status.success());
     }
@@ -896,8 +897,9 @@ fn cprd_dying_right_after_a_handoff_adopts_the_new_vmm_on_restart() {
     assert_ne!(after["main_pid"], before["main_pid"]);
     assert_eq!(autogroup(main_pid(&after)).1, 0, "the adopted VMM is no longer weighted for its handoff");
     let old = before["main_pid"].as_u64().unwrap_or(0);
+    // It exits at nice 19 (its handoff weight) beside busy guests: its teardown may take a while.
     assert!(
-        wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{old}")).exists()
+        wait_until(Duration::from_secs(30), || !Path::new(&format!("/proc/{old}")).exists()
             || cpr_tests::is_zombie(u32::try_from(old).unwrap_or(0))),
         "the old VMM is gone"
     );
@@ -1470,28 +1472,47 @@ fn guest_ram_inodes(pid: u32) -> std::collections::BTreeSet<u64> {
     .collect()
 }
 
+/// A cprd started from a copy of this build's binary (which a test may replace on disk), with
+/// `vms` defined (64 MiB each); and the copy's path.
+fn setup_from_a_cprd_copy(vms: &[&str]) -> (Setup, PathBuf) {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = PrivateBus::start(dir.path());
+    let config = write_config(dir.path(), &[]);
+    for vm in vms {
+        define_vm(&config, vm, "memory = \"64M\"\n");
+    }
+    let copy = dir.path().join("cprd");
+    std::fs::copy(cpr_tests::bin("cprd"), &copy).expect("copy cprd");
+    let cprd = Cprd::start_program(&copy, dir.path(), &bus, &config, &[], None);
+    (Setup { _dir: dir, _bus: bus, cprd }, copy)
+}
+
+/// Replaces the executable at `path` the way a package manager does: `bytes` in a new file (mode
+/// 0755) renamed over it.
+fn install_by_rename(path: &Path, bytes: &[u8]) {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, bytes).expect("write");
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&staged, path).expect("rename");
+}
+
+/// Sends SIGHUP to `cprd` (what `systemctl reload` does).
+fn sighup(cprd: &Cprd) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(cprd.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+}
+
 /// Issue 15: a re-exec of cprd (SIGHUP after its binary changed) that failed left every held fd
 /// inheritable, so each VMM started afterwards got every other guest's RAM (vm1's memfd in vm2's
 /// VMM). Now a failed re-exec makes them close-on-exec again and cprd reloads in place.
 #[test]
 fn a_failed_re_exec_leaks_no_guest_ram_into_later_vmms() {
-    require_kvm();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bus = PrivateBus::start(dir.path());
-    let config = write_config(dir.path(), &[]);
-    define_vm(&config, "vm1", "memory = \"64M\"\n");
-    define_vm(&config, "vm2", "memory = \"64M\"\n");
-    let copy = dir.path().join("cprd");
-    std::fs::copy(cpr_tests::bin("cprd"), &copy).expect("copy cprd");
-    let cprd = Cprd::start_program(&copy, dir.path(), &bus, &config, &[], None);
-    let s = Setup { _dir: dir, _bus: bus, cprd };
+    let (s, copy) = setup_from_a_cprd_copy(&["vm1", "vm2"]);
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
     // A "new build" that cannot be executed: its interpreter does not exist.
-    std::fs::remove_file(&copy).expect("rm");
-    std::fs::write(&copy, "#!/nonexistent/interpreter\n").expect("write");
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let cprd_pid = nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).unwrap_or(0));
-    nix::sys::signal::kill(cprd_pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    install_by_rename(&copy, b"#!/nonexistent/interpreter\n");
+    sighup(&s.cprd);
     assert!(
         wait_until(Duration::from_secs(10), || s.cprd.log_text().contains("cannot re-execute")),
         "the re-exec failed and was logged: {}",
@@ -1510,25 +1531,13 @@ fn a_failed_re_exec_leaks_no_guest_ram_into_later_vmms() {
 /// ended it, so a SIGKILL (the OOM killer's) read like a clean exit.
 #[test]
 fn a_vmm_killed_after_a_re_exec_of_cprd_is_reported_with_its_signal() {
-    require_kvm();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bus = PrivateBus::start(dir.path());
-    let config = write_config(dir.path(), &[]);
-    define_vm(&config, "vm1", "memory = \"64M\"\n");
-    let copy = dir.path().join("cprd");
-    std::fs::copy(cpr_tests::bin("cprd"), &copy).expect("copy cprd");
-    let cprd = Cprd::start_program(&copy, dir.path(), &bus, &config, &[], None);
-    let s = Setup { _dir: dir, _bus: bus, cprd };
+    let (s, copy) = setup_from_a_cprd_copy(&["vm1"]);
     assert!(s.cprd.cprctl(&["start", "vm1"]).status.success());
-    // A "new build": the same program with one byte more (another content id), renamed into place.
+    // A "new build": the same program with one byte more (another content id).
     let mut build = std::fs::read(cpr_tests::bin("cprd")).expect("read cprd");
     build.push(0);
-    let staged = copy.with_extension("new");
-    std::fs::write(&staged, build).expect("write");
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::rename(&staged, &copy).expect("rename");
-    let cprd_pid = nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).unwrap_or(0));
-    nix::sys::signal::kill(cprd_pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    install_by_rename(&copy, &build);
+    sighup(&s.cprd);
     assert!(
         wait_until(Duration::from_secs(20), || s.cprd.log_text().matches(" ready: ").count() >= 2),
         "cprd re-executed and finished the reload: {}",
