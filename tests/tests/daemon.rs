@@ -476,6 +476,26 @@ fn pause_holds_the_guest_still_across_a_restart_until_resume() {
     assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "p"]))["state"], "stopped");
 }
 
+/// A configuration in `dir` whose default VMM binary is a copy of cpr-vmm in `dir/bin` (allowed),
+/// which a test may replace as a package upgrade would; returns the copy's path and the
+/// configuration directory.
+fn config_with_a_replaceable_vmm(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let vmm = bin.join("cpr-vmm");
+    std::fs::copy(cpr_tests::bin("cpr-vmm"), &vmm).expect("copy cpr-vmm");
+    let config = write_config(dir, &[&format!("{}/*", bin.display())]);
+    let toml = std::fs::read_to_string(config.join("cprd.toml")).expect("read");
+    let toml = toml.replace(
+        &format!("default = {:?}", cpr_tests::bin("cpr-vmm").display().to_string()),
+        &format!("default = {:?}", vmm.display().to_string()),
+    );
+    std::fs::write(config.join("cprd.toml"), toml).expect("write");
+    (vmm, config)
+}
+
 /// A package upgrade replaces the configured VMM binary while a VM is paused: the reload moves the
 /// running VMs, and the paused one is never run to be moved (its guest stays still) but is marked
 /// (in its record, so across a restart of cprd) and handed to the new binary as soon as it is
@@ -484,20 +504,8 @@ fn pause_holds_the_guest_still_across_a_restart_until_resume() {
 fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).expect("mkdir");
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let vmm = bin.join("cpr-vmm");
-    std::fs::copy(cpr_tests::bin("cpr-vmm"), &vmm).expect("copy cpr-vmm");
+    let (vmm, config) = config_with_a_replaceable_vmm(dir.path());
     let bus = PrivateBus::start(dir.path());
-    let config = write_config(dir.path(), &[&format!("{}/*", bin.display())]);
-    let toml = std::fs::read_to_string(config.join("cprd.toml")).expect("read");
-    let toml = toml.replace(
-        &format!("default = {:?}", cpr_tests::bin("cpr-vmm").display().to_string()),
-        &format!("default = {:?}", vmm.display().to_string()),
-    );
-    std::fs::write(config.join("cprd.toml"), toml).expect("write");
     define_vm(&config, "run", "memory = \"64M\"\n");
     define_vm(&config, "still", "memory = \"64M\"\n");
     let cprd = Cprd::start(dir.path(), &bus, &config);
@@ -806,21 +814,8 @@ fn notifications(r: &mut NotifyReceiver) -> Vec<String> {
 fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).expect("mkdir");
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let vmm = bin.join("cpr-vmm");
-    std::fs::copy(cpr_tests::bin("cpr-vmm"), &vmm).expect("copy cpr-vmm");
+    let (vmm, config) = config_with_a_replaceable_vmm(dir.path());
     let bus = PrivateBus::start(dir.path());
-    let glob = format!("{}/*", bin.display());
-    let config = write_config(dir.path(), &[&glob]);
-    let toml = std::fs::read_to_string(config.join("cprd.toml")).expect("read");
-    let toml = toml.replace(
-        &format!("default = {:?}", cpr_tests::bin("cpr-vmm").display().to_string()),
-        &format!("default = {:?}", vmm.display().to_string()),
-    );
-    std::fs::write(config.join("cprd.toml"), toml).expect("write");
     define_vm(&config, "vm1", "memory = \"64M\"\n");
     define_vm(&config, "vm2", "memory = \"64M\"\n");
     // The test stands where systemd would: it receives cprd's sd_notify datagrams.
@@ -843,11 +838,7 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
     }
     let before = json(&s.cprd.cprctl(&["--json", "status", "vm1"]));
     // A reload with nothing changed upgrades nothing.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).expect("pid")),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .expect("SIGHUP");
+    sighup(&s.cprd);
     let mut first = Vec::new();
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -859,17 +850,10 @@ fn sighup_reload_moves_vms_to_a_changed_binary_between_reloading_and_ready() {
         s.cprd.log_text()
     );
     // Replace the binary on disk with a different build (new inode, new content), then reload.
-    let staged = bin.join(".cpr-vmm.new");
     let mut bytes = std::fs::read(cpr_tests::bin("cpr-vmm")).expect("read");
     bytes.extend_from_slice(b"\0rebuilt");
-    std::fs::write(&staged, &bytes).expect("write");
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::rename(&staged, &vmm).expect("replace");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(s.cprd.child.id()).expect("pid")),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .expect("SIGHUP");
+    install_by_rename(&vmm, &bytes);
+    sighup(&s.cprd);
     let mut seen = Vec::new();
     assert!(
         wait_until(Duration::from_secs(60), || {
