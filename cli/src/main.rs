@@ -67,6 +67,8 @@ trait Vm {
     fn machine_type(&self) -> zbus::Result<String>;
     #[zbus(property, name = "VMMRelease")]
     fn vmm_release(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "UpgradeDue")]
+    fn upgrade_due(&self) -> zbus::Result<bool>;
 }
 
 /// The version `--version` prints: the package's (`CPRD_BUILD_STAMP`, set by packaging/build),
@@ -319,6 +321,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "last_downtime_usec": vm.last_downtime_usec().await?, "console_log": vm.console_log().await?,
                 "state_reason": vm.state_reason().await?, "machine_type": vm.machine_type().await?,
                 "vmm_release": vm.vmm_release().await.unwrap_or_default(),
+                "upgrade_due": vm.upgrade_due().await.unwrap_or_default(),
             });
             if cli.json {
                 println!("{v}");

@@ -446,6 +446,12 @@ impl VmObject {
     async fn machine_type(&self) -> zbus::fdo::Result<String> {
         Ok(self.view()?.machine_type)
     }
+    /// A reload found the VM's configured VMM binary changed while its guest did not run (paused):
+    /// it is handed to that binary as soon as the guest runs again.
+    #[zbus(property, name = "UpgradeDue")]
+    async fn upgrade_due(&self) -> zbus::fdo::Result<bool> {
+        Ok(self.view()?.upgrade_due)
+    }
     /// Why the VM is in `needs-attention` or `quarantined` (empty in every other state).
     #[zbus(property, name = "StateReason")]
     async fn state_reason(&self) -> zbus::fdo::Result<String> {
@@ -549,6 +555,7 @@ pub async fn forward_events(conn: Connection, engine: Arc<Engine>) {
                     let _ = obj.last_downtime_u_sec_changed(em).await;
                     let _ = obj.v_m_m_binary_changed(em).await;
                     let _ = obj.v_m_m_version_changed(em).await;
+                    let _ = obj.upgrade_due_changed(em).await;
                 }
             }
             Event::UpgradeFinished(r) => {

@@ -278,6 +278,9 @@ pub struct VmView {
     /// QEMU only: the machine type its first QEMU started with, which every generation keeps
     /// (empty for cpr-vmm VMs and stopped VMs).
     pub machine_type: String,
+    /// A reload found its configured VMM binary changed while its guest did not run: it is handed
+    /// to that binary once the guest runs ([`VmRecord::upgrade_on_resume`]).
+    pub upgrade_due: bool,
 }
 
 /// One upgrade, for `history`.

@@ -529,6 +529,8 @@ fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
     let still = json(&s.cprd.cprctl(&["--json", "status", "still"]));
     assert_eq!(still["state"], "paused");
     assert_eq!(still["generation"], paused["generation"], "a paused VM is not run to be moved: {still}");
+    assert_eq!(still["upgrade_due"], true, "and its status says it will be: {still}");
+    assert_eq!(run["upgrade_due"], false);
     let (a, b) = counter_moves(&s, "still");
     assert_eq!(a, b, "and its guest stayed still");
     assert!(s.cprd.log_text().contains("moves to its changed VMM binary"), "{}", s.cprd.log_text());
@@ -544,6 +546,7 @@ fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
     assert_eq!(still["state"], "running");
     assert_eq!(still["generation"], 1, "resumed, then handed to the changed binary: {still}");
     assert_eq!(still["vmm_version"], run["vmm_version"], "the same build as the VM the reload moved");
+    assert_eq!(still["upgrade_due"], false, "done: {still}");
     let (a, b) = counter_moves(&s, "still");
     assert!(b > a, "the guest runs on the new VMM: {a} then {b}");
     // Done once: another pause and resume is no upgrade.
@@ -555,8 +558,10 @@ fn a_vm_paused_during_a_reload_moves_to_the_changed_binary_when_resumed() {
     assert!(s.cprd.cprctl(&["pause", "still"]).status.success());
     install(b"\0build C");
     assert!(s.cprd.cprctl(&["reload"]).status.success());
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "still"]))["upgrade_due"], true);
     install(b"\0rebuilt");
     assert!(s.cprd.cprctl(&["reload"]).status.success());
+    assert_eq!(json(&s.cprd.cprctl(&["--json", "status", "still"]))["upgrade_due"], false, "the mark taken back");
     assert!(s.cprd.cprctl(&["resume", "still"]).status.success());
     let still = json(&s.cprd.cprctl(&["--json", "status", "still"]));
     assert_eq!(still["generation"], 1, "no move: it runs the configured build already: {still}");

@@ -328,6 +328,7 @@ impl Table {
             vmm_uid: vm.uid,
             vmm_release: r.map_or_else(String::new, |r| r.vmm_release.clone()),
             machine_type: r.map_or_else(String::new, |r| machine_type_of(&r.launch_args)),
+            upgrade_due: r.is_some_and(|r| r.upgrade_on_resume),
         })
     }
 
@@ -541,6 +542,7 @@ impl Table {
             if record.upgrade_on_resume {
                 record.upgrade_on_resume = false;
                 self.persist(name);
+                self.emit(name);
             }
             return if due { Due::Running } else { Due::Nothing };
         }
@@ -550,6 +552,7 @@ impl Table {
         if !record.upgrade_on_resume {
             record.upgrade_on_resume = true;
             self.persist(name);
+            self.emit(name);
         }
         Due::Marked
     }
