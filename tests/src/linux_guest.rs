@@ -201,9 +201,13 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Creates `cprdtest-<pid>-<tag>`.
+    /// Creates `cprdtest-<pid>-<tag>`, replacing one of that name a killed run of the same PID
+    /// left behind (nothing else makes that name).
     pub fn create(tag: &str) -> Self {
         let name = format!("cprdtest-{}-{tag}", std::process::id());
+        if Path::new("/run/netns").join(&name).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
         let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
         assert!(ok, "ip netns add {name} failed");
         Self { name }
