@@ -144,9 +144,9 @@ pub struct VmRecord {
     /// true, so the records of running VMs are as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
-    /// A reload found the configured VMM binary of this paused VM changed: resuming it hands it
-    /// to that binary right after (a paused guest is never run to be upgraded). Written only
-    /// when true.
+    /// A reload found the configured VMM binary of this VM changed while its guest did not run
+    /// (paused, being resumed or re-attached, needing attention): it is handed to that binary as
+    /// soon as the guest runs (a paused guest is never run to be upgraded). Written only when true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upgrade_on_resume: bool,
 }
@@ -206,7 +206,8 @@ pub struct ReloadOutcome {
     /// (VM, handed over, downtime µs, error) of each running VM whose configured VMM binary
     /// changed.
     pub upgrades: Vec<(String, bool, u64, String)>,
-    /// The paused VMs whose configured VMM binary changed: each is handed to it when resumed.
+    /// The VMs whose configured VMM binary changed while their guest did not run (marked): each
+    /// is handed to it once its guest runs.
     pub deferred: Vec<String>,
 }
 
@@ -888,7 +889,7 @@ impl Engine {
 
     /// Re-reads the configuration (a bad file keeps the last good one), then hands every running
     /// VM whose configured VMM binary changed on disk (content id) to that binary, and marks
-    /// every paused one to be handed over when it is resumed.
+    /// every one whose guest does not run (paused) to be handed over once it does.
     pub fn reload(self: &Arc<Self>) -> Result<ReloadOutcome, CprdError> {
         let settings =
             config::load_layered(self.vendor_dir.as_deref(), &self.config_dir).map_err(|e| self.bad_config(e))?;
@@ -932,7 +933,7 @@ impl Engine {
     /// run ([`owner::Due::Marked`]) and the guest runs now. A failed handoff takes the mark back
     /// (the guest runs on in its old VMM; the next reload tries again).
     pub fn run_due_upgrade(self: &Arc<Self>, name: &str) {
-        if !self.ask(|reply| owner::Request::UpgradeDue { name: name.to_string(), reply }) {
+        if !self.view(name).is_ok_and(|v| v.state == VmState::Running && v.upgrade_due) {
             return;
         }
         match self.upgrade(name, "") {

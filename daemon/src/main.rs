@@ -108,8 +108,8 @@ async fn run(
         // between its resume and the handoff): moved in the background, after READY.
         let e = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || {
-            for name in e.names() {
-                e.run_due_upgrade(&name);
+            for v in e.list().into_iter().filter(|v| v.upgrade_due) {
+                e.run_due_upgrade(&v.name);
             }
         });
     }

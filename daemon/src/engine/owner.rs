@@ -138,8 +138,6 @@ pub enum Request {
     /// attention) is marked, persisted, to be upgraded as soon as its guest runs; `due` false
     /// takes a mark back.
     MarkUpgradeDue { name: String, due: bool, reply: Reply<Due> },
-    /// Whether an upgrade is due now: the VM runs and its record is marked.
-    UpgradeDue { name: String, reply: Reply<bool> },
     /// A handoff ended; the answer is the upgrade's result.
     HandoffEnded { name: String, end: HandoffEnd, reply: Reply<Result<(u64, u64), CprdError>> },
     /// An upgrade attempt ended (`id`: when it began): logged, kept in the history, signalled.
@@ -235,13 +233,6 @@ impl Table {
             Request::MarkUpgradeDue { name, due, reply } => {
                 let answer_ = self.mark_upgrade_due(&name, due);
                 answer(reply, answer_);
-            }
-            Request::UpgradeDue { name, reply } => {
-                let vm = self.vms.get(&name);
-                let due = vm.is_some_and(|vm| {
-                    vm.state == VmState::Running && vm.record.as_ref().is_some_and(|r| r.upgrade_on_resume)
-                });
-                answer(reply, due);
             }
             Request::Paused { name, result, reply } => {
                 self.paused(&name, result);
@@ -538,23 +529,18 @@ impl Table {
         let Some(vm) = self.vms.get_mut(name) else { return Due::Nothing };
         let state = vm.state;
         let Some(record) = vm.record.as_mut() else { return Due::Nothing };
-        if !due || state == VmState::Running {
-            if record.upgrade_on_resume {
-                record.upgrade_on_resume = false;
-                self.persist(name);
-                self.emit(name);
-            }
-            return if due { Due::Running } else { Due::Nothing };
-        }
-        if !matches!(state, VmState::Paused | VmState::NeedsAttention | VmState::Starting) {
-            return Due::Busy(state);
-        }
-        if !record.upgrade_on_resume {
-            record.upgrade_on_resume = true;
+        let (mark, answer) = match (due, state) {
+            (false, _) => (false, Due::Nothing),
+            (true, VmState::Running) => (false, Due::Running),
+            (true, VmState::Paused | VmState::NeedsAttention | VmState::Starting) => (true, Due::Marked),
+            (true, busy) => return Due::Busy(busy),
+        };
+        if record.upgrade_on_resume != mark {
+            record.upgrade_on_resume = mark;
             self.persist(name);
             self.emit(name);
         }
-        Due::Marked
+        answer
     }
 
     fn paused(&mut self, name: &str, result: Result<(), String>) {
